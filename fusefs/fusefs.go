@@ -184,23 +184,23 @@ func (n *node) WrapChild(ctx context.Context, ops fs.InodeEmbedder) fs.InodeEmbe
 // rel is the node's path relative to the mount root.
 func (n *node) rel() string { return n.Path(n.Root()) }
 
-func (n *node) backing() string { return filepath.Join(n.RootData.Path, n.rel()) }
-
-func (n *node) image() (Image, syscall.Errno) {
-	img, err := n.t.Image(n.rel())
+func (n *node) image(rel string) (Image, syscall.Errno) {
+	img, err := n.t.Image(rel)
 	if err != nil {
-		n.o.Logger.Error("fusefs: tracking unavailable", "path", n.rel(), "err", err)
+		n.o.Logger.Error("fusefs: tracking unavailable", "path", rel, "err", err)
 		return nil, syscall.EIO
 	}
 	return img, 0
 }
 
 func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
-	return n.open(flags &^ (syscall.O_APPEND | fuse.FMODE_EXEC))
+	return n.open(n.rel(), flags&^(syscall.O_APPEND|fuse.FMODE_EXEC))
 }
 
-func (n *node) open(flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
-	p := n.backing()
+// open opens the node, whose path relative to the mount is rel (passed in:
+// a node just created is not linked into the tree yet).
+func (n *node) open(rel string, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
+	p := filepath.Join(n.RootData.Path, rel)
 	var st syscall.Stat_t
 	if err := syscall.Lstat(p, &st); err != nil {
 		return nil, 0, fs.ToErrno(err)
@@ -211,7 +211,7 @@ func (n *node) open(flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
 	}
 	// Every regular file is an image: even a read-only open registers it,
 	// so its content at the first cut is known.
-	img, errno := n.image()
+	img, errno := n.image(rel)
 	if errno != 0 {
 		return nil, 0, errno
 	}
@@ -235,8 +235,7 @@ func (n *node) Create(ctx context.Context, name string, flags uint32, mode uint3
 	if r, ok := fh.(fs.FileReleaser); ok {
 		r.Release(ctx)
 	}
-	cn := ch.Operations().(*node)
-	h, fl, errno := cn.open(flags &^ (syscall.O_CREAT | syscall.O_EXCL | syscall.O_TRUNC | syscall.O_APPEND))
+	h, fl, errno := n.open(filepath.Join(n.rel(), name), flags &^ (syscall.O_CREAT | syscall.O_EXCL | syscall.O_TRUNC | syscall.O_APPEND))
 	if errno != 0 {
 		return nil, nil, 0, errno
 	}
@@ -292,7 +291,7 @@ func (n *node) Setattr(ctx context.Context, f fs.FileHandle, in *fuse.SetAttrIn,
 		img = h.img
 	} else {
 		var errno syscall.Errno
-		if img, errno = n.image(); errno != 0 {
+		if img, errno = n.image(n.rel()); errno != 0 {
 			return errno
 		}
 	}

@@ -4,6 +4,7 @@
 package fsutil
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -104,4 +105,25 @@ func DataExtents(f *os.File, size int64) ([]Extent, error) {
 		off = h
 	}
 	return out, nil
+}
+
+// WriteJSON replaces path atomically with v as indented JSON.
+func WriteJSON(path string, v any) error {
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return err
+	}
+	return WriteFileAtomic(path, append(b, '\n'), 0o600)
+}
+
+// ReadJSON reads path into v; the error names the file.
+func ReadJSON(path string, v any) error {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	if err := json.Unmarshal(b, v); err != nil {
+		return fmt.Errorf("%s: %w", path, err)
+	}
+	return nil
 }

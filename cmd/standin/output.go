@@ -1,0 +1,70 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"text/tabwriter"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/standin/standin/applier"
+	"github.com/standin/standin/internal/exitcode"
+	"github.com/standin/standin/internal/format"
+	"github.com/standin/standin/tracker"
+)
+
+func init() {
+	exitcode.Register(func(err error) (int, bool) {
+		switch {
+		case errors.Is(err, format.ErrNotCycle), errors.Is(err, format.ErrVersion),
+			errors.Is(err, format.ErrCorrupt), errors.Is(err, format.ErrTruncated):
+			return exitcode.Corrupt, true
+		case errors.Is(err, applier.ErrForeign), errors.Is(err, applier.ErrGap),
+			errors.Is(err, applier.ErrReplay), errors.Is(err, applier.ErrNoBase):
+			return exitcode.Refused, true
+		case errors.Is(err, tracker.ErrBusy):
+			return exitcode.Busy, true
+		case errors.Is(err, tracker.ErrNoImage), errors.Is(err, fs.ErrNotExist):
+			return exitcode.NotFound, true
+		}
+		return 0, false
+	})
+}
+
+var jsonFlag = &cli.BoolFlag{Name: "json", Usage: "print machine-readable JSON"}
+
+var storeFlag = &cli.StringFlag{Name: "store", Usage: "store directory `DIR`", Required: true, EnvVars: []string{"STANDIN_STORE"}}
+
+func printJSON(v any) error {
+	enc := json.NewEncoder(os.Stdout)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func table() *tabwriter.Writer { return tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0) }
+
+// usageErr marks err as a usage error (exit 2).
+func usageErr(format string, a ...any) error {
+	return exitcode.With(exitcode.Usage, fmt.Errorf(format, a...))
+}
+
+// onUsageError makes flag parsing errors exit 2 with one line.
+func onUsageError(c *cli.Context, err error, isSub bool) error {
+	return exitcode.With(exitcode.Usage, fmt.Errorf("%v (see 'standin %s --help')", err, c.Command.FullName()))
+}
+
+func humanBytes(n int64) string {
+	const u = 1024
+	if n < u {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(u), 0
+	for m := n / u; m >= u; m /= u {
+		div *= u
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}

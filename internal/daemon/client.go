@@ -1,0 +1,107 @@
+package daemon
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"time"
+
+	"github.com/standin/standin/internal/exitcode"
+)
+
+// ErrNoDaemon means the control socket of a store did not answer.
+var ErrNoDaemon = errors.New("no standin daemon is running for this store")
+
+// Client talks to a store's daemon over its control socket.
+type Client struct {
+	store string
+	hc    *http.Client
+}
+
+// NewClient returns a client for the daemon of store.
+func NewClient(store string) *Client {
+	sock := SocketPath(store)
+	return &Client{store: store, hc: &http.Client{Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", sock)
+		},
+	}}}
+}
+
+func (c *Client) do(ctx context.Context, method, path string, body, out any) error {
+	var rd io.Reader
+	if body != nil {
+		b, err := json.Marshal(body)
+		if err != nil {
+			return err
+		}
+		rd = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, "http://standin"+path, rd)
+	if err != nil {
+		return err
+	}
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		if _, serr := os.Stat(c.store); serr != nil {
+			return exitcode.With(exitcode.NotFound, fmt.Errorf("store %s: %w", c.store, serr))
+		}
+		return exitcode.With(exitcode.NoDaemon, fmt.Errorf("%w (store %s; start it with 'standin mount --store %s MOUNTPOINT'): %v", ErrNoDaemon, c.store, c.store, err))
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		var e apiError
+		json.NewDecoder(resp.Body).Decode(&e)
+		code := exitcode.Failure
+		switch e.Code {
+		case "not_found":
+			code = exitcode.NotFound
+		case "usage":
+			code = exitcode.Usage
+		}
+		return exitcode.With(code, errors.New(e.Error))
+	}
+	return json.NewDecoder(resp.Body).Decode(out)
+}
+
+// Status fetches the daemon's status; blocks adds dirty block ranges.
+func (c *Client) Status(ctx context.Context, blocks bool) (StatusReply, error) {
+	var r StatusReply
+	path := "/status"
+	if blocks {
+		path += "?blocks=1"
+	}
+	err := c.do(ctx, http.MethodGet, path, nil, &r)
+	return r, err
+}
+
+// Cut cuts the named images (all when empty) and returns the staged cycles.
+func (c *Client) Cut(ctx context.Context, images []string, out any) error {
+	return c.do(ctx, http.MethodPost, "/cut", CutRequest{Images: images}, out)
+}
+
+// WaitReady polls the control socket until it answers or timeout passes.
+func (c *Client) WaitReady(ctx context.Context, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		_, err := c.Status(ctx, false)
+		if err == nil {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}

@@ -1,0 +1,484 @@
+package tracker
+
+// Lock order (never take a lock on the left while holding one on the right):
+//
+//	Store.cutMu → Image.barrier → Image.commitMu → Image.mu → Store.mu
+//
+// barrier: every mutation holds it shared from before its dirty mark until its
+// backing operation returned; a cut holds it exclusively for a moment, so no
+// mutation straddles a cut (I2).
+// commitMu: serialises write-intent commits and checkpoints (both rewrite the
+// on-disk active-extent file).
+// mu: guards the in-memory maps; held only for short, bounded work (a
+// copy-before-write of at most one request's range, or one 1 MiB staging read).
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/RoaringBitmap/roaring/v2"
+	"github.com/google/uuid"
+	"github.com/zeebo/blake3"
+
+	"github.com/standin/standin/internal/fsutil"
+)
+
+// BlockSize is the tracking granularity: one dirty bit per 4 KiB block.
+const BlockSize = 4096
+
+// maxBlocks is what a 32-bit roaring bitmap can address: 16 TiB per image.
+const maxBlocks = 1 << 32
+
+// Op says what kind of change a mutation is; it only feeds counters.
+type Op int
+
+// Mutation kinds.
+const (
+	OpWrite Op = iota
+	OpPunch
+	OpZero
+	OpAllocate
+	OpCopy
+)
+
+// Image is the tracking state of one image file.
+type Image struct {
+	s   *Store
+	id  uuid.UUID
+	dir string   // STORE/state/<id>
+	f   *os.File // backing image, read for staging and copy-before-write
+
+	barrier  sync.RWMutex
+	commitMu sync.Mutex
+	mu       sync.Mutex
+
+	// guarded by mu
+	meta        meta
+	dirty       *roaring.Bitmap // changed since the last cut
+	frozen      *roaring.Bitmap // cut but not yet durable as a cycle file
+	stage       *stage
+	active      bits // extents whose intent mark is durable on disk
+	wanted      bits // extents waiting for the next intent commit
+	touched     bits // extents touched since the last checkpoint snapshot
+	unclean     bool // started after a crash: active extents were added
+	recovered   uint64
+	lastErr     error
+	removed     bool
+	activeFile  *os.File
+	activeWords int // words currently written in activeFile
+
+	writes, punches, zeroes, allocs, copies, resizes atomic.Uint64
+	metaBytes                                        atomic.Int64 // bytes written for tracking state
+	intentCommits                                    atomic.Uint64
+}
+
+type meta struct {
+	ID             string    `json:"id"`
+	Generation     uint64    `json:"generation"`
+	NextSeq        uint64    `json:"next_seq"`
+	Name           string    `json:"name"`
+	LastCut        time.Time `json:"last_cut,omitzero"`
+	LastCycleBytes int64     `json:"last_cycle_bytes"`
+}
+
+// ID returns the image's identity.
+func (im *Image) ID() uuid.UUID { return im.id }
+
+// Name returns the image's current path relative to the images directory.
+func (im *Image) Name() string {
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	return im.meta.Name
+}
+
+func (im *Image) extentBlocks() uint64 { return uint64(im.s.opts.ExtentBlocks) }
+
+// Begin records that [off, off+n) of the image is about to change. It returns
+// once the change is recorded: the blocks are in the dirty map, their
+// write-intent extents are durable on disk, and, while a cut is being staged,
+// the blocks' content at the cut has been saved. The caller performs the
+// backing operation and then calls end. Begin must be called before the data
+// can reach the backing file (I1).
+func (im *Image) Begin(op Op, off, n int64) (end func(), err error) {
+	im.barrier.RLock()
+	if err := im.mark(off, n); err != nil {
+		im.barrier.RUnlock()
+		return nil, err
+	}
+	switch op {
+	case OpWrite:
+		im.writes.Add(1)
+	case OpPunch:
+		im.punches.Add(1)
+	case OpZero:
+		im.zeroes.Add(1)
+	case OpAllocate:
+		im.allocs.Add(1)
+	case OpCopy:
+		im.copies.Add(1)
+	}
+	return im.barrier.RUnlock, nil
+}
+
+// BeginResize records a size change to newSize. Shrinking marks the cut-off
+// blocks dirty (they must read as zeros if the image grows again before the
+// next cut); growing needs no mark (the new range reads as zeros on both
+// sides). The cycle header carries the size at the cut.
+func (im *Image) BeginResize(newSize int64) (end func(), err error) {
+	im.barrier.RLock()
+	st, err := im.f.Stat()
+	if err != nil {
+		im.barrier.RUnlock()
+		return nil, err
+	}
+	if old := st.Size(); newSize < old {
+		from := newSize / BlockSize * BlockSize // the partial last block changes too
+		if err := im.mark(from, old-from); err != nil {
+			im.barrier.RUnlock()
+			return nil, err
+		}
+	}
+	im.resizes.Add(1)
+	return im.barrier.RUnlock, nil
+}
+
+// mark sets dirty bits and makes the write intent durable.
+func (im *Image) mark(off, n int64) error {
+	if n <= 0 || off < 0 {
+		return nil
+	}
+	first := uint64(off) / BlockSize
+	end := (uint64(off) + uint64(n) + BlockSize - 1) / BlockSize
+	if end > maxBlocks {
+		return fmt.Errorf("tracker: offset %d beyond the 16 TiB per image that standin tracks: %w", off+n, ErrTooLarge)
+	}
+	eb := im.extentBlocks()
+	e0, e1 := first/eb, (end-1)/eb
+	need := false
+	im.mu.Lock()
+	if im.lastErr != nil {
+		err := im.lastErr
+		im.mu.Unlock()
+		return err
+	}
+	im.dirty.AddRange(first, end)
+	if im.stage != nil {
+		im.stage.saveOld(im, first, end)
+	}
+	for e := e0; e <= e1; e++ {
+		im.touched.set(e)
+		if !im.active.has(e) {
+			im.wanted.set(e)
+			need = true
+		}
+	}
+	im.mu.Unlock()
+	if need {
+		return im.commitIntent(e0, e1)
+	}
+	return nil
+}
+
+// commitIntent makes the extents [e0, e1] durable in the active-extent file.
+// Concurrent callers are group-committed: whoever gets commitMu writes every
+// extent wanted so far, and later callers find theirs already active.
+func (im *Image) commitIntent(e0, e1 uint64) error {
+	im.commitMu.Lock()
+	defer im.commitMu.Unlock()
+	im.mu.Lock()
+	done := true
+	for e := e0; e <= e1; e++ {
+		if !im.active.has(e) {
+			done = false
+			break
+		}
+	}
+	if done {
+		im.mu.Unlock()
+		return nil
+	}
+	batch := im.wanted
+	im.wanted = nil
+	next := im.active.clone()
+	next.or(batch)
+	im.mu.Unlock()
+
+	err := im.writeActive(next, batch)
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	if err != nil {
+		im.wanted.or(batch)
+		im.setErrLocked(fmt.Errorf("tracker: write-intent for %s: %w", im.meta.Name, err))
+		return im.lastErr
+	}
+	im.active.or(batch)
+	im.intentCommits.Add(1)
+	return nil
+}
+
+const activePage = 4096 // bytes of the active file rewritten per changed page
+
+// writeActive writes the pages of the active file that hold a set bit of
+// changed (or every page that differs, when changed is nil) from next, then
+// fdatasyncs. Called with commitMu held.
+func (im *Image) writeActive(next, changed bits) error {
+	const wordsPerPage = activePage / 8
+	words := max(len(next), im.activeWords)
+	for p := 0; p*wordsPerPage < words; p++ {
+		w0, w1 := p*wordsPerPage, min((p+1)*wordsPerPage, words)
+		dirty := false
+		for w := w0; w < w1; w++ {
+			if changed.word(w) != 0 {
+				dirty = true
+				break
+			}
+		}
+		if !dirty {
+			continue
+		}
+		buf := next.bytesOf(w0, w1)
+		if _, err := im.activeFile.WriteAt(buf, int64(w0*8)); err != nil {
+			return err
+		}
+		im.metaBytes.Add(int64(len(buf)))
+	}
+	im.activeWords = words
+	return fdatasync(im.activeFile)
+}
+
+// Sync is called on FSYNC after the backing file was synced. Write intents are
+// durable before every write (so the tracking state never lags the data); a
+// sticky tracking error is reported here as well, so the guest sees EIO.
+func (im *Image) Sync() error {
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	return im.lastErr
+}
+
+func (im *Image) setErrLocked(err error) {
+	if im.lastErr == nil {
+		im.lastErr = err
+		im.s.log.Error("tracking failed; image refuses writes until restart", "image", im.meta.Name, "err", err)
+	}
+}
+
+// Checkpoint persists the dirty map (dirty ∪ frozen) and then clears the
+// write-intent marks of extents not touched since the snapshot. After a crash,
+// dirty = checkpoint ∪ active extents, which covers every block written since
+// the last durable cycle (I1).
+func (im *Image) Checkpoint() error {
+	im.commitMu.Lock()
+	defer im.commitMu.Unlock()
+	return im.checkpointLocked()
+}
+
+func (im *Image) checkpointLocked() error {
+	im.mu.Lock()
+	snap := im.dirty.Clone()
+	if im.frozen != nil {
+		snap.Or(im.frozen)
+	}
+	im.touched = nil
+	im.mu.Unlock()
+
+	if err := im.writeDirty(snap); err != nil {
+		return fmt.Errorf("tracker: checkpoint of %s: %w", im.Name(), err)
+	}
+
+	im.mu.Lock()
+	next := im.touched.and(im.active)
+	changed := im.active.clone() // every word that may change
+	im.active = next
+	im.mu.Unlock()
+	if changed.empty() {
+		return nil
+	}
+	return im.writeActive(next, changed)
+}
+
+// dirty file: magic, u64 length, roaring bytes, BLAKE3-256 of what precedes.
+var dirtyMagic = []byte("STDIRTY1")
+
+func (im *Image) writeDirty(b *roaring.Bitmap) error {
+	b.RunOptimize()
+	var buf bytes.Buffer
+	buf.Write(dirtyMagic)
+	var n [8]byte
+	binary.LittleEndian.PutUint64(n[:], b.GetSerializedSizeInBytes())
+	buf.Write(n[:])
+	if _, err := b.WriteTo(&buf); err != nil {
+		return err
+	}
+	sum := blake3.Sum256(buf.Bytes())
+	buf.Write(sum[:])
+	im.metaBytes.Add(int64(buf.Len()))
+	return fsutil.WriteFileAtomic(filepath.Join(im.dir, "dirty"), buf.Bytes(), 0o600)
+}
+
+func readDirty(path string) (*roaring.Bitmap, error) {
+	p, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	if len(p) < len(dirtyMagic)+8+32 || !bytes.Equal(p[:8], dirtyMagic) {
+		return nil, fmt.Errorf("%s: not a standin dirty map", path)
+	}
+	body, sum := p[:len(p)-32], p[len(p)-32:]
+	if got := blake3.Sum256(body); !bytes.Equal(got[:], sum) {
+		return nil, fmt.Errorf("%s: checksum mismatch", path)
+	}
+	n := binary.LittleEndian.Uint64(body[8:16])
+	if n != uint64(len(body)-16) {
+		return nil, fmt.Errorf("%s: length field %d, have %d bytes", path, n, len(body)-16)
+	}
+	b := roaring.New()
+	if _, err := b.ReadFrom(bytes.NewReader(body[16:])); err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return b, nil
+}
+
+func (im *Image) saveMeta() error {
+	im.mu.Lock()
+	m := im.meta
+	im.mu.Unlock()
+	return fsutil.WriteJSON(filepath.Join(im.dir, "meta.json"), m)
+}
+
+// size returns the backing file's size.
+func (im *Image) size() (int64, error) {
+	st, err := im.f.Stat()
+	if err != nil {
+		return 0, err
+	}
+	return st.Size(), nil
+}
+
+// close shuts the image down cleanly: a final checkpoint, then the clean flag.
+func (im *Image) close() error {
+	var errs []error
+	im.commitMu.Lock()
+	if err := im.checkpointLocked(); err != nil {
+		errs = append(errs, err)
+	}
+	im.commitMu.Unlock()
+	im.mu.Lock()
+	removed, failed := im.removed, im.lastErr != nil
+	im.mu.Unlock()
+	switch {
+	case removed:
+		errs = append(errs, os.RemoveAll(im.dir))
+	case len(errs) == 0 && !failed:
+		if err := fsutil.WriteFileAtomic(filepath.Join(im.dir, "clean"), []byte("clean shutdown\n"), 0o600); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	errs = append(errs, im.activeFile.Close(), im.f.Close())
+	return errors.Join(errs...)
+}
+
+// Status is the daemon's view of one image.
+type Status struct {
+	Name            string      `json:"name"`
+	ID              string      `json:"id"`
+	Generation      uint64      `json:"generation"`
+	Size            int64       `json:"size"`
+	DirtyBlocks     uint64      `json:"dirty_blocks"`
+	DirtyBytes      uint64      `json:"dirty_bytes"`
+	StagingBlocks   uint64      `json:"staging_blocks"`
+	NextSeq         uint64      `json:"next_seq"`
+	LastCut         *time.Time  `json:"last_cut,omitempty"`
+	LastCycleBytes  int64       `json:"last_cycle_bytes"`
+	Writes          uint64      `json:"writes"`
+	Punches         uint64      `json:"punches"`
+	Zeroes          uint64      `json:"zeroes"`
+	Allocates       uint64      `json:"allocates"`
+	Resizes         uint64      `json:"resizes"`
+	ActiveExtents   int         `json:"active_extents"`
+	IntentCommits   uint64      `json:"intent_commits"`
+	TrackingBytes   int64       `json:"tracking_bytes_written"`
+	MemoryBytes     uint64      `json:"memory_bytes"`
+	UncleanRecovery bool        `json:"unclean_recovery"`
+	RecoveredBlocks uint64      `json:"recovered_blocks"`
+	Removed         bool        `json:"removed,omitempty"`
+	Health          string      `json:"health"`
+	Reasons         []string    `json:"reasons,omitempty"`
+	DirtyRanges     [][2]uint64 `json:"dirty_ranges,omitempty"`
+}
+
+// Status reports the image; with ranges, the dirty block ranges (dirty ∪
+// frozen) as [start, count] pairs.
+func (im *Image) Status(ranges bool) Status {
+	size, _ := im.size()
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	all := im.dirty
+	var staging uint64
+	if im.frozen != nil {
+		all = roaring.Or(im.dirty, im.frozen)
+		staging = im.frozen.GetCardinality()
+	}
+	st := Status{
+		Name: im.meta.Name, ID: im.id.String(), Generation: im.meta.Generation, Size: size,
+		DirtyBlocks: all.GetCardinality(), StagingBlocks: staging, NextSeq: im.meta.NextSeq,
+		LastCycleBytes: im.meta.LastCycleBytes,
+		Writes:         im.writes.Load(), Punches: im.punches.Load(), Zeroes: im.zeroes.Load(),
+		Allocates: im.allocs.Load(), Resizes: im.resizes.Load(),
+		ActiveExtents: im.active.count(), IntentCommits: im.intentCommits.Load(),
+		TrackingBytes: im.metaBytes.Load(), MemoryBytes: im.dirty.GetSizeInBytes(),
+		UncleanRecovery: im.unclean, RecoveredBlocks: im.recovered, Removed: im.removed,
+		Health: "ok",
+	}
+	st.DirtyBytes = st.DirtyBlocks * BlockSize
+	if !im.meta.LastCut.IsZero() {
+		t := im.meta.LastCut
+		st.LastCut = &t
+	}
+	if im.unclean {
+		st.Health = "warning"
+		st.Reasons = append(st.Reasons, fmt.Sprintf("recovered after an unclean stop: %d blocks of write-intent extents marked dirty", im.recovered))
+	}
+	if im.lastErr != nil {
+		st.Health = "critical"
+		st.Reasons = append(st.Reasons, im.lastErr.Error())
+	}
+	if ranges {
+		st.DirtyRanges = [][2]uint64{}
+		for s, e := range all.Ranges() {
+			st.DirtyRanges = append(st.DirtyRanges, [2]uint64{uint64(s), e - uint64(s)})
+		}
+	}
+	return st
+}
+
+// readFull reads len(p) bytes at off, padding with zeros past EOF.
+func readFull(f *os.File, p []byte, off int64) error {
+	n, err := f.ReadAt(p, off)
+	if err == io.EOF {
+		err = nil
+	}
+	clear(p[n:])
+	return err
+}
+
+// BeginWrite is Begin(OpWrite, ...); the Begin* methods make *Image satisfy
+// the interface the FUSE layer declares.
+func (im *Image) BeginWrite(off, n int64) (func(), error) { return im.Begin(OpWrite, off, n) }
+
+// BeginPunch records a hole punch.
+func (im *Image) BeginPunch(off, n int64) (func(), error) { return im.Begin(OpPunch, off, n) }
+
+// BeginZero records a zero-range.
+func (im *Image) BeginZero(off, n int64) (func(), error) { return im.Begin(OpZero, off, n) }
+
+// BeginAllocate records an allocating fallocate (conservatively: content may
+// only change beyond the old end of file).
+func (im *Image) BeginAllocate(off, n int64) (func(), error) { return im.Begin(OpAllocate, off, n) }

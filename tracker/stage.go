@@ -1,0 +1,326 @@
+package tracker
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"time"
+
+	"github.com/RoaringBitmap/roaring/v2"
+	"github.com/google/uuid"
+
+	"github.com/standin/standin/internal/format"
+	"github.com/standin/standin/internal/fsutil"
+)
+
+// stage is the copy-before-write state of one image while its frozen set is
+// being staged into a cycle file. Guarded by Image.mu.
+type stage struct {
+	pending *roaring.Bitmap  // frozen blocks whose content is still only in the image
+	saved   map[uint32]int64 // frozen block → offset of its content at the cut in cbw
+	cbw     *os.File
+	cbwOff  int64
+	failed  error
+	buf     []byte
+	copied  uint64 // blocks saved by copy-before-write
+}
+
+// saveOld saves the content at the cut of every pending block in [first,
+// end) before a mutation overwrites it. Called with Image.mu held.
+func (st *stage) saveOld(im *Image, first, end uint64) {
+	if st.failed != nil || !st.pending.IntersectsWithInterval(first, end) {
+		return
+	}
+	sub := roaring.New()
+	sub.AddRange(first, end)
+	sub.And(st.pending)
+	for s, e := range sub.Ranges() {
+		n := int(e - uint64(s))
+		if cap(st.buf) < n*BlockSize {
+			st.buf = make([]byte, n*BlockSize)
+		}
+		buf := st.buf[:n*BlockSize]
+		err := readFull(im.f, buf, int64(s)*BlockSize)
+		if err == nil {
+			_, err = st.cbw.WriteAt(buf, st.cbwOff)
+		}
+		if err != nil {
+			// The cut can no longer be staged exactly; abandon it (its blocks
+			// go back to the dirty map) rather than ship a torn cycle.
+			st.failed = fmt.Errorf("copy-before-write of blocks %d..%d: %w", s, e-1, err)
+			st.pending.Clear()
+			return
+		}
+		for b := uint64(s); b < e; b++ {
+			st.saved[uint32(b)] = st.cbwOff + int64(b-uint64(s))*BlockSize
+		}
+		st.cbwOff += int64(len(buf))
+		st.copied += uint64(n)
+	}
+	st.pending.AndNot(sub)
+}
+
+// CycleInfo describes one staged cycle file.
+type CycleInfo struct {
+	Image      string    `json:"image"`
+	ID         string    `json:"id"`
+	Generation uint64    `json:"generation"`
+	Seq        uint64    `json:"seq"`
+	Base       bool      `json:"base"`
+	Path       string    `json:"path"`
+	Bytes      int64     `json:"bytes"`
+	Time       time.Time `json:"time"`
+	Size       uint64    `json:"size"`
+	DataBlocks uint64    `json:"data_blocks"`
+	ZeroBlocks uint64    `json:"zero_blocks"`
+	GroupCut   string    `json:"group_cut"`
+	CBWBlocks  uint64    `json:"cbw_blocks"`
+	StageTime  string    `json:"stage_time,omitempty"`
+}
+
+type cutImage struct {
+	im     *Image
+	hdr    format.Header
+	frozen *roaring.Bitmap
+	st     *stage
+}
+
+// Cut freezes the dirty sets of the named images under one write barrier and
+// stages one cycle file per image. The images are consistent with each other:
+// every mutation acknowledged before the barrier is in, none after it (I2).
+// It returns when every cycle file is durable.
+func (s *Store) Cut(ctx context.Context, names []string) ([]CycleInfo, error) {
+	s.cutMu.Lock()
+	defer s.cutMu.Unlock()
+	imgs, err := s.resolve(names)
+	if err != nil {
+		return nil, err
+	}
+	sort.Slice(imgs, func(i, j int) bool { return imgs[i].id.String() < imgs[j].id.String() })
+
+	cuts := make([]*cutImage, len(imgs))
+	for i, im := range imgs {
+		f, err := os.CreateTemp(s.stagingDir(), im.id.String()+".cbw-*")
+		if err != nil {
+			for _, c := range cuts[:i] {
+				c.st.cbw.Close()
+				os.Remove(c.st.cbw.Name())
+			}
+			return nil, fmt.Errorf("tracker: cut: %w", err)
+		}
+		cuts[i] = &cutImage{im: im, st: &stage{saved: map[uint32]int64{}, cbw: f}}
+	}
+	group := uuid.New()
+
+	// The barrier: wait for in-flight mutations of every image, swap maps.
+	for _, c := range cuts {
+		c.im.barrier.Lock()
+	}
+	now := time.Now()
+	for _, c := range cuts {
+		im := c.im
+		size, serr := im.size()
+		im.mu.Lock()
+		if serr != nil && err == nil {
+			err = serr
+		}
+		nblocks := (uint64(size) + BlockSize - 1) / BlockSize
+		f := im.dirty
+		if nblocks < maxBlocks {
+			f.RemoveRange(nblocks, maxBlocks)
+		}
+		im.dirty = roaring.New()
+		im.frozen = f
+		c.frozen = f
+		c.st.pending = f.Clone()
+		im.stage = c.st
+		c.hdr = format.Header{
+			ImageID: im.id, Generation: im.meta.Generation, Seq: im.meta.NextSeq,
+			Parent: im.meta.NextSeq - 1, CutTime: now, ImageSize: uint64(size),
+			GroupCut: group, Name: im.meta.Name,
+		}
+		if c.hdr.Seq == 0 {
+			c.hdr.Flags |= format.FlagBase
+			c.hdr.Parent = format.NoParent
+		}
+		im.mu.Unlock()
+	}
+	for _, c := range cuts {
+		c.im.barrier.Unlock()
+	}
+	if err != nil {
+		for _, c := range cuts {
+			c.im.abandon(c, err)
+		}
+		return nil, fmt.Errorf("tracker: cut: %w", err)
+	}
+	s.log.Info("cut", "images", len(cuts), "group", group)
+
+	var infos []CycleInfo
+	var errs []error
+	for _, c := range cuts {
+		info, err := c.im.stageCycle(ctx, c)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		infos = append(infos, info)
+	}
+	return infos, errors.Join(errs...)
+}
+
+// abandon returns a cut's frozen blocks to the dirty map after a failure, so
+// nothing is lost: the next cut carries them.
+func (im *Image) abandon(c *cutImage, cause error) {
+	im.mu.Lock()
+	if im.frozen != nil {
+		im.dirty.Or(im.frozen)
+	}
+	im.frozen, im.stage = nil, nil
+	im.mu.Unlock()
+	c.st.cbw.Close()
+	os.Remove(c.st.cbw.Name())
+	im.s.log.Warn("cut abandoned; its blocks stay dirty for the next cut", "image", im.Name(), "err", cause)
+}
+
+// stageCycle reads the frozen blocks (from the image, or from the
+// copy-before-write file for blocks overwritten since the cut) into a cycle
+// file, makes it durable and advances the sequence.
+func (im *Image) stageCycle(ctx context.Context, c *cutImage) (info CycleInfo, err error) {
+	start := time.Now()
+	dir := im.s.cycleDir(im.id)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		im.abandon(c, err)
+		return info, err
+	}
+	final := filepath.Join(dir, cycleFileName(c.hdr.Generation, c.hdr.Seq))
+	tmp := final + ".tmp"
+	defer func() {
+		if err != nil {
+			os.Remove(tmp)
+			im.abandon(c, err)
+			err = fmt.Errorf("tracker: staging cycle %d of %s: %w", c.hdr.Seq, c.hdr.Name, err)
+		}
+	}()
+	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
+	if err != nil {
+		return info, err
+	}
+	defer f.Close()
+	bw := bufio.NewWriterSize(f, 1<<20)
+	w, err := format.NewWriter(bw, c.hdr, format.WriterOptions{Compress: im.s.opts.Compress})
+	if err != nil {
+		return info, err
+	}
+	buf := make([]byte, format.MaxExtentBlocks*BlockSize)
+	for s, e := range c.frozen.Ranges() {
+		for b := uint64(s); b < e; {
+			if err := ctx.Err(); err != nil {
+				return info, err
+			}
+			n := min(uint64(format.MaxExtentBlocks), e-b)
+			p := buf[:n*BlockSize]
+			if err := im.readFrozen(c.st, b, p); err != nil {
+				return info, err
+			}
+			if err := w.WriteBlocks(b, p); err != nil {
+				return info, err
+			}
+			if d := im.s.opts.StageDelay; d > 0 {
+				time.Sleep(d * time.Duration(len(p)) / (1 << 20))
+			}
+			b += n
+		}
+	}
+	sum, err := w.Close()
+	if err != nil {
+		return info, err
+	}
+	if err := bw.Flush(); err != nil {
+		return info, err
+	}
+	if err := f.Sync(); err != nil {
+		return info, err
+	}
+	if err := f.Close(); err != nil {
+		return info, err
+	}
+	if err := os.Rename(tmp, final); err != nil {
+		return info, err
+	}
+	if err := fsutil.SyncDir(dir); err != nil {
+		return info, err
+	}
+
+	// The cycle is durable: advance the sequence, drop the frozen set, and
+	// checkpoint so the dirty map on disk no longer holds its blocks.
+	im.mu.Lock()
+	im.meta.NextSeq = c.hdr.Seq + 1
+	im.meta.LastCut = c.hdr.CutTime
+	im.meta.LastCycleBytes = sum.Bytes
+	cbwBlocks := c.st.copied
+	im.frozen, im.stage = nil, nil
+	im.mu.Unlock()
+	c.st.cbw.Close()
+	os.Remove(c.st.cbw.Name())
+	if err := im.saveMeta(); err != nil {
+		// The cycle file is there; a restart derives the sequence from it.
+		im.s.log.Warn("saving image metadata", "image", c.hdr.Name, "err", err)
+	}
+	if err := im.Checkpoint(); err != nil {
+		im.s.log.Warn("checkpoint after cut", "image", c.hdr.Name, "err", err)
+	}
+	info = CycleInfo{
+		Image: c.hdr.Name, ID: im.id.String(), Generation: c.hdr.Generation, Seq: c.hdr.Seq,
+		Base: c.hdr.Base(), Path: final, Bytes: sum.Bytes, Time: c.hdr.CutTime, Size: c.hdr.ImageSize,
+		DataBlocks: sum.DataBlocks, ZeroBlocks: sum.ZeroBlocks, GroupCut: uuid.UUID(c.hdr.GroupCut).String(),
+		CBWBlocks: cbwBlocks, StageTime: time.Since(start).Round(time.Millisecond).String(),
+	}
+	im.s.log.Info("cycle staged", "image", info.Image, "seq", info.Seq, "bytes", info.Bytes,
+		"data_blocks", info.DataBlocks, "zero_blocks", info.ZeroBlocks, "cbw_blocks", cbwBlocks, "took", info.StageTime)
+	return info, nil
+}
+
+// readFrozen fills p with the content at the cut of blocks [b, b+len(p)/BlockSize).
+func (im *Image) readFrozen(st *stage, b uint64, p []byte) error {
+	n := uint64(len(p) / BlockSize)
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	if st.failed != nil {
+		return st.failed
+	}
+	for i := uint64(0); i < n; {
+		blk := b + i
+		if st.pending.Contains(uint32(blk)) {
+			// a run of still-pending blocks: read it from the image in one go
+			j := i + 1
+			for j < n && st.pending.Contains(uint32(b+j)) {
+				j++
+			}
+			if err := readFull(im.f, p[i*BlockSize:j*BlockSize], int64(blk)*BlockSize); err != nil {
+				return err
+			}
+			i = j
+			continue
+		}
+		off, ok := st.saved[uint32(blk)]
+		if !ok {
+			return fmt.Errorf("block %d of the cut was neither pending nor saved (internal error)", blk)
+		}
+		if err := readFull(st.cbw, p[i*BlockSize:(i+1)*BlockSize], off); err != nil {
+			return err
+		}
+		delete(st.saved, uint32(blk))
+		i++
+	}
+	st.pending.RemoveRange(b, b+n)
+	return nil
+}
+
+func cycleFileName(gen, seq uint64) string {
+	return fmt.Sprintf("g%06d-s%012d.cyc", gen, seq)
+}
