@@ -120,6 +120,7 @@ func Open(dir string, opts Options) (*Store, error) {
 		s.Close()
 		return nil, err
 	}
+	s.removeOrphans()
 	s.wg.Add(1)
 	go s.checkpointer()
 	return s, nil
@@ -338,6 +339,25 @@ func lastCycle(dir string, gen uint64) (uint64, bool) {
 	return best, found
 }
 
+// removeOrphans deletes the state of images that no longer exist (deleted
+// through the mount before a crash, or before the identity xattr was set).
+func (s *Store) removeOrphans() {
+	ents, err := os.ReadDir(s.stateDir())
+	if err != nil {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, e := range ents {
+		id, err := uuid.Parse(e.Name())
+		if err != nil || s.byID[id] != nil {
+			continue
+		}
+		s.log.Info("removing tracking state of an image that no longer exists", "id", id)
+		os.RemoveAll(filepath.Join(s.stateDir(), e.Name()))
+	}
+}
+
 // resolve maps image names to images; nil or empty names mean every image.
 func (s *Store) resolve(names []string) ([]*Image, error) {
 	if len(names) == 0 {
@@ -429,7 +449,9 @@ func (s *Store) Status(ranges bool) []Status {
 	s.mu.Unlock()
 	out := make([]Status, 0, len(imgs))
 	for _, im := range imgs {
-		out = append(out, im.Status(ranges))
+		if st := im.Status(ranges); !st.Removed {
+			out = append(out, st)
+		}
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
 	return out
