@@ -30,7 +30,7 @@ lint:
 	bash .ci/depcheck.sh
 
 fuzz:
-	$(GO) test -run '^$$' -fuzz FuzzOpen -fuzztime 60s ./internal/format
+	$(GO) test -run '^$$' -fuzz FuzzOpen -fuzztime 60s -fuzzminimizetime 3s ./internal/format
 
 bench: build
 	bash bench/run.sh

@@ -234,4 +234,3 @@ func punch(f *os.File, off, n int64) error {
 	}
 	return nil
 }
-

@@ -235,7 +235,7 @@ func (n *node) Create(ctx context.Context, name string, flags uint32, mode uint3
 	if r, ok := fh.(fs.FileReleaser); ok {
 		r.Release(ctx)
 	}
-	h, fl, errno := n.open(filepath.Join(n.rel(), name), flags &^ (syscall.O_CREAT | syscall.O_EXCL | syscall.O_TRUNC | syscall.O_APPEND))
+	h, fl, errno := n.open(filepath.Join(n.rel(), name), flags&^(syscall.O_CREAT|syscall.O_EXCL|syscall.O_TRUNC|syscall.O_APPEND))
 	if errno != 0 {
 		return nil, nil, 0, errno
 	}

@@ -132,8 +132,8 @@ func (s *Store) Dir() string { return s.dir }
 // ImagesDir returns the directory whose tree the mount serves.
 func (s *Store) ImagesDir() string { return filepath.Join(s.dir, "images") }
 
-func (s *Store) stateDir() string            { return filepath.Join(s.dir, "state") }
-func (s *Store) stagingDir() string          { return filepath.Join(s.dir, "staging") }
+func (s *Store) stateDir() string             { return filepath.Join(s.dir, "state") }
+func (s *Store) stagingDir() string           { return filepath.Join(s.dir, "staging") }
 func (s *Store) cycleDir(id uuid.UUID) string { return filepath.Join(s.dir, "cycles", id.String()) }
 
 // Image returns the tracking state of the image at rel (relative to the
@@ -570,7 +570,6 @@ func ReadCycleInfo(p string) (CycleInfo, error) {
 }
 
 func fdatasync(f *os.File) error { return unix.Fdatasync(int(f.Fd())) }
-
 
 // crashForTest drops the store as a kill -9 would: no checkpoint, no clean
 // flag, descriptors closed, lock released.

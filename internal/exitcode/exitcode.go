@@ -8,14 +8,14 @@ import (
 
 // Exit codes of the standin binary.
 const (
-	OK        = 0 // success
-	Failure   = 1 // any error not listed below
-	Usage     = 2 // wrong flags or arguments
-	Corrupt   = 3 // input failed verification (hash, structure, truncation)
-	Refused   = 4 // input is well-formed but refused: foreign identity, gap, replay, out of order
-	NoDaemon  = 5 // the daemon of the store is not running (control socket unreachable)
-	NotFound  = 6 // a named file, image or store does not exist
-	Busy      = 7 // the resource is in use (mount busy, store locked by another daemon)
+	OK       = 0 // success
+	Failure  = 1 // any error not listed below
+	Usage    = 2 // wrong flags or arguments
+	Corrupt  = 3 // input failed verification (hash, structure, truncation)
+	Refused  = 4 // input is well-formed but refused: foreign identity, gap, replay, out of order
+	NoDaemon = 5 // the daemon of the store is not running (control socket unreachable)
+	NotFound = 6 // a named file, image or store does not exist
+	Busy     = 7 // the resource is in use (mount busy, store locked by another daemon)
 )
 
 // Error carries an exit code with an error.

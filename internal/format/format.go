@@ -43,15 +43,12 @@ const (
 	magic       = "STANDCYC"
 	footerMagic = "STANDEND"
 	knownFlags  = FlagBase
-	// Compression kinds of a data extent (Extent.Comp).
-	compNone = 0
-	compZstd = 1
 )
 
 // Comp values of a data extent.
 const (
-	CompNone uint8 = compNone // stored raw
-	CompZstd uint8 = compZstd // one zstd frame
+	CompNone uint8 = 0 // stored raw
+	CompZstd uint8 = 1 // one zstd frame
 )
 
 // Header is the identity part of a cycle file.

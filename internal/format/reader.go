@@ -234,11 +234,11 @@ func (r *Reader) parseTable() error {
 				return corrupt(at+8, "extent %d: data extent of %d blocks (max %d)", i, e.Count, MaxExtentBlocks)
 			}
 			switch e.Comp {
-			case compNone:
+			case CompNone:
 				if e.Len != raw {
 					return corrupt(at+24, "extent %d: raw extent of %d blocks has stored length %d, want %d", i, e.Count, e.Len, raw)
 				}
-			case compZstd:
+			case CompZstd:
 				if e.Len == 0 || e.Len >= raw {
 					return corrupt(at+24, "extent %d: compressed length %d not in 1..%d", i, e.Len, raw-1)
 				}
@@ -330,7 +330,7 @@ func (r *Reader) ReadExtent(i int, buf []byte) ([]byte, error) {
 	what := func() string {
 		return fmt.Sprintf("extent %d (blocks %d..%d)", i, e.Start, e.End()-1)
 	}
-	if e.Comp == compNone {
+	if e.Comp == CompNone {
 		if err := r.readAt(buf, int64(e.Off), "data of "+what()); err != nil {
 			return nil, err
 		}

@@ -317,7 +317,7 @@ func (w *Writer) work(j *job) {
 		sum := blake3.Sum256(raw[i : i+BlockSize])
 		copy(j.hashes[i/BlockSize*HashSize:], sum[:])
 	}
-	j.ext.Comp, j.ext.Len = compNone, uint64(n)
+	j.ext.Comp, j.ext.Len = CompNone, uint64(n)
 	if !w.opts.Compress || incompressible(raw) {
 		return
 	}
@@ -327,7 +327,7 @@ func (w *Writer) work(j *job) {
 	encPool.Put(enc)
 	if len(*cb) <= n-n/16 {
 		j.comp = cb
-		j.ext.Comp, j.ext.Len = compZstd, uint64(len(*cb))
+		j.ext.Comp, j.ext.Len = CompZstd, uint64(len(*cb))
 	} else {
 		compPool.Put(cb)
 	}
