@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # make demo: the main job on one machine, end to end, with real parts.
-#  1. a primary store with a sample VM disk created through the tracked FUSE mount (qemu-img)
-#  2. a real workload: a loop device over the image, mkfs.ext4, a file tree copied in, fio
-#  3. crash-consistent cycles cut while the workload runs
-#  4. the cycles applied to a replica copy (standin cycle apply), and the replica proven
-#     equal to the primary at the cut: BLAKE3 of the whole image and fsck -n of its ext4.
+#  1. a replica daemon on 127.0.0.1 (mutual TLS, self-signed CA) and a primary daemon whose FUSE
+#     mount serves a sample VM disk created through it (qemu-img); paired with one token
+#  2. replication enabled every 30 s; a real workload: a loop device over the image, mkfs.ext4,
+#     a file tree copied in, fio
+#  3. cycles cut, shipped and applied as recovery points while the workload runs
+#  4. the latest point exported and proven equal to the primary frozen at that cut: BLAKE3 of
+#     the whole image and fsck -n of its ext4; the same with the offline path (cycle apply).
 # Needs root (FUSE, loop devices). Leaves nothing mounted; DEMO_DIR keeps the files.
 set -euo pipefail
 export LC_ALL=C
@@ -12,6 +14,8 @@ cd "$(dirname "$0")/.."
 BIN=$PWD/bin/standin
 DEMO=${DEMO_DIR:-/var/tmp/standin-demo}
 STORE=$DEMO/primary
+RSTORE=$DEMO/replica-store
+PORT=${DEMO_PORT:-17443}
 MNT=$DEMO/mnt
 FSMNT=$DEMO/guestfs
 REPLICA=$DEMO/replica/vm1-disk0.img
@@ -30,10 +34,17 @@ cleanup() {
   [ -n "$LOOP" ] && losetup -d "$LOOP" 2>/dev/null
   if mountpoint -q "$MNT"; then "$BIN" unmount "$MNT" || umount -l "$MNT"; fi
   [ -n "${DPID:-}" ] && wait "$DPID" 2>/dev/null
+  [ -n "${RPID:-}" ] && kill "$RPID" 2>/dev/null && wait "$RPID" 2>/dev/null
 }
 trap cleanup EXIT INT TERM
 
 rm -rf "$DEMO"; mkdir -p "$STORE" "$MNT" "$FSMNT" "$(dirname "$REPLICA")"
+
+say "start the replica daemon on 127.0.0.1:$PORT (creates its CA at first start)"
+"$BIN" serve --store "$RSTORE" --listen "127.0.0.1:$PORT" >"$DEMO/replica.log" 2>&1 &
+RPID=$!
+for i in $(seq 100); do "$BIN" pair list --store "$RSTORE" >/dev/null 2>&1 && [ -S "$RSTORE/control.sock" ] && break; sleep 0.1; done
+[ -S "$RSTORE/control.sock" ] || { cat "$DEMO/replica.log"; die "replica daemon did not start"; }
 
 say "start the primary daemon: $STORE served at $MNT"
 "$BIN" mount --store "$STORE" "$MNT" >"$DEMO/daemon.log" 2>&1 &
@@ -50,15 +61,21 @@ mkdir -p "$FSMNT/etc" "$FSMNT/usr-share-doc"
 cp -a /etc/. "$FSMNT/etc/" 2>/dev/null || true
 sync -f "$FSMNT"
 
-quiesce_and_cut() { # freeze the guest fs, hash the primary image, cut, thaw
+quiesce_and_replicate() { # freeze the guest fs, hash the primary image, replicate now, thaw
   fsfreeze -f "$FSMNT"
   b3sum --no-names "$STORE/images/vm1-disk0.img" >"$DEMO/frozen-$1.b3"
-  "$BIN" cycle cut --store "$STORE" --images vm1-disk0.img
+  "$BIN" replicate now --store "$STORE" --group vm1 --wait
   fsfreeze -u "$FSMNT"
 }
 
-say "cycle 0 (the base: the whole allocated disk)"
-quiesce_and_cut 0
+say "pair the primary with the replica: one token, nothing else to copy"
+TOKEN=$("$BIN" pair token --store "$RSTORE" --images 'vm1/*' 2>/dev/null)
+"$BIN" pair join --store "$STORE" --token "$TOKEN"
+
+say "replicate group vm1 every 30 s (keep 3 points); the first cycle is the whole disk"
+"$BIN" replicate enable --store "$STORE" --group vm1 --images vm1-disk0.img --replica "127.0.0.1:$PORT" \
+  --interval 30s --points 3 --point-every 1m --bandwidth 400Mbit
+"$BIN" replicate now --store "$STORE" --group vm1 --wait
 
 say "workload: copy a file tree and run fio inside the guest filesystem, cutting while it runs"
 cp -a /usr/share/doc/. "$FSMNT/usr-share-doc/" 2>/dev/null || true
@@ -66,22 +83,23 @@ fio --name=guest --directory="$FSMNT" --rw=randwrite --bs=4k --size=64M --ioengi
     --direct=1 --time_based --runtime=6 --numjobs=2 --output="$DEMO/fio.log" &
 FIO=$!
 sleep 2
-"$BIN" cycle cut --store "$STORE" --images vm1-disk0.img   # under load: copy-before-write at work
+"$BIN" replicate now --store "$STORE" --group vm1 --wait   # under load: copy-before-write at work
 wait $FIO
 sync -f "$FSMNT"
-say "cycle 2, quiesced, to compare against"
-quiesce_and_cut 2
+say "a quiesced cycle to compare against"
+quiesce_and_replicate 2
 "$BIN" status --store "$STORE"
+"$BIN" replicate list --store "$STORE"
 
-say "apply every cycle to the replica copy"
-"$BIN" cycle list --store "$STORE" --image vm1-disk0.img
-# shellcheck disable=SC2046
-"$BIN" cycle apply --to "$REPLICA" $("$BIN" cycle list --store "$STORE" --image vm1-disk0.img --json | grep '"path"' | cut -d'"' -f4)
+say "recovery points on the replica"
+"$BIN" points list --store "$RSTORE" --group vm1
+"$BIN" points verify --store "$RSTORE" --group vm1 --point latest
+"$BIN" points export --store "$RSTORE" --group vm1 --point latest --image vm1-disk0.img --to "$REPLICA"
 
-say "prove it: BLAKE3 of the replica equals the primary frozen at cut 2, and its ext4 is clean"
+say "prove it: BLAKE3 of the exported point equals the primary frozen at that cut, and its ext4 is clean"
 want=$(cat "$DEMO/frozen-2.b3"); got=$(b3sum --no-names "$REPLICA")
-echo "primary at cut 2: $want"
-echo "replica:          $got"
+echo "primary at the cut: $want"
+echo "replica point:      $got"
 [ "$want" = "$got" ] || die "replica differs from the primary at the cut"
 fsck.ext4 -n -f "$REPLICA" >"$DEMO/fsck.log" 2>&1 || { cat "$DEMO/fsck.log"; die "fsck found errors on the replica"; }
 tail -1 "$DEMO/fsck.log"
@@ -90,4 +108,5 @@ echo "allocated: primary $(du -h "$STORE/images/vm1-disk0.img" | cut -f1), repli
 say "tear down"
 umount "$FSMNT"; losetup -d "$LOOP"; LOOP=""
 "$BIN" unmount "$MNT"; wait "$DPID"; DPID=""
+kill "$RPID"; wait "$RPID" || true; RPID=""
 echo "demo OK: files in $DEMO"

@@ -27,6 +27,10 @@ func newApp() *cli.App {
 			unmountCommand(),
 			cycleCommand(),
 			statusCommand(),
+			serveCommand(),
+			pairCommand(),
+			replicateCommand(),
+			pointsCommand(),
 			debugCommand(),
 		},
 		ExitErrHandler: func(*cli.Context, error) {}, // main prints and exits

@@ -1,12 +1,15 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
 	"os"
+	"path/filepath"
 	"text/tabwriter"
+	"time"
 
 	"github.com/urfave/cli/v2"
 
@@ -67,4 +70,13 @@ func humanBytes(n int64) string {
 		exp++
 	}
 	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}
+
+func refusedErr(err error) error { return exitcode.With(exitcode.Refused, err) }
+func corruptErr(err error) error { return exitcode.With(exitcode.Corrupt, err) }
+
+func absPath(p string) (string, error) { return filepath.Abs(p) }
+
+func contextWithTimeout(c *cli.Context, d time.Duration) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(c.Context, d)
 }

@@ -68,6 +68,9 @@ func (c *Client) do(ctx context.Context, method, path string, body, out any) err
 		}
 		return exitcode.With(code, errors.New(e.Error))
 	}
+	if out == nil {
+		return nil
+	}
 	return json.NewDecoder(resp.Body).Decode(out)
 }
 
@@ -104,4 +107,13 @@ func (c *Client) WaitReady(ctx context.Context, timeout time.Duration) error {
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
+}
+
+// Call performs a control call: GET when body is nil, else POST of body as JSON.
+func (c *Client) Call(ctx context.Context, path string, body, out any) error {
+	method := http.MethodGet
+	if body != nil {
+		method = http.MethodPost
+	}
+	return c.do(ctx, method, path, body, out)
 }

@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/standin/standin/fusefs"
+	"github.com/standin/standin/shipper"
 	"github.com/standin/standin/tracker"
 )
 
@@ -107,7 +108,14 @@ func Run(ctx context.Context, o Options, ready func()) error {
 		return fmt.Errorf("control socket %s: %w", sock, err)
 	}
 	os.Chmod(sock, 0o600)
-	hs := &http.Server{Handler: newControl(st, mnt, o.Version, log)}
+	sh, err := shipper.New(st, log)
+	if err != nil {
+		srv.Unmount()
+		return err
+	}
+	sh.Start(ctx)
+	defer sh.Stop()
+	hs := &http.Server{Handler: newControl(st, sh, mnt, o.Version, log)}
 	go hs.Serve(ln)
 	defer func() {
 		hs.Close()
@@ -156,12 +164,13 @@ func (a adapter) Renamed(o, n string)             { a.s.Renamed(o, n) }
 
 // StatusReply is the daemon's answer to GET /status.
 type StatusReply struct {
-	PID        int              `json:"pid"`
-	Version    string           `json:"version"`
-	Store      string           `json:"store"`
-	Mountpoint string           `json:"mountpoint"`
-	Started    time.Time        `json:"started"`
-	Images     []tracker.Status `json:"images"`
+	PID        int                   `json:"pid"`
+	Version    string                `json:"version"`
+	Store      string                `json:"store"`
+	Mountpoint string                `json:"mountpoint"`
+	Started    time.Time             `json:"started"`
+	Images     []tracker.Status      `json:"images"`
+	Groups     []shipper.GroupStatus `json:"groups"`
 }
 
 // CutRequest is the body of POST /cut.
@@ -174,15 +183,17 @@ type apiError struct {
 	Code  string `json:"code"`
 }
 
-func newControl(st *tracker.Store, mnt, version string, log *slog.Logger) http.Handler {
+func newControl(st *tracker.Store, sh *shipper.Shipper, mnt, version string, log *slog.Logger) http.Handler {
 	started := time.Now()
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /status", func(w http.ResponseWriter, r *http.Request) {
 		reply(w, http.StatusOK, StatusReply{
 			PID: os.Getpid(), Version: version, Store: st.Dir(), Mountpoint: mnt, Started: started,
 			Images: st.Status(r.URL.Query().Get("blocks") != ""),
+			Groups: sh.Status(),
 		})
 	})
+	replicationControl(mux, sh)
 	mux.HandleFunc("POST /cut", func(w http.ResponseWriter, r *http.Request) {
 		var req CutRequest
 		if err := json.NewDecoder(r.Body).Decode(&req); err != nil {

@@ -1,0 +1,49 @@
+package applier
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/google/uuid"
+)
+
+// ErrBadName is returned for a group, image or point name that is not a
+// plain token: 1..128 bytes of [A-Za-z0-9._-], starting with a letter or
+// digit, without "..". Such names are used as single path elements under
+// the replica store, so they can never escape it.
+var ErrBadName = errors.New("invalid name")
+
+// MaxStoreName is the maximum length of a group or image name.
+const MaxStoreName = 128
+
+func storeNameOK(s string) bool {
+	if len(s) == 0 || len(s) > MaxStoreName || strings.Contains(s, "..") {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch {
+		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9':
+		case (c == '.' || c == '_' || c == '-') && i > 0:
+		default:
+			return false
+		}
+	}
+	return true
+}
+
+// checkName returns ErrBadName (wrapped with what) unless s is a valid store name.
+func checkName(what, s string) error {
+	if !storeNameOK(s) {
+		return fmt.Errorf("%s %q: %w", what, s, ErrBadName)
+	}
+	return nil
+}
+
+// imageIDOK reports whether s is a canonical (lower-case, hyphenated) UUID,
+// the only spelling used for image directories.
+func imageIDOK(s string) bool {
+	u, err := uuid.Parse(s)
+	return err == nil && u.String() == s
+}

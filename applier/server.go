@@ -1,0 +1,390 @@
+package applier
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"sync"
+
+	"github.com/google/uuid"
+
+	"github.com/standin/standin/internal/format"
+	"github.com/standin/standin/internal/fsutil"
+	"github.com/standin/standin/internal/pki"
+	"github.com/standin/standin/internal/wire"
+)
+
+// Server is the replica's HTTPS API: pairing, resumable cycle uploads into a
+// durable inbox, and commits that apply a cut as one recovery point.
+type Server struct {
+	rep   *Replica
+	auth  *pki.Authority
+	inbox string
+	log   *slog.Logger
+
+	mu    sync.Mutex
+	locks map[string]*sync.Mutex // per upload file
+
+	// MaxCycleBytes bounds one upload (default 4 TiB).
+	MaxCycleBytes int64
+	// Metrics, if set, is told about bytes received and applies.
+	OnReceive func(group string, n int64)
+	OnApply   func(group string, res ApplyResult, err error)
+}
+
+// NewServer serves rep with auth; uploads are kept in inbox until applied.
+func NewServer(rep *Replica, auth *pki.Authority, inbox string, log *slog.Logger) (*Server, error) {
+	if err := os.MkdirAll(inbox, 0o700); err != nil {
+		return nil, err
+	}
+	return &Server{rep: rep, auth: auth, inbox: inbox, log: log, locks: map[string]*sync.Mutex{}, MaxCycleBytes: 4 << 40}, nil
+}
+
+// Handler returns the HTTP handler (serve it with auth.ServerTLS()).
+func (s *Server) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST "+wire.Prefix+"/pair", s.pair)
+	mux.HandleFunc("GET "+wire.Prefix+"/groups/{group}/uploads/{id}/{gen}/{seq}", s.authed(s.uploadState))
+	mux.HandleFunc("PUT "+wire.Prefix+"/groups/{group}/uploads/{id}/{gen}/{seq}", s.authed(s.upload))
+	mux.HandleFunc("POST "+wire.Prefix+"/groups/{group}/commit", s.authed(s.commit))
+	mux.HandleFunc("GET "+wire.Prefix+"/groups/{group}", s.authed(s.groupState))
+	return mux
+}
+
+type httpErr struct {
+	status int
+	code   string
+	err    error
+}
+
+func (e *httpErr) Error() string { return e.err.Error() }
+
+func fail(status int, code string, f string, a ...any) *httpErr {
+	return &httpErr{status, code, fmt.Errorf(f, a...)}
+}
+
+func (s *Server) reply(w http.ResponseWriter, r *http.Request, v any, err error) {
+	w.Header().Set("Content-Type", "application/json")
+	if err != nil {
+		he := classify(err)
+		s.log.Warn("request refused", "method", r.Method, "path", r.URL.Path, "remote", r.RemoteAddr, "status", he.status, "err", err)
+		w.WriteHeader(he.status)
+		json.NewEncoder(w).Encode(wire.Error{Error: err.Error(), Code: he.code})
+		return
+	}
+	json.NewEncoder(w).Encode(v)
+}
+
+func classify(err error) *httpErr {
+	var he *httpErr
+	switch {
+	case errors.As(err, &he):
+		return he
+	case errors.Is(err, pki.ErrUnpaired):
+		return &httpErr{http.StatusUnauthorized, pki.Code(err), err}
+	case pki.Code(err) != "" && pki.Code(err) != "failure":
+		return &httpErr{http.StatusForbidden, pki.Code(err), err}
+	case errors.Is(err, format.ErrCorrupt), errors.Is(err, format.ErrNotCycle), errors.Is(err, format.ErrVersion):
+		return &httpErr{http.StatusUnprocessableEntity, "corrupt", err}
+	case errors.Is(err, ErrForeign), errors.Is(err, ErrGap), errors.Is(err, ErrReplay), errors.Is(err, ErrNoBase), errors.Is(err, ErrBadName):
+		return &httpErr{http.StatusConflict, "refused", err}
+	}
+	return &httpErr{http.StatusInternalServerError, "failure", err}
+}
+
+func (s *Server) pair(w http.ResponseWriter, r *http.Request) {
+	var req wire.PairRequest
+	if err := json.NewDecoder(io.LimitReader(r.Body, 1<<16)).Decode(&req); err != nil {
+		s.reply(w, r, nil, fail(http.StatusBadRequest, "bad_request", "pairing request: %v", err))
+		return
+	}
+	cert, ca, p, err := s.auth.Join(req.Secret, req.CSR, req.Name)
+	if err != nil {
+		s.reply(w, r, nil, err)
+		return
+	}
+	s.log.Info("primary paired", "name", p.Name, "id", p.ID, "pattern", p.Pattern, "remote", r.RemoteAddr)
+	s.reply(w, r, wire.PairReply{Cert: cert, CA: ca, PrimaryID: p.ID}, nil)
+}
+
+type authedFunc func(w http.ResponseWriter, r *http.Request, p pki.Primary)
+
+// authed admits only paired, non-revoked primaries (mutual TLS) and checks
+// the group name before anything touches the disk.
+func (s *Server) authed(h authedFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		if r.TLS == nil {
+			s.reply(w, r, nil, fail(http.StatusUnauthorized, "unpaired", "TLS required"))
+			return
+		}
+		p, err := s.auth.Authorize(r.TLS)
+		if err != nil {
+			s.reply(w, r, nil, err)
+			return
+		}
+		if g := r.PathValue("group"); g != "" && !validName(g) {
+			s.reply(w, r, nil, fmt.Errorf("group %q: %w", g, ErrBadName))
+			return
+		}
+		h(w, r, p)
+	}
+}
+
+var uploadRE = regexp.MustCompile(`^[0-9]+$`)
+
+// uploadFile returns the inbox path of an upload after validating every
+// component that came from the wire.
+func (s *Server) uploadFile(r *http.Request) (group, path string, ref wire.CycleRef, err error) {
+	group = r.PathValue("group")
+	id, err := uuid.Parse(r.PathValue("id"))
+	if err != nil || id.String() != r.PathValue("id") {
+		return "", "", ref, fmt.Errorf("image id %q: %w", r.PathValue("id"), ErrBadName)
+	}
+	gs, ss := r.PathValue("gen"), r.PathValue("seq")
+	if !uploadRE.MatchString(gs) || !uploadRE.MatchString(ss) {
+		return "", "", ref, fmt.Errorf("generation/seq %q/%q: %w", gs, ss, ErrBadName)
+	}
+	gen, err1 := strconv.ParseUint(gs, 10, 64)
+	seq, err2 := strconv.ParseUint(ss, 10, 64)
+	if err := errors.Join(err1, err2); err != nil {
+		return "", "", ref, fmt.Errorf("%v: %w", err, ErrBadName)
+	}
+	ref = wire.CycleRef{ID: id.String(), Gen: gen, Seq: seq}
+	path = filepath.Join(s.inbox, group, fmt.Sprintf("%s-g%d-s%d.cyc", ref.ID, gen, seq))
+	return group, path, ref, nil
+}
+
+func (s *Server) lock(path string) func() {
+	s.mu.Lock()
+	l := s.locks[path]
+	if l == nil {
+		l = &sync.Mutex{}
+		s.locks[path] = l
+	}
+	s.mu.Unlock()
+	l.Lock()
+	return l.Unlock
+}
+
+func (s *Server) state(group, path string, ref wire.CycleRef) (wire.UploadState, error) {
+	if st, ok, err := s.rep.ImageState(group, ref.ID); err != nil {
+		return wire.UploadState{}, err
+	} else if ok && st.Generation == ref.Gen && st.Seq >= ref.Seq && !st.Applying {
+		return wire.UploadState{Applied: true, Complete: true}, nil
+	}
+	if fi, err := os.Stat(path); err == nil {
+		return wire.UploadState{Offset: fi.Size(), Complete: true}, nil
+	}
+	if fi, err := os.Stat(path + ".part"); err == nil {
+		return wire.UploadState{Offset: fi.Size()}, nil
+	}
+	return wire.UploadState{}, nil
+}
+
+func (s *Server) uploadState(w http.ResponseWriter, r *http.Request, p pki.Primary) {
+	group, path, ref, err := s.uploadFile(r)
+	if err != nil {
+		s.reply(w, r, nil, err)
+		return
+	}
+	defer s.lock(path)()
+	st, err := s.state(group, path, ref)
+	s.reply(w, r, st, err)
+}
+
+// upload appends the body at offset to the upload's .part file, fsyncing as
+// it goes so the durable offset only grows; when the file is complete it is
+// verified (every hash, identity against the URL) and renamed into the inbox.
+func (s *Server) upload(w http.ResponseWriter, r *http.Request, p pki.Primary) {
+	group, path, ref, err := s.uploadFile(r)
+	if err != nil {
+		s.reply(w, r, nil, err)
+		return
+	}
+	name := r.URL.Query().Get("name")
+	if !p.Allowed(group, name) {
+		s.reply(w, r, nil, fail(http.StatusForbidden, "forbidden", "primary %s may not send image %s/%s (allowed: %s)", p.Name, group, name, p.Pattern))
+		return
+	}
+	off, err1 := strconv.ParseInt(r.URL.Query().Get("offset"), 10, 64)
+	total, err2 := strconv.ParseInt(r.URL.Query().Get("total"), 10, 64)
+	if err := errors.Join(err1, err2); err != nil || off < 0 || total <= 0 || off > total || total > s.MaxCycleBytes {
+		s.reply(w, r, nil, fail(http.StatusBadRequest, "bad_request", "offset %q / total %q out of range", r.URL.Query().Get("offset"), r.URL.Query().Get("total")))
+		return
+	}
+	defer s.lock(path)()
+	st, err := s.state(group, path, ref)
+	if err != nil || st.Complete {
+		s.reply(w, r, st, err)
+		return
+	}
+	if st.Offset != off {
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusConflict)
+		json.NewEncoder(w).Encode(wire.Error{Error: fmt.Sprintf("durable offset is %d, not %d", st.Offset, off), Code: "conflict"})
+		return
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		s.reply(w, r, nil, err)
+		return
+	}
+	f, err := os.OpenFile(path+".part", os.O_CREATE|os.O_WRONLY, 0o600)
+	if err != nil {
+		s.reply(w, r, nil, err)
+		return
+	}
+	n, copyErr := s.appendDurably(f, off, io.LimitReader(r.Body, total-off))
+	if s.OnReceive != nil {
+		s.OnReceive(group, n)
+	}
+	closeErr := f.Close()
+	if copyErr != nil || closeErr != nil {
+		// What reached the disk is fsynced; the primary resumes from there.
+		s.reply(w, r, nil, fail(http.StatusBadRequest, "bad_request", "upload interrupted at byte %d: %v", off+n, errors.Join(copyErr, closeErr)))
+		return
+	}
+	if off+n < total {
+		s.reply(w, r, wire.UploadState{Offset: off + n}, nil)
+		return
+	}
+	if err := s.finishUpload(group, path, name, ref, p); err != nil {
+		s.reply(w, r, nil, err)
+		return
+	}
+	s.reply(w, r, wire.UploadState{Offset: total, Complete: true}, nil)
+}
+
+// appendDurably copies src into f at off, fsyncing every 8 MiB and at the
+// end, and truncates to what was written on error.
+func (s *Server) appendDurably(f *os.File, off int64, src io.Reader) (int64, error) {
+	if err := f.Truncate(off); err != nil {
+		return 0, err
+	}
+	buf := make([]byte, 1<<20)
+	var n, unsynced int64
+	for {
+		k, rerr := src.Read(buf)
+		if k > 0 {
+			if _, err := f.WriteAt(buf[:k], off+n); err != nil {
+				return n, err
+			}
+			n += int64(k)
+			unsynced += int64(k)
+			if unsynced >= 8<<20 {
+				if err := f.Sync(); err != nil {
+					return n, err
+				}
+				unsynced = 0
+			}
+		}
+		if rerr == io.EOF {
+			return n, f.Sync()
+		}
+		if rerr != nil {
+			f.Sync()
+			return n, rerr
+		}
+	}
+}
+
+func (s *Server) finishUpload(group, path, name string, ref wire.CycleRef, p pki.Primary) error {
+	part := path + ".part"
+	bad := func(err error) error {
+		os.Remove(part) // unverifiable: the primary sends it again from byte 0
+		return err
+	}
+	f, err := os.Open(part)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	rd, err := format.Open(f, fi.Size())
+	if err == nil {
+		err = rd.Verify()
+	}
+	if err != nil {
+		return bad(fmt.Errorf("cycle %s gen %d seq %d: %w", ref.ID, ref.Gen, ref.Seq, err))
+	}
+	h := rd.Header()
+	if uuid.UUID(h.ImageID).String() != ref.ID || h.Generation != ref.Gen || h.Seq != ref.Seq {
+		return bad(fmt.Errorf("cycle file is image %s gen %d seq %d, uploaded as %s gen %d seq %d: %w",
+			uuid.UUID(h.ImageID), h.Generation, h.Seq, ref.ID, ref.Gen, ref.Seq, ErrForeign))
+	}
+	if h.Name != name || !p.Allowed(group, h.Name) {
+		return bad(fail(http.StatusForbidden, "forbidden", "primary %s may not send image %s/%s", p.Name, group, h.Name))
+	}
+	if err := os.Rename(part, path); err != nil {
+		return err
+	}
+	return fsutil.SyncDir(filepath.Dir(path))
+}
+
+// commit applies a cut's uploaded cycles as one recovery point.
+func (s *Server) commit(w http.ResponseWriter, r *http.Request, p pki.Primary) {
+	group := r.PathValue("group")
+	var req wire.CommitRequest
+	if err := json.NewDecoder(io.LimitReader(r.Body, 1<<20)).Decode(&req); err != nil || len(req.Cycles) == 0 {
+		s.reply(w, r, nil, fail(http.StatusBadRequest, "bad_request", "commit request: %v", err))
+		return
+	}
+	var paths []string
+	for _, ref := range req.Cycles {
+		id, err := uuid.Parse(ref.ID)
+		if err != nil || id.String() != ref.ID {
+			s.reply(w, r, nil, fmt.Errorf("image id %q: %w", ref.ID, ErrBadName))
+			return
+		}
+		path := filepath.Join(s.inbox, group, fmt.Sprintf("%s-g%d-s%d.cyc", ref.ID, ref.Gen, ref.Seq))
+		if st, ok, err := s.rep.ImageState(group, ref.ID); err == nil && ok && st.Generation == ref.Gen && st.Seq >= ref.Seq && !st.Applying {
+			continue // already applied: idempotent
+		}
+		if _, err := os.Stat(path); err != nil {
+			s.reply(w, r, nil, fail(http.StatusConflict, "refused", "cycle %s gen %d seq %d was not uploaded completely", ref.ID, ref.Gen, ref.Seq))
+			return
+		}
+		paths = append(paths, path)
+	}
+	if len(paths) == 0 {
+		s.reply(w, r, wire.CommitReply{Skipped: true, Point: "latest"}, nil)
+		return
+	}
+	ret := Retention{Points: req.Policy.Points, Every: req.Policy.PointEvery, AnyPointWindow: req.Policy.AnyPointWindow}
+	if err := s.rep.EnsureGroup(group, ret); err != nil {
+		s.reply(w, r, nil, err)
+		return
+	}
+	res, err := s.rep.ApplyGroup(r.Context(), group, paths)
+	if s.OnApply != nil {
+		s.OnApply(group, res, err)
+	}
+	if err != nil {
+		s.reply(w, r, nil, err)
+		return
+	}
+	for _, p := range paths {
+		os.Remove(p)
+	}
+	s.reply(w, r, commitReply(res), nil)
+}
+
+func (s *Server) groupState(w http.ResponseWriter, r *http.Request, p pki.Primary) {
+	imgs, err := s.rep.GroupImages(r.PathValue("group"))
+	s.reply(w, r, wire.GroupState{Group: r.PathValue("group"), Images: imgs}, err)
+}
+
+func validName(s string) bool { return storeNameOK(s) }
+
+func commitReply(res ApplyResult) wire.CommitReply {
+	return wire.CommitReply{Point: res.Point, Time: res.Time, Skipped: res.Skipped}
+}

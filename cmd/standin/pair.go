@@ -1,0 +1,126 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/standin/standin/internal/daemon"
+	"github.com/standin/standin/internal/pki"
+	"github.com/standin/standin/shipper"
+)
+
+func pairCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "pair",
+		Usage: "pair primaries with a replica (one token, no certificate files to copy)",
+		Subcommands: []*cli.Command{
+			{
+				Name:  "token",
+				Usage: "on the replica: print a one-time pairing token",
+				Flags: []cli.Flag{
+					storeFlag, jsonFlag,
+					&cli.StringFlag{Name: "images", Value: "*", Usage: "what the primary may send: comma-separated `GLOBS` over GROUP/IMAGE"},
+					&cli.DurationFlag{Name: "ttl", Value: time.Hour, Usage: "token lifetime"},
+					&cli.StringFlag{Name: "addr", Usage: "replica `HOST:PORT` as the primary reaches it (default: the daemon's listen address)"},
+				},
+				OnUsageError: onUsageError,
+				Action: func(c *cli.Context) error {
+					var rep map[string]string
+					err := daemon.NewClient(c.String("store")).Call(c.Context, "/pair/token",
+						daemon.TokenRequest{Pattern: c.String("images"), TTL: c.Duration("ttl"), Addr: c.String("addr")}, &rep)
+					if err != nil {
+						return err
+					}
+					if c.Bool("json") {
+						return printJSON(rep)
+					}
+					fmt.Println(rep["token"])
+					fmt.Fprintf(os.Stderr, "one-time token, valid %s; on the primary run:\n  standin pair join --store PRIMARY_STORE --token %s\n", c.Duration("ttl"), rep["token"])
+					return nil
+				},
+			},
+			{
+				Name:  "join",
+				Usage: "on the primary: pair with a replica using its token",
+				Flags: []cli.Flag{
+					storeFlag,
+					&cli.StringFlag{Name: "token", Required: true, Usage: "the token from 'standin pair token'"},
+					&cli.StringFlag{Name: "replica", Usage: "replica `HOST:PORT` (default: the address in the token)"},
+					&cli.StringFlag{Name: "name", Usage: "this primary's name (default: hostname)"},
+				},
+				OnUsageError: onUsageError,
+				Action: func(c *cli.Context) error {
+					name := c.String("name")
+					if name == "" {
+						name, _ = os.Hostname()
+					}
+					tok, err := pki.ParseToken(c.String("token"))
+					if err != nil {
+						return usageErr("--token: %v", err)
+					}
+					replica := c.String("replica")
+					if replica == "" {
+						replica = tok.Addr
+					}
+					if err := os.MkdirAll(c.String("store"), 0o700); err != nil {
+						return err
+					}
+					rep, err := shipper.Join(c.Context, c.String("store"), replica, c.String("token"), name)
+					if err != nil {
+						if errors.Is(err, shipper.ErrNotPaired) || errors.Is(err, shipper.ErrRefused) {
+							return refusedErr(err)
+						}
+						return err
+					}
+					fmt.Printf("paired with %s as %s (%s)\n", replica, name, rep.PrimaryID)
+					return nil
+				},
+			},
+			{
+				Name:         "list",
+				Usage:        "on the replica: list paired primaries and outstanding tokens",
+				Flags:        []cli.Flag{storeFlag, jsonFlag},
+				OnUsageError: onUsageError,
+				Action: func(c *cli.Context) error {
+					auth, err := daemon.OpenAuthority(daemon.ReplicaOptions{Store: c.String("store")})
+					if err != nil {
+						return err
+					}
+					ps, ts := auth.Primaries(), auth.Tokens()
+					if c.Bool("json") {
+						return printJSON(map[string]any{"primaries": ps, "tokens": ts})
+					}
+					w := table()
+					fmt.Fprintln(w, "PRIMARY\tID\tALLOWED\tPAIRED\tREVOKED")
+					for _, p := range ps {
+						fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%v\n", p.Name, p.ID, p.Pattern, p.Paired.Local().Format(time.DateTime), p.Revoked)
+					}
+					w.Flush()
+					fmt.Printf("%d token(s) issued\n", len(ts))
+					return nil
+				},
+			},
+			{
+				Name:         "revoke",
+				Usage:        "on the replica: revoke a primary (by name or id); takes effect for new connections",
+				ArgsUsage:    "PRIMARY",
+				Flags:        []cli.Flag{storeFlag},
+				OnUsageError: onUsageError,
+				Action: func(c *cli.Context) error {
+					if c.NArg() != 1 {
+						return usageErr("pair revoke: name one PRIMARY")
+					}
+					auth, err := daemon.OpenAuthority(daemon.ReplicaOptions{Store: c.String("store")})
+					if err != nil {
+						return err
+					}
+					return auth.Revoke(c.Args().First())
+				},
+			},
+		},
+	}
+}

@@ -1,0 +1,44 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/standin/standin/internal/daemon"
+)
+
+func serveCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "serve",
+		Usage: "run the replica daemon: receive cycles over mutual TLS, apply them, keep recovery points",
+		Description: `Foreground. A self-signed CA and server certificate are created in STORE/pki at the first
+start; pair primaries with 'standin pair token'. Give --cert/--key/--client-ca to use
+enterprise PKI instead.`,
+		Flags: []cli.Flag{
+			storeFlag,
+			&cli.StringFlag{Name: "listen", Value: ":7443", Usage: "HTTPS listen address `HOST:PORT`"},
+			&cli.StringFlag{Name: "metrics", Usage: "serve Prometheus metrics on `ADDR` (e.g. 127.0.0.1:9443)"},
+			&cli.StringFlag{Name: "cert", Usage: "server certificate `PEM` (enterprise PKI)"},
+			&cli.StringFlag{Name: "key", Usage: "server key `PEM` (enterprise PKI)"},
+			&cli.StringFlag{Name: "client-ca", Usage: "CA bundle `PEM` that signs primaries' client certificates (enterprise PKI)"},
+			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error"},
+		},
+		OnUsageError: onUsageError,
+		Action: func(c *cli.Context) error {
+			var lvl slog.Level
+			if err := lvl.UnmarshalText([]byte(c.String("log-level"))); err != nil {
+				return usageErr("--log-level %q: %v", c.String("log-level"), err)
+			}
+			log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lvl}))
+			slog.SetDefault(log)
+			return daemon.RunReplica(context.Background(), daemon.ReplicaOptions{
+				Store: c.String("store"), Listen: c.String("listen"), Metrics: c.String("metrics"), Version: version,
+				CertFile: c.String("cert"), KeyFile: c.String("key"), ClientCAFile: c.String("client-ca"), Logger: log,
+			}, func() { fmt.Printf("standin: replica %s listening on %s (pid %d)\n", c.String("store"), c.String("listen"), os.Getpid()) })
+		},
+	}
+}

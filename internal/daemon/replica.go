@@ -1,0 +1,267 @@
+package daemon
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/standin/standin/applier"
+	"github.com/standin/standin/internal/pki"
+)
+
+// ReplicaOptions configure the replica daemon (standin serve).
+type ReplicaOptions struct {
+	Store   string
+	Listen  string
+	Metrics string // Prometheus listen address, "" = off
+	Version string
+	// Enterprise PKI instead of the self-signed CA.
+	CertFile, KeyFile, ClientCAFile string
+	Logger                          *slog.Logger
+}
+
+// OpenAuthority opens the replica's PKI state in STORE/pki.
+func OpenAuthority(o ReplicaOptions) (*pki.Authority, error) {
+	dir := filepath.Join(o.Store, "pki")
+	if o.CertFile != "" || o.KeyFile != "" || o.ClientCAFile != "" {
+		if o.CertFile == "" || o.KeyFile == "" || o.ClientCAFile == "" {
+			return nil, errors.New("--cert, --key and --client-ca go together")
+		}
+		return pki.OpenAuthorityWithCerts(dir, o.CertFile, o.KeyFile, o.ClientCAFile)
+	}
+	var hosts []string
+	if h, _, err := net.SplitHostPort(o.Listen); err == nil && h != "" && h != "0.0.0.0" && h != "::" {
+		hosts = append(hosts, h)
+	}
+	return pki.OpenAuthority(dir, hosts)
+}
+
+// RunReplica serves the replica until SIGTERM/SIGINT or ctx ends.
+func RunReplica(ctx context.Context, o ReplicaOptions, ready func()) error {
+	log := o.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	if err := os.MkdirAll(o.Store, 0o700); err != nil {
+		return err
+	}
+	// OpenReplica takes the store's lock: one daemon per store.
+	rep, err := applier.OpenReplica(o.Store, applier.ReplicaOptions{Logger: log})
+	if err != nil {
+		return err
+	}
+	defer rep.Close()
+	auth, err := OpenAuthority(o)
+	if err != nil {
+		return err
+	}
+	srv, err := applier.NewServer(rep, auth, filepath.Join(o.Store, "inbox"), log)
+	if err != nil {
+		return err
+	}
+	m := newReplicaMetrics()
+	srv.OnReceive = func(group string, n int64) { m.received.WithLabelValues(group).Add(float64(n)) }
+	srv.OnApply = func(group string, res applier.ApplyResult, err error) {
+		if err != nil {
+			m.failures.WithLabelValues(group).Inc()
+			return
+		}
+		m.applied.WithLabelValues(group).Inc()
+		m.lastApply.WithLabelValues(group).SetToCurrentTime()
+	}
+
+	ln, err := net.Listen("tcp", o.Listen)
+	if err != nil {
+		return fmt.Errorf("listen %s: %w", o.Listen, err)
+	}
+	hs := &http.Server{Handler: srv.Handler(), TLSConfig: auth.ServerTLS(), ReadHeaderTimeout: 30 * time.Second,
+		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
+	go func() {
+		if err := hs.ServeTLS(ln, "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Error("https server", "err", err)
+		}
+	}()
+	defer hs.Close()
+
+	if o.Metrics != "" {
+		mln, err := net.Listen("tcp", o.Metrics)
+		if err != nil {
+			return fmt.Errorf("metrics listen %s: %w", o.Metrics, err)
+		}
+		ms := &http.Server{Handler: promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{})}
+		go ms.Serve(mln)
+		defer ms.Close()
+	}
+
+	sock := SocketPath(o.Store)
+	os.Remove(sock)
+	cln, err := net.Listen("unix", sock)
+	if err != nil {
+		return fmt.Errorf("control socket %s: %w", sock, err)
+	}
+	os.Chmod(sock, 0o600)
+	cs := &http.Server{Handler: replicaControl(rep, auth, o, ln.Addr().String())}
+	go cs.Serve(cln)
+	defer func() { cs.Close(); os.Remove(sock) }()
+
+	log.Info("replica serving", "store", o.Store, "listen", ln.Addr().String(), "pid", os.Getpid())
+	if ready != nil {
+		ready()
+	}
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
+	defer signal.Stop(sig)
+	select {
+	case s := <-sig:
+		log.Info("signal; stopping", "signal", s.String())
+	case <-ctx.Done():
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	hs.Shutdown(sctx)
+	return nil
+}
+
+
+type replicaMetrics struct {
+	reg                         *prometheus.Registry
+	received, applied, failures *prometheus.CounterVec
+	lastApply                   *prometheus.GaugeVec
+}
+
+func newReplicaMetrics() *replicaMetrics {
+	m := &replicaMetrics{reg: prometheus.NewRegistry()}
+	m.received = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "standin_replica_received_bytes_total", Help: "Cycle bytes received."}, []string{"group"})
+	m.applied = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "standin_replica_applied_cuts_total", Help: "Cuts applied as recovery points."}, []string{"group"})
+	m.failures = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "standin_replica_apply_failures_total", Help: "Commits refused or failed."}, []string{"group"})
+	m.lastApply = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "standin_replica_last_apply_timestamp_seconds", Help: "Time of the last applied cut."}, []string{"group"})
+	m.reg.MustRegister(m.received, m.applied, m.failures, m.lastApply, prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
+	return m
+}
+
+// TokenRequest is the body of POST /pair/token on the replica control socket.
+type TokenRequest struct {
+	Pattern string        `json:"pattern"`
+	TTL     time.Duration `json:"ttl"`
+	Addr    string        `json:"addr"`
+}
+
+// ReplicaStatus is the replica daemon's GET /status.
+type ReplicaStatus struct {
+	PID       int                   `json:"pid"`
+	Version   string                `json:"version"`
+	Store     string                `json:"store"`
+	Listen    string                `json:"listen"`
+	Groups    []applier.GroupStatus `json:"groups"`
+	Primaries []pki.Primary         `json:"primaries"`
+}
+
+func replicaControl(rep *applier.Replica, auth *pki.Authority, o ReplicaOptions, listen string) http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /status", func(w http.ResponseWriter, r *http.Request) {
+		gs, err := rep.Status()
+		if err != nil {
+			reply(w, http.StatusInternalServerError, apiError{Error: err.Error(), Code: "failure"})
+			return
+		}
+		reply(w, http.StatusOK, ReplicaStatus{PID: os.Getpid(), Version: o.Version, Store: o.Store, Listen: listen, Groups: gs, Primaries: auth.Primaries()})
+	})
+	mux.HandleFunc("POST /pair/token", func(w http.ResponseWriter, r *http.Request) {
+		var req TokenRequest
+		if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
+			reply(w, http.StatusBadRequest, apiError{Error: err.Error(), Code: "usage"})
+			return
+		}
+		if req.Addr == "" {
+			req.Addr = listen
+		}
+		tok, err := auth.NewToken(req.Addr, req.Pattern, req.TTL)
+		if err != nil {
+			reply(w, http.StatusInternalServerError, apiError{Error: err.Error(), Code: "failure"})
+			return
+		}
+		reply(w, http.StatusOK, map[string]string{"token": tok})
+	})
+	mux.HandleFunc("GET /points", func(w http.ResponseWriter, r *http.Request) {
+		ps, err := rep.Points(r.URL.Query().Get("group"))
+		if err != nil {
+			reply(w, http.StatusNotFound, apiError{Error: err.Error(), Code: "not_found"})
+			return
+		}
+		reply(w, http.StatusOK, ps)
+	})
+	mux.HandleFunc("POST /points/export", func(w http.ResponseWriter, r *http.Request) {
+		var req ExportRequest
+		if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
+			reply(w, http.StatusBadRequest, apiError{Error: err.Error(), Code: "usage"})
+			return
+		}
+		files, err := ExportPoint(r.Context(), rep, req)
+		if err != nil {
+			reply(w, http.StatusInternalServerError, apiError{Error: err.Error(), Code: "failure"})
+			return
+		}
+		reply(w, http.StatusOK, files)
+	})
+	mux.HandleFunc("POST /points/verify", func(w http.ResponseWriter, r *http.Request) {
+		var req ExportRequest
+		if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
+			reply(w, http.StatusBadRequest, apiError{Error: err.Error(), Code: "usage"})
+			return
+		}
+		rep2, err := rep.VerifyPoint(r.Context(), req.Group, req.Point)
+		if err != nil {
+			reply(w, http.StatusInternalServerError, apiError{Error: err.Error(), Code: "failure"})
+			return
+		}
+		reply(w, http.StatusOK, rep2)
+	})
+	return mux
+}
+
+// ExportRequest names a point (and optionally one image) to export or verify.
+type ExportRequest struct {
+	Group string `json:"group"`
+	Point string `json:"point"`
+	Image string `json:"image"`
+	To    string `json:"to"`
+}
+
+// ExportPoint writes one image of a point to req.To, or every image of the
+// group into the directory req.To.
+func ExportPoint(ctx context.Context, rep *applier.Replica, req ExportRequest) ([]string, error) {
+	if req.Image != "" {
+		return []string{req.To}, rep.Export(ctx, req.Group, req.Point, req.Image, req.To)
+	}
+	imgs, err := rep.GroupImages(req.Group)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(req.To, 0o755); err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, im := range imgs {
+		dst := filepath.Join(req.To, filepath.Base(im.Name))
+		if err := rep.Export(ctx, req.Group, req.Point, im.ID, dst); err != nil {
+			return out, err
+		}
+		out = append(out, dst)
+	}
+	return out, nil
+}
+
+var _ = strconv.Itoa
