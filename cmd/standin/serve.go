@@ -38,7 +38,9 @@ enterprise PKI instead.`,
 			return daemon.RunReplica(context.Background(), daemon.ReplicaOptions{
 				Store: c.String("store"), Listen: c.String("listen"), Metrics: c.String("metrics"), Version: version,
 				CertFile: c.String("cert"), KeyFile: c.String("key"), ClientCAFile: c.String("client-ca"), Logger: log,
-			}, func() { fmt.Printf("standin: replica %s listening on %s (pid %d)\n", c.String("store"), c.String("listen"), os.Getpid()) })
+			}, func() {
+				fmt.Printf("standin: replica %s listening on %s (pid %d)\n", c.String("store"), c.String("listen"), os.Getpid())
+			})
 		},
 	}
 }

@@ -135,7 +135,6 @@ func RunReplica(ctx context.Context, o ReplicaOptions, ready func()) error {
 	return nil
 }
 
-
 type replicaMetrics struct {
 	reg                         *prometheus.Registry
 	received, applied, failures *prometheus.CounterVec
