@@ -12,6 +12,7 @@ import (
 	"regexp"
 	"strconv"
 	"sync"
+	"time"
 
 	"github.com/google/uuid"
 
@@ -29,8 +30,9 @@ type Server struct {
 	inbox string
 	log   *slog.Logger
 
-	mu    sync.Mutex
-	locks map[string]*sync.Mutex // per upload file
+	mu     sync.Mutex
+	locks  map[string]*sync.Mutex // per upload file
+	health map[string]*groupHealth
 
 	// MaxCycleBytes bounds one upload (default 4 TiB).
 	MaxCycleBytes int64
@@ -44,7 +46,7 @@ func NewServer(rep *Replica, auth *pki.Authority, inbox string, log *slog.Logger
 	if err := os.MkdirAll(inbox, 0o700); err != nil {
 		return nil, err
 	}
-	return &Server{rep: rep, auth: auth, inbox: inbox, log: log, locks: map[string]*sync.Mutex{}, MaxCycleBytes: 4 << 40}, nil
+	return &Server{rep: rep, auth: auth, inbox: inbox, log: log, locks: map[string]*sync.Mutex{}, health: map[string]*groupHealth{}, MaxCycleBytes: 4 << 40}, nil
 }
 
 // Handler returns the HTTP handler (serve it with auth.ServerTLS()).
@@ -365,6 +367,7 @@ func (s *Server) commit(w http.ResponseWriter, r *http.Request, p pki.Primary) {
 		return
 	}
 	res, err := s.rep.ApplyGroup(r.Context(), group, paths)
+	s.noteCommit(group, req.Policy.Interval, err)
 	if s.OnApply != nil {
 		s.OnApply(group, res, err)
 	}
@@ -387,4 +390,88 @@ func validName(s string) bool { return storeNameOK(s) }
 
 func commitReply(res ApplyResult) wire.CommitReply {
 	return wire.CommitReply{Point: res.Point, Time: res.Time, Skipped: res.Skipped}
+}
+
+type groupHealth struct {
+	interval time.Duration
+	lastErr  string
+	errTime  time.Time
+}
+
+func (s *Server) noteCommit(group string, interval time.Duration, err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	h := s.health[group]
+	if h == nil {
+		h = &groupHealth{}
+		s.health[group] = h
+	}
+	if interval > 0 {
+		h.interval = interval
+	}
+	if err != nil {
+		h.lastErr, h.errTime = err.Error(), time.Now()
+	} else {
+		h.lastErr = ""
+	}
+}
+
+// GroupHealth is the replica's Hyper-V style health of one group.
+type GroupHealth struct {
+	GroupStatus
+	Health     string   `json:"health"` // Normal, Warning, Critical
+	Reasons    []string `json:"reasons,omitempty"`
+	LagSeconds float64  `json:"lag_seconds"`
+	Interval   string   `json:"interval,omitempty"`
+}
+
+// Health reports every group with lag against the interval the primary
+// announced, pending applies and the last refused commit.
+func (s *Server) Health() ([]GroupHealth, error) {
+	gs, err := s.rep.Status()
+	if err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]GroupHealth, 0, len(gs))
+	for _, g := range gs {
+		gh := GroupHealth{GroupStatus: g, Health: "Normal"}
+		h := s.health[g.Group]
+		var interval time.Duration
+		if h != nil {
+			interval = h.interval
+			gh.Interval = interval.String()
+		}
+		if g.Latest != nil {
+			lag := time.Since(g.Latest.Time)
+			gh.LagSeconds = lag.Seconds()
+			switch {
+			case interval > 0 && lag > 6*interval && lag > time.Minute:
+				gh.Health = "Critical"
+				gh.Reasons = append(gh.Reasons, fmt.Sprintf("latest point is %s old (interval %s)", lag.Round(time.Second), interval))
+			case interval > 0 && lag > 2*interval+30*time.Second:
+				gh.Health = "Warning"
+				gh.Reasons = append(gh.Reasons, fmt.Sprintf("latest point is %s old (interval %s)", lag.Round(time.Second), interval))
+			}
+		}
+		if g.Pending != "" {
+			gh.Health = maxHealth(gh.Health, "Warning")
+			gh.Reasons = append(gh.Reasons, "interrupted apply pending: "+g.Pending)
+		}
+		if h != nil && h.lastErr != "" {
+			gh.Health = maxHealth(gh.Health, "Warning")
+			gh.Reasons = append(gh.Reasons, "last commit refused: "+h.lastErr)
+		}
+		out = append(out, gh)
+	}
+	return out, nil
+}
+
+func maxHealth(a, b string) string {
+	rank := map[string]int{"Normal": 0, "Warning": 1, "Critical": 2}
+	if rank[b] > rank[a] {
+		return b
+	}
+	return a
 }

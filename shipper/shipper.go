@@ -324,7 +324,7 @@ func (s *Shipper) round(ctx context.Context, r *run, forced bool) (err error) {
 	}
 	lim := newLimiter(&g)
 	for _, cut := range pending {
-		cr := wire.CommitRequest{GroupCut: cut[0].GroupCut, Policy: wire.Policy{Points: g.Points, PointEvery: g.PointEvery, AnyPointWindow: g.AnyPointWindow}}
+		cr := wire.CommitRequest{GroupCut: cut[0].GroupCut, Policy: wire.Policy{Interval: g.Interval, Points: g.Points, PointEvery: g.PointEvery, AnyPointWindow: g.AnyPointWindow}}
 		var pendingBytes int64
 		for _, ci := range cut {
 			pendingBytes += ci.Bytes

@@ -33,6 +33,7 @@ before it reaches the disk; 'standin cycle cut' turns the changes into cycle fil
 			&cli.BoolFlag{Name: "compress", Value: true, Usage: "zstd-compress staged cycle data"},
 			&cli.BoolFlag{Name: "deny-others", Usage: "serve only the mounting user (default: allow_other + default_permissions, for QEMU run by libvirt)"},
 			&cli.BoolFlag{Name: "debug", Usage: "log every FUSE request"},
+			&cli.StringFlag{Name: "metrics", Usage: "serve Prometheus metrics on `ADDR` (e.g. 127.0.0.1:9442)"},
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error"},
 		},
 		OnUsageError: onUsageError,
@@ -59,7 +60,7 @@ func runMount(c *cli.Context) error {
 	}
 	return daemon.Run(context.Background(), daemon.Options{
 		Store: store, Mountpoint: mnt, Version: version, Compress: c.Bool("compress"),
-		DenyOthers: c.Bool("deny-others"), Debug: c.Bool("debug"), Logger: log,
+		DenyOthers: c.Bool("deny-others"), Debug: c.Bool("debug"), Metrics: c.String("metrics"), Logger: log,
 	}, func() { fmt.Fprintf(os.Stdout, "standin: serving %s at %s (pid %d)\n", store, mnt, os.Getpid()) })
 }
 

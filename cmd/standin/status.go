@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/json"
 	"fmt"
 	"strings"
 	"time"
@@ -13,35 +14,88 @@ import (
 func statusCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "status",
-		Usage: "show the daemon's view of every image: size, dirty bytes, last cut, tracker health",
+		Usage: "show a daemon's view: images, dirty bytes, last cut and replication health (primary) or groups, points and health (replica)",
 		Flags: []cli.Flag{
 			storeFlag, jsonFlag,
-			&cli.BoolFlag{Name: "blocks", Usage: "include the dirty block ranges ([start, count] in 4 KiB blocks)"},
+			&cli.BoolFlag{Name: "blocks", Usage: "primary: include the dirty block ranges ([start, count] in 4 KiB blocks)"},
 		},
 		OnUsageError: onUsageError,
 		Action: func(c *cli.Context) error {
-			st, err := daemon.NewClient(c.String("store")).Status(c.Context, c.Bool("blocks"))
-			if err != nil {
+			path := "/status"
+			if c.Bool("blocks") {
+				path += "?blocks=1"
+			}
+			var raw json.RawMessage
+			if err := daemon.NewClient(c.String("store")).Call(c.Context, path, nil, &raw); err != nil {
 				return err
 			}
 			if c.Bool("json") {
-				return printJSON(st)
+				var v any
+				json.Unmarshal(raw, &v)
+				return printJSON(v)
 			}
-			fmt.Printf("store %s mounted at %s (pid %d, up %s)\n", st.Store, st.Mountpoint, st.PID, time.Since(st.Started).Round(time.Second))
-			w := table()
-			fmt.Fprintln(w, "IMAGE\tSIZE\tDIRTY\tNEXT SEQ\tLAST CUT\tHEALTH")
-			for _, im := range st.Images {
-				last := "never"
-				if im.LastCut != nil {
-					last = im.LastCut.Local().Format(time.DateTime)
-				}
-				health := im.Health
-				if len(im.Reasons) > 0 {
-					health += ": " + strings.Join(im.Reasons, "; ")
-				}
-				fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%s\t%s\n", im.Name, humanBytes(im.Size), humanBytes(int64(im.DirtyBytes)), im.NextSeq, last, health)
+			var role struct {
+				Role string `json:"role"`
 			}
-			return w.Flush()
+			json.Unmarshal(raw, &role)
+			if role.Role == "replica" {
+				var st daemon.ReplicaStatus
+				if err := json.Unmarshal(raw, &st); err != nil {
+					return err
+				}
+				printReplicaStatus(st)
+				return nil
+			}
+			var st daemon.StatusReply
+			if err := json.Unmarshal(raw, &st); err != nil {
+				return err
+			}
+			printPrimaryStatus(st)
+			return nil
 		},
 	}
+}
+
+func printPrimaryStatus(st daemon.StatusReply) {
+	fmt.Printf("primary store %s mounted at %s (pid %d, up %s)\n", st.Store, st.Mountpoint, st.PID, time.Since(st.Started).Round(time.Second))
+	w := table()
+	fmt.Fprintln(w, "IMAGE\tSIZE\tDIRTY\tNEXT SEQ\tLAST CUT\tTRACKER")
+	for _, im := range st.Images {
+		last := "never"
+		if im.LastCut != nil {
+			last = im.LastCut.Local().Format(time.DateTime)
+		}
+		health := im.Health
+		if len(im.Reasons) > 0 {
+			health += ": " + strings.Join(im.Reasons, "; ")
+		}
+		fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%s\t%s\n", im.Name, humanBytes(im.Size), humanBytes(int64(im.DirtyBytes)), im.NextSeq, last, health)
+	}
+	w.Flush()
+	if len(st.Groups) > 0 {
+		fmt.Println()
+		printGroups(st.Groups)
+	}
+}
+
+func printReplicaStatus(st daemon.ReplicaStatus) {
+	fmt.Printf("replica store %s listening on %s (pid %d), %d paired primaries\n", st.Store, st.Listen, st.PID, len(st.Primaries))
+	w := table()
+	fmt.Fprintln(w, "GROUP\tIMAGES\tPOINTS\tLATEST\tUNDO\tHEALTH")
+	for _, g := range st.Groups {
+		latest := "-"
+		if g.Latest != nil {
+			latest = g.Latest.Time.Local().Format(time.DateTime)
+		}
+		var names []string
+		for _, im := range g.Images {
+			names = append(names, im.Name)
+		}
+		health := g.Health
+		if len(g.Reasons) > 0 {
+			health += ": " + strings.Join(g.Reasons, "; ")
+		}
+		fmt.Fprintf(w, "%s\t%s\t%d\t%s\t%s\t%s\n", g.Group, strings.Join(names, ","), g.Points, latest, humanBytes(g.UndoBytes), health)
+	}
+	w.Flush()
 }

@@ -18,6 +18,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/standin/standin/fusefs"
 	"github.com/standin/standin/shipper"
 	"github.com/standin/standin/tracker"
@@ -31,6 +33,7 @@ type Options struct {
 	Compress   bool
 	DenyOthers bool
 	Debug      bool
+	Metrics    string // Prometheus listen address, "" = off
 	Logger     *slog.Logger
 }
 
@@ -115,6 +118,16 @@ func Run(ctx context.Context, o Options, ready func()) error {
 	}
 	sh.Start(ctx)
 	defer sh.Stop()
+	if o.Metrics != "" {
+		reg := prometheus.NewRegistry()
+		reg.MustRegister(primaryCollector{st, sh}, prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
+		stop, err := serveMetrics(o.Metrics, reg)
+		if err != nil {
+			srv.Unmount()
+			return fmt.Errorf("metrics listen %s: %w", o.Metrics, err)
+		}
+		defer stop()
+	}
 	hs := &http.Server{Handler: newControl(st, sh, mnt, o.Version, log)}
 	go hs.Serve(ln)
 	defer func() {
@@ -164,6 +177,7 @@ func (a adapter) Renamed(o, n string)             { a.s.Renamed(o, n) }
 
 // StatusReply is the daemon's answer to GET /status.
 type StatusReply struct {
+	Role       string                `json:"role"`
 	PID        int                   `json:"pid"`
 	Version    string                `json:"version"`
 	Store      string                `json:"store"`
@@ -188,7 +202,7 @@ func newControl(st *tracker.Store, sh *shipper.Shipper, mnt, version string, log
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /status", func(w http.ResponseWriter, r *http.Request) {
 		reply(w, http.StatusOK, StatusReply{
-			PID: os.Getpid(), Version: version, Store: st.Dir(), Mountpoint: mnt, Started: started,
+			Role: "primary", PID: os.Getpid(), Version: version, Store: st.Dir(), Mountpoint: mnt, Started: started,
 			Images: st.Status(r.URL.Query().Get("blocks") != ""),
 			Groups: sh.Status(),
 		})

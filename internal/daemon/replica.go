@@ -16,7 +16,6 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/standin/standin/applier"
 	"github.com/standin/standin/internal/pki"
@@ -97,13 +96,11 @@ func RunReplica(ctx context.Context, o ReplicaOptions, ready func()) error {
 	defer hs.Close()
 
 	if o.Metrics != "" {
-		mln, err := net.Listen("tcp", o.Metrics)
+		stop, err := serveMetrics(o.Metrics, m.reg)
 		if err != nil {
 			return fmt.Errorf("metrics listen %s: %w", o.Metrics, err)
 		}
-		ms := &http.Server{Handler: promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{})}
-		go ms.Serve(mln)
-		defer ms.Close()
+		defer stop()
 	}
 
 	sock := SocketPath(o.Store)
@@ -113,7 +110,7 @@ func RunReplica(ctx context.Context, o ReplicaOptions, ready func()) error {
 		return fmt.Errorf("control socket %s: %w", sock, err)
 	}
 	os.Chmod(sock, 0o600)
-	cs := &http.Server{Handler: replicaControl(rep, auth, o, ln.Addr().String())}
+	cs := &http.Server{Handler: replicaControl(rep, srv, auth, o, ln.Addr().String())}
 	go cs.Serve(cln)
 	defer func() { cs.Close(); os.Remove(sock) }()
 
@@ -160,23 +157,24 @@ type TokenRequest struct {
 
 // ReplicaStatus is the replica daemon's GET /status.
 type ReplicaStatus struct {
+	Role      string                `json:"role"`
 	PID       int                   `json:"pid"`
 	Version   string                `json:"version"`
 	Store     string                `json:"store"`
 	Listen    string                `json:"listen"`
-	Groups    []applier.GroupStatus `json:"groups"`
+	Groups    []applier.GroupHealth `json:"groups"`
 	Primaries []pki.Primary         `json:"primaries"`
 }
 
-func replicaControl(rep *applier.Replica, auth *pki.Authority, o ReplicaOptions, listen string) http.Handler {
+func replicaControl(rep *applier.Replica, srv *applier.Server, auth *pki.Authority, o ReplicaOptions, listen string) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /status", func(w http.ResponseWriter, r *http.Request) {
-		gs, err := rep.Status()
+		gs, err := srv.Health()
 		if err != nil {
 			reply(w, http.StatusInternalServerError, apiError{Error: err.Error(), Code: "failure"})
 			return
 		}
-		reply(w, http.StatusOK, ReplicaStatus{PID: os.Getpid(), Version: o.Version, Store: o.Store, Listen: listen, Groups: gs, Primaries: auth.Primaries()})
+		reply(w, http.StatusOK, ReplicaStatus{Role: "replica", PID: os.Getpid(), Version: o.Version, Store: o.Store, Listen: listen, Groups: gs, Primaries: auth.Primaries()})
 	})
 	mux.HandleFunc("POST /pair/token", func(w http.ResponseWriter, r *http.Request) {
 		var req TokenRequest

@@ -55,6 +55,7 @@ type CommitRequest struct {
 // Policy is the group's retention, sent with every commit so the replica
 // follows changes made on the primary.
 type Policy struct {
+	Interval       time.Duration `json:"interval"`
 	Points         int           `json:"points"`
 	PointEvery     time.Duration `json:"point_every"`
 	AnyPointWindow time.Duration `json:"any_point_window"`
