@@ -26,7 +26,8 @@ type Group struct {
 	Bandwidth      int64         `json:"bandwidth"` // bytes per second, 0 = unlimited
 	Schedule       []Window      `json:"schedule,omitempty"`
 	Paused         bool          `json:"paused"`
-	Initial        string        `json:"initial"` // "network" or "none"
+	Initial        string        `json:"initial"`  // "network" or "none"
+	Compress       string        `json:"compress"` // "zstd" (default) or "none"
 }
 
 // Window is a time-of-day bandwidth limit, e.g. 08:00-18:00=2Mbit.
@@ -85,6 +86,13 @@ func (g *Group) Validate() error {
 	}
 	if g.PointEvery <= 0 {
 		g.PointEvery = time.Hour
+	}
+	switch g.Compress {
+	case "":
+		g.Compress = "zstd"
+	case "zstd", "none":
+	default:
+		return fmt.Errorf("group %s: --compress %q: use zstd or none", g.Name, g.Compress)
 	}
 	if g.Initial == "" {
 		g.Initial = "network"

@@ -309,7 +309,7 @@ func (s *Shipper) round(ctx context.Context, r *run, forced bool) (err error) {
 	}
 	cutNow := len(pending) == 0
 	if cutNow {
-		infos, err := s.store.Cut(ctx, g.Images)
+		infos, err := s.store.CutWith(ctx, g.Images, tracker.CutOptions{Compress: g.Compress != "none"})
 		if err != nil {
 			return err
 		}

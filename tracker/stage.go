@@ -94,6 +94,16 @@ type cutImage struct {
 // every mutation acknowledged before the barrier is in, none after it (I2).
 // It returns when every cycle file is durable.
 func (s *Store) Cut(ctx context.Context, names []string) ([]CycleInfo, error) {
+	return s.CutWith(ctx, names, CutOptions{Compress: s.opts.Compress})
+}
+
+// CutOptions override the store's options for one cut.
+type CutOptions struct {
+	Compress bool // zstd-compress the staged data
+}
+
+// CutWith is Cut with per-cut options (a replication group's compression).
+func (s *Store) CutWith(ctx context.Context, names []string, o CutOptions) ([]CycleInfo, error) {
 	s.cutMu.Lock()
 	defer s.cutMu.Unlock()
 	imgs, err := s.resolve(names)
@@ -163,7 +173,7 @@ func (s *Store) Cut(ctx context.Context, names []string) ([]CycleInfo, error) {
 	var infos []CycleInfo
 	var errs []error
 	for _, c := range cuts {
-		info, err := c.im.stageCycle(ctx, c)
+		info, err := c.im.stageCycle(ctx, c, o)
 		if err != nil {
 			errs = append(errs, err)
 			continue
@@ -190,7 +200,7 @@ func (im *Image) abandon(c *cutImage, cause error) {
 // stageCycle reads the frozen blocks (from the image, or from the
 // copy-before-write file for blocks overwritten since the cut) into a cycle
 // file, makes it durable and advances the sequence.
-func (im *Image) stageCycle(ctx context.Context, c *cutImage) (info CycleInfo, err error) {
+func (im *Image) stageCycle(ctx context.Context, c *cutImage, o CutOptions) (info CycleInfo, err error) {
 	start := time.Now()
 	dir := im.s.cycleDir(im.id)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
@@ -212,7 +222,7 @@ func (im *Image) stageCycle(ctx context.Context, c *cutImage) (info CycleInfo, e
 	}
 	defer f.Close()
 	bw := bufio.NewWriterSize(f, 1<<20)
-	w, err := format.NewWriter(bw, c.hdr, format.WriterOptions{Compress: im.s.opts.Compress})
+	w, err := format.NewWriter(bw, c.hdr, format.WriterOptions{Compress: o.Compress})
 	if err != nil {
 		return info, err
 	}

@@ -58,6 +58,7 @@ func replicateCommand() *cli.Command {
 					&cli.StringFlag{Name: "bandwidth", Usage: "limit, e.g. 8Mbit (default unlimited)"},
 					&cli.StringFlag{Name: "bandwidth-schedule", Usage: `time-of-day limits, e.g. "08:00-18:00=2Mbit"`},
 					&cli.StringFlag{Name: "initial", Value: "network", Usage: "initial replication: network"},
+					&cli.StringFlag{Name: "compress", Value: "zstd", Usage: "cycle data on the wire: zstd or none"},
 				},
 				OnUsageError: onUsageError,
 				Action: func(c *cli.Context) error {
@@ -81,7 +82,8 @@ func replicateCommand() *cli.Command {
 					}
 					g := shipper.Group{Name: c.String("group"), Images: imgs, Replica: c.String("replica"),
 						Interval: c.Duration("interval"), Points: c.Int("points"), PointEvery: c.Duration("point-every"),
-						AnyPointWindow: c.Duration("any-point-window"), Bandwidth: bw, Schedule: sched, Initial: c.String("initial")}
+						AnyPointWindow: c.Duration("any-point-window"), Bandwidth: bw, Schedule: sched, Initial: c.String("initial"),
+						Compress: c.String("compress")}
 					if err := g.Validate(); err != nil {
 						return exitcode.With(exitcode.Usage, err)
 					}
