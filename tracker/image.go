@@ -286,6 +286,12 @@ func (im *Image) checkpointLocked() error {
 	if im.frozen != nil {
 		snap.Or(im.frozen)
 	}
+	// Extents touched in the interval before this snapshot stay active one
+	// more interval (hysteresis): a workload that keeps rewriting the same
+	// extents, e.g. a sequential writer wrapping around, pays no intent
+	// fdatasync after its first pass. An extent is cleared once it was not
+	// touched for a whole interval.
+	recent := im.touched
 	im.touched = nil
 	im.mu.Unlock()
 
@@ -294,7 +300,9 @@ func (im *Image) checkpointLocked() error {
 	}
 
 	im.mu.Lock()
-	next := im.touched.and(im.active)
+	keep := im.touched.clone()
+	keep.or(recent)
+	next := keep.and(im.active)
 	changed := im.active.clone() // every word that may change
 	im.active = next
 	im.mu.Unlock()

@@ -318,7 +318,8 @@ func (im *Image) recover(rel string, size int64) error {
 	if err := im.saveMeta(); err != nil {
 		return err
 	}
-	// Persist the recovered union and clear the intent marks.
+	// Persist the recovered union and clear the intent marks (touched is
+	// empty, so the checkpoint clears every extent).
 	im.commitMu.Lock()
 	defer im.commitMu.Unlock()
 	return im.checkpointLocked()

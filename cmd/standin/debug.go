@@ -9,6 +9,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/standin/standin/fusefs"
+	"github.com/standin/standin/internal/daemon"
 )
 
 func debugCommand() *cli.Command {
@@ -26,6 +27,7 @@ func debugCommand() *cli.Command {
 					if c.NArg() != 2 {
 						return usageErr("debug loopback: want DIR MOUNTPOINT")
 					}
+					daemon.TuneGOMAXPROCS() // the same as 'standin mount', so the two compare fairly
 					srv, err := fusefs.MountLoopback(c.Args().Get(0), c.Args().Get(1))
 					if err != nil {
 						return err

@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"sync/atomic"
 	"syscall"
@@ -44,6 +45,7 @@ func SocketPath(store string) string { return filepath.Join(store, "control.sock
 // shuts down cleanly (final checkpoint, clean flags). ready is called once the
 // mount and the control socket are up.
 func Run(ctx context.Context, o Options, ready func()) error {
+	TuneGOMAXPROCS()
 	log := o.Logger
 	if log == nil {
 		log = slog.Default()
@@ -232,4 +234,13 @@ func reply(w http.ResponseWriter, status int, v any) {
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(status)
 	json.NewEncoder(w).Encode(v)
+}
+
+// TuneGOMAXPROCS raises GOMAXPROCS to at least 8 unless the environment sets
+// it: FUSE handlers block in syscalls, and more Ps than cores gave 1.2–2× the
+// 4 KiB IOPS on a 2-core box (make bench, notes/io-baselines.md).
+func TuneGOMAXPROCS() {
+	if os.Getenv("GOMAXPROCS") == "" {
+		runtime.GOMAXPROCS(max(8, runtime.NumCPU()))
+	}
 }

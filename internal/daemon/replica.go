@@ -50,6 +50,7 @@ func OpenAuthority(o ReplicaOptions) (*pki.Authority, error) {
 
 // RunReplica serves the replica until SIGTERM/SIGINT or ctx ends.
 func RunReplica(ctx context.Context, o ReplicaOptions, ready func()) error {
+	TuneGOMAXPROCS()
 	log := o.Logger
 	if log == nil {
 		log = slog.Default()
