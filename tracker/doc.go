@@ -9,14 +9,14 @@
 //     can reach the image in an extent the tracker could forget.
 //   - dirty: a checkpoint of the dirty map (plus a frozen set still being
 //     staged), written atomically every CheckpointInterval, after each cut
-//     and at shutdown; after it is durable, extents not touched since its
-//     snapshot are cleared from active.
+//     and at shutdown; after it is durable, extents not touched during the
+//     last whole interval are cleared from active.
 //   - clean: present only after a clean shutdown; removed before the first
 //     write is accepted.
 //
 // After a crash: dirty = checkpoint ∪ every block of every active extent —
 // never fewer than were written, bounded by the extents touched in the last
-// CheckpointInterval (not the disk). See docs/design.md for the ordering
+// two CheckpointIntervals (not the disk). See docs/design.md for the ordering
 // rules.
 //
 // A cut takes every named image's write barrier (a RWMutex each mutation
