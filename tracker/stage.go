@@ -12,6 +12,7 @@ import (
 
 	"github.com/RoaringBitmap/roaring/v2"
 	"github.com/google/uuid"
+	"golang.org/x/sys/unix"
 
 	"github.com/standin/standin/internal/format"
 	"github.com/standin/standin/internal/fsutil"
@@ -227,8 +228,10 @@ func (im *Image) stageCycle(ctx context.Context, c *cutImage, o CutOptions) (inf
 		return info, err
 	}
 	buf := make([]byte, format.MaxExtentBlocks*BlockSize)
+	ra := newReadahead(im.f, c.frozen)
 	for s, e := range c.frozen.Ranges() {
 		for b := uint64(s); b < e; {
+			ra.advance(b)
 			if err := ctx.Err(); err != nil {
 				return info, err
 			}
@@ -333,4 +336,47 @@ func (im *Image) readFrozen(st *stage, b uint64, p []byte) error {
 
 func cycleFileName(gen, seq uint64) string {
 	return fmt.Sprintf("g%06d-s%012d.cyc", gen, seq)
+}
+
+// readahead asks the kernel to read the frozen ranges ahead of the stager
+// (POSIX_FADV_WILLNEED), so disk reads overlap hashing and compression.
+type readahead struct {
+	f      *os.File
+	ranges [][2]uint64 // [start, end) blocks
+	next   int         // first range not yet (fully) advised
+	upTo   uint64      // advised up to this block
+}
+
+const readaheadBlocks = 8192 // 32 MiB
+
+func newReadahead(f *os.File, b *roaring.Bitmap) *readahead {
+	ra := &readahead{f: f}
+	for s, e := range b.Ranges() {
+		ra.ranges = append(ra.ranges, [2]uint64{uint64(s), e})
+	}
+	return ra
+}
+
+// advance advises the ranges up to readaheadBlocks past block b.
+func (ra *readahead) advance(b uint64) {
+	limit := b + readaheadBlocks
+	if ra.upTo >= b+readaheadBlocks/2 {
+		return // still far enough ahead
+	}
+	for ra.next < len(ra.ranges) {
+		r := ra.ranges[ra.next]
+		from := max(r[0], ra.upTo, b)
+		if from >= limit {
+			break
+		}
+		to := min(r[1], limit)
+		if to > from {
+			unix.Fadvise(int(ra.f.Fd()), int64(from)*BlockSize, int64(to-from)*BlockSize, unix.FADV_WILLNEED)
+			ra.upTo = to
+		}
+		if to < r[1] {
+			break
+		}
+		ra.next++
+	}
 }
