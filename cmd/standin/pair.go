@@ -59,6 +59,9 @@ func pairCommand() *cli.Command {
 						name, _ = os.Hostname()
 					}
 					tok, err := pki.ParseToken(c.String("token"))
+					if errors.Is(err, pki.ErrTokenExpired) {
+						return refusedErr(fmt.Errorf("--token: %w", err))
+					}
 					if err != nil {
 						return usageErr("--token: %v", err)
 					}

@@ -1,0 +1,687 @@
+package integration
+
+// Helpers for the replication tests (TestRepl*): a replica daemon subprocess,
+// a primary with a paired replica, random workloads through the mount, the
+// replicate/points JSON, an mTLS client with the primary's credentials and a
+// TCP proxy that can cut connections.
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"fmt"
+	"io"
+	"io/fs"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// ---------------------------------------------------------------------------
+// replica daemon
+
+type replicaProc struct {
+	t      testing.TB
+	Store  string
+	Addr   string
+	cmd    *exec.Cmd
+	out    *lockedBuffer
+	done   chan struct{}
+	logAll lockedBuffer // output of every incarnation
+}
+
+func freeAddr(t testing.TB) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+// startReplica starts `standin serve` on a free 127.0.0.1 port and waits until
+// it is ready. Cleanup stops it (SIGTERM, then SIGKILL).
+func startReplica(t testing.TB, store string) *replicaProc {
+	t.Helper()
+	r := &replicaProc{t: t, Store: store, Addr: freeAddr(t)}
+	r.start()
+	t.Cleanup(func() {
+		r.Stop()
+		if t.Failed() {
+			t.Logf("replica %s output:\n%s", r.Addr, r.logAll.String())
+		}
+	})
+	return r
+}
+
+func (r *replicaProc) start() {
+	r.t.Helper()
+	if err := os.MkdirAll(r.Store, 0o700); err != nil {
+		r.t.Fatal(err)
+	}
+	r.out = &lockedBuffer{}
+	r.done = make(chan struct{})
+	r.cmd = exec.Command(standinBin, "serve", "--store", r.Store, "--listen", r.Addr)
+	w := io.MultiWriter(r.out, &r.logAll)
+	r.cmd.Stdout, r.cmd.Stderr = w, w
+	r.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := r.cmd.Start(); err != nil {
+		r.t.Fatalf("start replica: %v", err)
+	}
+	done := r.done
+	cmd := r.cmd
+	go func() { cmd.Wait(); close(done) }()
+	deadline := time.Now().Add(readyTimeout)
+	for {
+		select {
+		case <-done:
+			r.t.Fatalf("replica daemon exited before it was ready:\n%s", r.out.String())
+		default:
+		}
+		if _, err := os.Stat(filepath.Join(r.Store, "control.sock")); err == nil {
+			if standin(5*time.Second, "pair", "list", "--store", r.Store).Code == 0 {
+				if c, err := net.DialTimeout("tcp", r.Addr, time.Second); err == nil {
+					c.Close()
+					return
+				}
+			}
+		}
+		if time.Now().After(deadline) {
+			r.t.Fatalf("replica daemon not ready after %v:\n%s", readyTimeout, r.out.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func (r *replicaProc) running() bool {
+	select {
+	case <-r.done:
+		return false
+	default:
+		return true
+	}
+}
+
+// Kill sends SIGKILL and waits.
+func (r *replicaProc) Kill() {
+	if r.running() {
+		r.cmd.Process.Kill()
+	}
+	select {
+	case <-r.done:
+	case <-time.After(10 * time.Second):
+		r.t.Errorf("replica pid %d did not die after SIGKILL", r.cmd.Process.Pid)
+	}
+}
+
+// Stop sends SIGTERM, waits up to 10 s, then kills.
+func (r *replicaProc) Stop() {
+	if !r.running() {
+		return
+	}
+	r.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-r.done:
+		return
+	case <-time.After(10 * time.Second):
+	}
+	r.t.Errorf("replica ignored SIGTERM for 10 s; killing")
+	r.Kill()
+}
+
+// Restart starts the daemon again on the same store and port.
+func (r *replicaProc) Restart() {
+	r.t.Helper()
+	if r.running() {
+		r.t.Fatalf("replica still running")
+	}
+	r.start()
+}
+
+// ---------------------------------------------------------------------------
+// JSON of replicate list / points
+
+type replGroup struct {
+	Group        string   `json:"group"`
+	Replica      string   `json:"replica"`
+	Images       []string `json:"images"`
+	Paused       bool     `json:"paused"`
+	Health       string   `json:"health"`
+	Reasons      []string `json:"reasons"`
+	LastPoint    string   `json:"last_point"`
+	LagSeconds   float64  `json:"lag_seconds"`
+	PendingBytes int64    `json:"pending_bytes"`
+	BytesSent    int64    `json:"bytes_sent"`
+	Cycles       int      `json:"cycles_replicated"`
+	LastError    string   `json:"last_error"`
+}
+
+type pointInfo struct {
+	Point string            `json:"point"`
+	Time  time.Time         `json:"time"`
+	Cycle uint64            `json:"cycle"`
+	Seqs  map[string]uint64 `json:"seqs"`
+	Kind  string            `json:"kind"`
+	Bytes int64             `json:"bytes"`
+}
+
+type verifyReport struct {
+	Blocks   uint64          `json:"blocks"`
+	Mismatch json.RawMessage `json:"mismatch"`
+}
+
+func replGroupStatus(t testing.TB, pstore, group string) replGroup {
+	t.Helper()
+	r := mustStandin(t, "replicate", "list", "--store", pstore, "--json")
+	var gs []replGroup
+	if err := json.Unmarshal([]byte(r.Stdout), &gs); err != nil {
+		t.Fatalf("replicate list --json: %v\n%s", err, r.Stdout)
+	}
+	for _, g := range gs {
+		if g.Group == group {
+			return g
+		}
+	}
+	t.Fatalf("replicate list has no group %q: %s", group, r.Stdout)
+	return replGroup{}
+}
+
+func listPoints(t testing.TB, rstore, group string) []pointInfo {
+	t.Helper()
+	r := mustStandin(t, "points", "list", "--store", rstore, "--group", group, "--json")
+	var ps []pointInfo
+	if err := json.Unmarshal([]byte(r.Stdout), &ps); err != nil {
+		t.Fatalf("points list --json: %v\n%s", err, r.Stdout)
+	}
+	return ps
+}
+
+func pointIDs(ps []pointInfo) []string {
+	var out []string
+	for _, p := range ps {
+		out = append(out, p.Point+"/"+p.Kind)
+	}
+	return out
+}
+
+// verifyPoint runs points verify and fails unless it reports no mismatch and
+// a non-zero block count.
+func verifyPoint(t testing.TB, rstore, group, point string) uint64 {
+	t.Helper()
+	r := standin(cmdTimeout, "points", "verify", "--store", rstore, "--group", group, "--point", point, "--json")
+	if r.Code != 0 {
+		t.Errorf("points verify %s/%s: %s", group, point, r)
+		return 0
+	}
+	var v verifyReport
+	if err := json.Unmarshal([]byte(r.Stdout), &v); err != nil {
+		t.Fatalf("points verify --json: %v\n%s", err, r.Stdout)
+	}
+	if m := strings.TrimSpace(string(v.Mismatch)); m != "" && m != "null" {
+		t.Errorf("points verify %s/%s: mismatch %s", group, point, m)
+	}
+	if v.Blocks == 0 {
+		t.Errorf("points verify %s/%s checked 0 blocks: %s", group, point, r.Stdout)
+	}
+	return v.Blocks
+}
+
+// exportHashes exports a point of the whole group into a fresh directory and
+// returns the BLAKE3 of each exported file by base name; the files are removed.
+func exportHashes(t testing.TB, rstore, group, point string) map[string]string {
+	t.Helper()
+	dir, err := os.MkdirTemp(filepath.Dir(rstore), "export-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	to := filepath.Join(dir, "out")
+	mustStandin(t, "points", "export", "--store", rstore, "--group", group, "--point", point, "--to", to)
+	ents, err := os.ReadDir(to)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]string{}
+	for _, e := range ents {
+		out[e.Name()] = b3File(t, filepath.Join(to, e.Name()))
+	}
+	return out
+}
+
+// ---------------------------------------------------------------------------
+// environment: one primary (mount daemon) + one replica, paired
+
+type replEnv struct {
+	t      *testing.T
+	dir    string
+	PStore string
+	Mnt    string
+	RStore string
+	Rep    *replicaProc
+	Pri    *Daemon
+	Group  string
+	Names  []string
+	Sizes  map[string]int64
+	rng    *rand.Rand
+}
+
+type imgSpec struct {
+	Name string
+	Size int64
+}
+
+// newReplEnv prefills the images with random data in PSTORE/images before the
+// first mount (so the base carries it), starts the replica and the primary.
+func newReplEnv(t *testing.T, group string, imgs ...imgSpec) *replEnv {
+	t.Helper()
+	requireRoot(t)
+	dir := testDir(t)
+	e := &replEnv{t: t, dir: dir, PStore: filepath.Join(dir, "pstore"), Mnt: filepath.Join(dir, "mnt"),
+		RStore: filepath.Join(dir, "rstore"), Group: group, Sizes: map[string]int64{},
+		rng: rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 7))}
+	if err := os.MkdirAll(filepath.Join(e.PStore, "images"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	for _, im := range imgs {
+		e.Names = append(e.Names, im.Name)
+		e.Sizes[im.Name] = im.Size
+		prefill(t, filepath.Join(e.PStore, "images", im.Name), im.Size, e.rng)
+	}
+	e.Rep = startReplica(t, e.RStore)
+	e.Pri = startDaemon(t, e.PStore, e.Mnt)
+	return e
+}
+
+// prefill writes random data over most of a new file of size bytes, leaving a
+// few holes so the image is sparse.
+func prefill(t testing.TB, path string, size int64, rng *rand.Rand) {
+	t.Helper()
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR|os.O_TRUNC, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := f.Truncate(size); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 1<<20)
+	for off := int64(0); off < size; off += int64(len(buf)) {
+		if (off>>20)%4 == 3 {
+			continue // a hole every 4 MiB
+		}
+		fillRandom(rng, buf)
+		if _, err := f.WriteAt(buf[:min(int64(len(buf)), size-off)], off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func fillRandom(rng *rand.Rand, b []byte) {
+	for i := 0; i+8 <= len(b); i += 8 {
+		v := rng.Uint64()
+		b[i], b[i+1], b[i+2], b[i+3] = byte(v), byte(v>>8), byte(v>>16), byte(v>>24)
+		b[i+4], b[i+5], b[i+6], b[i+7] = byte(v>>32), byte(v>>40), byte(v>>48), byte(v>>56)
+	}
+}
+
+// pair issues a token on the replica (allowing pattern) and joins the primary
+// with it, through replicaAddr (the replica itself or a proxy in front of it).
+func (e *replEnv) pair(pattern, replicaAddr string) {
+	e.t.Helper()
+	r := mustStandin(e.t, "pair", "token", "--store", e.RStore, "--images", pattern, "--json")
+	var tok map[string]string
+	if err := json.Unmarshal([]byte(r.Stdout), &tok); err != nil || tok["token"] == "" {
+		e.t.Fatalf("pair token --json: %v: %s", err, r.Stdout)
+	}
+	mustStandin(e.t, "pair", "join", "--store", e.PStore, "--token", tok["token"], "--replica", replicaAddr, "--name", "pri-"+e.Group)
+}
+
+// enable enables replication of the group to replicaAddr with extra flags.
+func (e *replEnv) enable(replicaAddr string, extra ...string) {
+	e.t.Helper()
+	args := []string{"replicate", "enable", "--store", e.PStore, "--group", e.Group, "--images", strings.Join(e.Names, ","), "--replica", replicaAddr}
+	mustStandin(e.t, append(args, extra...)...)
+}
+
+func (e *replEnv) now() {
+	e.t.Helper()
+	mustStandin(e.t, "replicate", "now", "--store", e.PStore, "--group", e.Group, "--wait", "--timeout", "90s")
+}
+
+func (e *replEnv) status() replGroup { e.t.Helper(); return replGroupStatus(e.t, e.PStore, e.Group) }
+
+// frozen returns the BLAKE3 of every primary backing file.
+func (e *replEnv) frozen() map[string]string {
+	e.t.Helper()
+	out := map[string]string{}
+	for _, n := range e.Names {
+		out[filepath.Base(n)] = b3File(e.t, filepath.Join(e.PStore, "images", n))
+	}
+	return out
+}
+
+// checkPoint exports point of the group and compares it with want.
+func (e *replEnv) checkPoint(point string, want map[string]string, what string) {
+	e.t.Helper()
+	got := exportHashes(e.t, e.RStore, e.Group, point)
+	if len(got) != len(want) {
+		e.t.Errorf("%s: export of %s/%s has %d images %v, want %d", what, e.Group, point, len(got), got, len(want))
+	}
+	for n, h := range want {
+		if got[n] != h {
+			e.t.Errorf("%s: image %s at point %s: replica %.16s, primary frozen %.16s", what, n, point, got[n], h)
+		}
+	}
+}
+
+// writeRandom writes n random runs (1..maxRun blocks of random data) at
+// 4 KiB-aligned offsets inside [lo, hi) of a mounted image, fsyncs, and
+// returns the set of blocks written.
+func (e *replEnv) writeRandom(name string, n, maxRun int, lo, hi int64) map[int64]bool {
+	e.t.Helper()
+	blocks, err := writeRandomErr(e.rng, filepath.Join(e.Mnt, name), n, maxRun, lo, hi)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return blocks
+}
+
+func writeRandomErr(rng *rand.Rand, path string, n, maxRun int, lo, hi int64) (map[int64]bool, error) {
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	blocks := map[int64]bool{}
+	nb := (hi - lo) / blockSize
+	buf := make([]byte, maxRun*blockSize)
+	for i := 0; i < n; i++ {
+		run := 1 + rng.IntN(maxRun)
+		b := lo/blockSize + rng.Int64N(nb-int64(run)+1)
+		fillRandom(rng, buf[:run*blockSize])
+		if _, err := f.WriteAt(buf[:run*blockSize], b*blockSize); err != nil {
+			return blocks, err
+		}
+		for k := int64(0); k < int64(run); k++ {
+			blocks[b+k] = true
+		}
+	}
+	return blocks, f.Sync()
+}
+
+// writeSeq writes size bytes of random data at off, fsynced.
+func (e *replEnv) writeSeq(name string, off, size int64) {
+	e.t.Helper()
+	f, err := os.OpenFile(filepath.Join(e.Mnt, name), os.O_RDWR, 0)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	defer f.Close()
+	buf := make([]byte, 1<<20)
+	for p := off; p < off+size; p += int64(len(buf)) {
+		fillRandom(e.rng, buf)
+		if _, err := f.WriteAt(buf[:min(int64(len(buf)), off+size-p)], p); err != nil {
+			e.t.Fatal(err)
+		}
+	}
+	if err := f.Sync(); err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+// stagedBytes sums the staged (unshipped) cycle files of the primary.
+func stagedFiles(pstore string) (n int, bytes int64) {
+	files, _ := filepath.Glob(filepath.Join(pstore, "cycles", "*", "*.cyc"))
+	for _, f := range files {
+		if fi, err := os.Stat(f); err == nil {
+			n++
+			bytes += fi.Size()
+		}
+	}
+	return
+}
+
+// inboxParts returns the total size of .part files in the replica inbox.
+func inboxFiles(rstore, group, suffix string) (n int, bytes int64) {
+	files, _ := filepath.Glob(filepath.Join(rstore, "inbox", group, "*"+suffix))
+	for _, f := range files {
+		if fi, err := os.Stat(f); err == nil {
+			n++
+			bytes += fi.Size()
+		}
+	}
+	return
+}
+
+// waitFor polls cond every interval until it returns true or timeout passes.
+func waitFor(timeout, interval time.Duration, cond func() bool) bool {
+	deadline := time.Now().Add(timeout)
+	for {
+		if cond() {
+			return true
+		}
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(interval)
+	}
+}
+
+// extents4M returns the number of distinct 4 MiB extents the blocks touch.
+func extents4M(blocks map[int64]bool) int {
+	ext := map[int64]bool{}
+	for b := range blocks {
+		ext[b*blockSize>>22] = true
+	}
+	return len(ext)
+}
+
+func mergeBlocks(dst, src map[int64]bool) {
+	for b := range src {
+		dst[b] = true
+	}
+}
+
+// treeSnapshot lists every path below dir (relative), except skipped prefixes.
+func treeSnapshot(t testing.TB, dir string, skip ...string) map[string]bool {
+	t.Helper()
+	out := map[string]bool{}
+	filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return nil
+		}
+		rel, _ := filepath.Rel(dir, p)
+		for _, s := range skip {
+			if rel == s || strings.HasPrefix(rel, s+"/") {
+				if d.IsDir() {
+					return filepath.SkipDir
+				}
+				return nil
+			}
+		}
+		out[rel] = true
+		return nil
+	})
+	return out
+}
+
+func newPaths(before, after map[string]bool) []string {
+	var out []string
+	for p := range after {
+		if !before[p] {
+			out = append(out, p)
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+// ---------------------------------------------------------------------------
+// mTLS client with the primary's credentials
+
+func primaryCredDir(t testing.TB, pstore string) string {
+	t.Helper()
+	dirs, _ := filepath.Glob(filepath.Join(pstore, "replicas", "*"))
+	if len(dirs) != 1 {
+		t.Fatalf("want exactly one credential directory in %s/replicas, got %v", pstore, dirs)
+	}
+	return dirs[0]
+}
+
+func tlsClient(t testing.TB, caPEMFile, certFile, keyFile string) *http.Client {
+	t.Helper()
+	ca, err := os.ReadFile(caPEMFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(ca) {
+		t.Fatalf("no certificate in %s", caPEMFile)
+	}
+	cfg := &tls.Config{RootCAs: pool, ServerName: "127.0.0.1", MinVersion: tls.VersionTLS12}
+	if certFile != "" {
+		c, err := tls.LoadX509KeyPair(certFile, keyFile)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg.Certificates = []tls.Certificate{c}
+	}
+	return &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: cfg, DisableKeepAlives: true}}
+}
+
+// primaryClient is an mTLS client with the paired primary's credentials.
+func primaryClient(t testing.TB, pstore string) *http.Client {
+	d := primaryCredDir(t, pstore)
+	return tlsClient(t, filepath.Join(d, "ca.pem"), filepath.Join(d, "client.pem"), filepath.Join(d, "client.key"))
+}
+
+type httpResult struct {
+	Status int
+	Body   string
+	Err    error
+}
+
+func (h httpResult) String() string {
+	return fmt.Sprintf("status %d err %v body %s", h.Status, h.Err, strings.TrimSpace(h.Body))
+}
+
+// doRaw sends a request with a raw (not re-escaped) path.
+func doRaw(c *http.Client, method, base, rawPath string, body []byte) httpResult {
+	req, err := http.NewRequest(method, base+"/", nil)
+	if err != nil {
+		return httpResult{Err: err}
+	}
+	if i := strings.IndexByte(rawPath, '?'); i >= 0 {
+		req.URL.RawQuery = rawPath[i+1:]
+		rawPath = rawPath[:i]
+	}
+	req.URL.Opaque = rawPath // sent as is: "%2F" stays escaped
+	if body != nil {
+		req.Body = io.NopCloser(strings.NewReader(string(body)))
+		req.ContentLength = int64(len(body))
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		return httpResult{Err: err}
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<16))
+	return httpResult{Status: resp.StatusCode, Body: string(b)}
+}
+
+// ---------------------------------------------------------------------------
+// TCP proxy
+
+type tcpProxy struct {
+	ln     net.Listener
+	target string
+	up     atomic.Int64 // client → server bytes
+	down   atomic.Int64
+	refuse atomic.Bool
+	mu     sync.Mutex
+	conns  map[net.Conn]bool
+}
+
+func startProxy(t testing.TB, target string) *tcpProxy {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &tcpProxy{ln: ln, target: target, conns: map[net.Conn]bool{}}
+	go p.serve()
+	t.Cleanup(func() { ln.Close(); p.dropAll() })
+	return p
+}
+
+func (p *tcpProxy) Addr() string { return p.ln.Addr().String() }
+
+func (p *tcpProxy) serve() {
+	for {
+		c, err := p.ln.Accept()
+		if err != nil {
+			return
+		}
+		if p.refuse.Load() {
+			c.Close()
+			continue
+		}
+		s, err := net.DialTimeout("tcp", p.target, 5*time.Second)
+		if err != nil {
+			c.Close()
+			continue
+		}
+		p.mu.Lock()
+		p.conns[c], p.conns[s] = true, true
+		p.mu.Unlock()
+		pipe := func(dst, src net.Conn, n *atomic.Int64) {
+			buf := make([]byte, 32<<10)
+			for {
+				k, err := src.Read(buf)
+				if k > 0 {
+					n.Add(int64(k))
+					if _, werr := dst.Write(buf[:k]); werr != nil {
+						break
+					}
+				}
+				if err != nil {
+					break
+				}
+			}
+			dst.Close()
+			src.Close()
+		}
+		go pipe(s, c, &p.up)
+		go pipe(c, s, &p.down)
+	}
+}
+
+// dropAll closes every proxied connection (both sides, with RST where possible).
+func (p *tcpProxy) dropAll() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	n := 0
+	for c := range p.conns {
+		if tc, ok := c.(*net.TCPConn); ok {
+			tc.SetLinger(0)
+		}
+		c.Close()
+		delete(p.conns, c)
+		n++
+	}
+	return n
+}
