@@ -449,9 +449,18 @@ func (r *run) status() GroupStatus {
 	default:
 		st.Health = "Normal"
 	}
-	if st.Missed12h > 0 && st.Health == "Normal" {
+	// Like Hyper-V: more than 20% of the last hour's cycles missed is a warning.
+	hourAgo := now.Add(-time.Hour)
+	missedHour := 0
+	for _, f := range r.fails {
+		if f.After(hourAgo) {
+			missedHour++
+		}
+	}
+	expected := max(1, int(time.Hour/max(interval, time.Second)))
+	if missedHour*5 > expected && st.Health == "Normal" {
 		st.Health = "Warning"
-		st.Reasons = append(st.Reasons, fmt.Sprintf("%d failed rounds in the last 12 h", st.Missed12h))
+		st.Reasons = append(st.Reasons, fmt.Sprintf("%d of the last hour's %d cycles failed (%d in 12 h)", missedHour, expected, st.Missed12h))
 	}
 	return st
 }
