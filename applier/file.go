@@ -53,42 +53,23 @@ type Result struct {
 	Zeroes  uint64 `json:"zero_blocks"`
 }
 
-type cycle struct {
-	path string
-	f    *os.File
-	r    *format.Reader
-}
-
 // ApplyFiles verifies every cycle completely and checks that they form an
 // unbroken sequence on top of the target's state before touching the target,
 // then applies them in order. Re-applying the last applied cycle is a no-op;
 // re-applying a cycle interrupted mid-apply completes it.
 func ApplyFiles(target string, paths []string) ([]Result, error) {
-	var cs []cycle
+	var cs []*openedCycle
 	defer func() {
 		for _, c := range cs {
 			c.f.Close()
 		}
 	}()
 	for _, p := range paths {
-		f, err := os.Open(p)
+		oc, err := openCycle(p)
 		if err != nil {
 			return nil, err
 		}
-		st, err := f.Stat()
-		if err != nil {
-			f.Close()
-			return nil, err
-		}
-		r, err := format.Open(f, st.Size())
-		if err == nil {
-			err = r.Verify()
-		}
-		if err != nil {
-			f.Close()
-			return nil, fmt.Errorf("%s: %w", p, err)
-		}
-		cs = append(cs, cycle{p, f, r})
+		cs = append(cs, oc)
 	}
 	state, have, err := ReadState(target)
 	if err != nil {
