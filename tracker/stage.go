@@ -227,6 +227,7 @@ func (im *Image) stageCycle(ctx context.Context, c *cutImage, o CutOptions) (inf
 	if err != nil {
 		return info, err
 	}
+	defer w.Abort() // no-op after Close
 	buf := make([]byte, format.MaxExtentBlocks*BlockSize)
 	ra := newReadahead(im.f, c.frozen)
 	for s, e := range c.frozen.Ranges() {

@@ -44,7 +44,9 @@ type Writer struct {
 	workq   chan *job     // dispatched data extents not yet picked up, FIFO
 	maxQ    int
 	hasher  *blake3.Hasher
-	off     uint64 // bytes written so far
+	outq    chan outChunk // to the output goroutine: hashing + writing overlap the workers
+	outDone chan error
+	off     uint64 // bytes written so far (handed to the output goroutine)
 	next    uint64 // lowest block the next call may use
 	err     error  // sticky write error
 	closed  bool
@@ -109,32 +111,95 @@ func NewWriter(w io.Writer, h Header, o WriterOptions) (*Writer, error) {
 		o.Workers = runtime.GOMAXPROCS(0)
 	}
 	cw := &Writer{
-		out:    w,
-		hdr:    h,
-		blocks: h.Blocks(),
-		opts:   o,
-		sem:    make(chan struct{}, o.Workers),
-		workq:  make(chan *job, 2*o.Workers+4),
-		maxQ:   2*o.Workers + 2,
-		hasher: blake3.New(),
+		out:     w,
+		hdr:     h,
+		blocks:  h.Blocks(),
+		opts:    o,
+		sem:     make(chan struct{}, o.Workers),
+		workq:   make(chan *job, 2*o.Workers+4),
+		maxQ:    2*o.Workers + 2,
+		hasher:  blake3.New(),
+		outq:    make(chan outChunk, 8),
+		outDone: make(chan error, 1),
 	}
+	go cw.output(cw.outq)
 	if err := cw.write(encodeHeader(&h)); err != nil {
 		return nil, err
 	}
 	return cw, nil
 }
 
+// outChunk is a piece of the file for the output goroutine; release (if
+// set) returns its buffer once written.
+type outChunk struct {
+	data    []byte
+	release func()
+}
+
+// output hashes and writes the file in order on its own goroutine, so the
+// whole-file BLAKE3 and the write syscalls run beside the block hashing and
+// compression workers. The first error is reported on outDone; later chunks
+// are only released.
+func (w *Writer) output(outq <-chan outChunk) {
+	var err error
+	for c := range outq {
+		if err == nil {
+			var n int
+			n, err = w.out.Write(c.data)
+			w.hasher.Write(c.data[:n])
+			if err == nil && n != len(c.data) {
+				err = io.ErrShortWrite
+			}
+		}
+		if c.release != nil {
+			c.release()
+		}
+	}
+	w.outDone <- err
+}
+
+// write queues a copy of b (for small metadata).
 func (w *Writer) write(b []byte) error {
+	return w.writeOwned(append([]byte(nil), b...), nil)
+}
+
+// writeOwned queues b, which the output goroutine releases when written.
+func (w *Writer) writeOwned(b []byte, release func()) error {
 	if w.err != nil {
+		if release != nil {
+			release()
+		}
 		return w.err
 	}
-	n, err := w.out.Write(b)
-	w.hasher.Write(b[:n])
-	w.off += uint64(n)
-	if err == nil && n != len(b) {
-		err = io.ErrShortWrite
+	w.outq <- outChunk{b, release}
+	w.off += uint64(len(b))
+	return nil
+}
+
+// Abort stops a Writer that will not be closed (after an error), releasing
+// its goroutine and buffers. The output is incomplete.
+func (w *Writer) Abort() {
+	if w.closed {
+		return
 	}
-	if err != nil {
+	w.closed = true
+	for _, j := range w.queue {
+		if j.done != nil {
+			<-j.done
+		}
+	}
+	w.queue = nil
+	w.finish()
+}
+
+// finish waits for the output goroutine and returns its error.
+func (w *Writer) finish() error {
+	if w.outq == nil {
+		return w.err
+	}
+	close(w.outq)
+	w.outq = nil
+	if err := <-w.outDone; err != nil && w.err == nil {
 		w.err = fmt.Errorf("cycle writer: %w", err)
 	}
 	return w.err
@@ -383,18 +448,21 @@ func (w *Writer) emit(j *job) {
 	if j.ext.Kind == KindData {
 		j.ext.Off = w.off
 		var data []byte
-		if j.comp != nil {
-			data = *j.comp
+		raw, comp := j.raw, j.comp
+		if comp != nil {
+			data = *comp
 		} else {
-			data = (*j.raw)[:int(j.ext.Count)*BlockSize]
+			data = (*raw)[:int(j.ext.Count)*BlockSize]
 		}
-		if w.write(data) == nil {
+		release := func() {
+			rawPool.Put(raw)
+			if comp != nil {
+				compPool.Put(comp)
+			}
+		}
+		if w.writeOwned(data, release) == nil {
 			w.hashes = append(w.hashes, j.hashes[:int(j.ext.Count)*HashSize]...)
 			w.dataBlk += uint64(j.ext.Count)
-		}
-		rawPool.Put(j.raw)
-		if j.comp != nil {
-			compPool.Put(j.comp)
 		}
 	} else {
 		w.zeroBlk += uint64(j.ext.Count)
@@ -415,6 +483,7 @@ func (w *Writer) Close() (Summary, error) {
 		return Summary{}, errors.New("cycle writer: already closed")
 	}
 	w.closed = true
+	defer w.finish() // stops the output goroutine on every path
 	if w.pend != nil {
 		w.dispatch()
 	}
@@ -432,12 +501,22 @@ func (w *Writer) Close() (Summary, error) {
 		return Summary{}, err
 	}
 	f.HashesOff = w.off
-	if err := w.write(w.hashes); err != nil {
+	if err := w.writeOwned(w.hashes, nil); err != nil {
+		return Summary{}, err
+	}
+	if err := w.finish(); err != nil { // everything before the footer is hashed now
 		return Summary{}, err
 	}
 	w.hasher.Sum(f.FileHash[:0])
-	if err := w.write(encodeFooter(&f)); err != nil {
-		return Summary{}, err
+	foot := encodeFooter(&f)
+	n, err := w.out.Write(foot)
+	w.off += uint64(n)
+	if err == nil && n != len(foot) {
+		err = io.ErrShortWrite
+	}
+	if err != nil {
+		w.err = fmt.Errorf("cycle writer: %w", err)
+		return Summary{}, w.err
 	}
 	return Summary{Bytes: int64(w.off), DataBlocks: w.dataBlk, ZeroBlocks: w.zeroBlk, Extents: w.nExt}, nil
 }
