@@ -307,22 +307,31 @@ func (s *Shipper) round(ctx context.Context, r *run, forced bool) (err error) {
 	if err != nil {
 		return err
 	}
-	cutNow := len(pending) == 0
-	if cutNow {
-		infos, err := s.store.CutWith(ctx, g.Images, tracker.CutOptions{Compress: g.Compress != "none"})
-		if err != nil {
-			return err
-		}
-		r.mu.Lock()
-		t := infos[0].Time
-		r.st.LastCut = &t
-		r.mu.Unlock()
-		pending, err = s.pending(ids)
-		if err != nil {
+	lim := newLimiter(&g)
+	if len(pending) > 0 {
+		// Catch up first: a scheduled round ships what is pending and cuts
+		// at the next tick; "replicate now" cuts right after.
+		if err := s.ship(ctx, r, c, lim, pending); err != nil || !forced {
 			return err
 		}
 	}
-	lim := newLimiter(&g)
+	infos, err := s.store.CutWith(ctx, g.Images, tracker.CutOptions{Compress: g.Compress != "none"})
+	if err != nil {
+		return err
+	}
+	r.mu.Lock()
+	t := infos[0].Time
+	r.st.LastCut = &t
+	r.mu.Unlock()
+	if pending, err = s.pending(ids); err != nil {
+		return err
+	}
+	return s.ship(ctx, r, c, lim, pending)
+}
+
+// ship uploads and commits the pending cuts in order.
+func (s *Shipper) ship(ctx context.Context, r *run, c *client, lim *limiter, pending [][]tracker.CycleInfo) error {
+	g := r.g
 	for _, cut := range pending {
 		cr := wire.CommitRequest{GroupCut: cut[0].GroupCut, Policy: wire.Policy{Interval: g.Interval, Points: g.Points, PointEvery: g.PointEvery, AnyPointWindow: g.AnyPointWindow}}
 		var pendingBytes int64
