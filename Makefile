@@ -32,8 +32,11 @@ lint:
 fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzOpen -fuzztime 60s -fuzzminimizetime 3s ./internal/format
 
+# make bench: data path, tracker and staging (bench/run.sh, ~15 min), then replication
+# (bench/repl.sh, ~10 min). BENCH_QUICK=1 for a smoke run of both.
 bench: build
 	bash bench/run.sh
+	bash bench/repl.sh
 
 demo: build
 	bash scripts/demo.sh

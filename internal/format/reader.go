@@ -5,7 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"runtime"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unicode/utf8"
 
@@ -315,12 +317,19 @@ func (r *Reader) VerifyFile() error {
 // decompressing them if needed and checking every block hash. The result is
 // stored in buf if it is large enough. ReadExtent of a zero extent is an error.
 func (r *Reader) ReadExtent(i int, buf []byte) ([]byte, error) {
+	buf, _, err := r.ReadExtentHashes(i, buf)
+	return buf, err
+}
+
+// ReadExtentHashes is ReadExtent that also returns the extent's block hashes
+// (32 bytes per block, verified against the returned data).
+func (r *Reader) ReadExtentHashes(i int, buf []byte) ([]byte, []byte, error) {
 	if i < 0 || i >= len(r.ext) {
-		return nil, fmt.Errorf("cycle file: extent %d out of range (%d extents)", i, len(r.ext))
+		return nil, nil, fmt.Errorf("cycle file: extent %d out of range (%d extents)", i, len(r.ext))
 	}
 	e := r.ext[i]
 	if e.Kind != KindData {
-		return nil, fmt.Errorf("cycle file: extent %d is a %v extent, it has no data", i, e.Kind)
+		return nil, nil, fmt.Errorf("cycle file: extent %d is a %v extent, it has no data", i, e.Kind)
 	}
 	raw := int(e.Count) * BlockSize // ≤ 1 MiB, checked by Open
 	if cap(buf) < raw {
@@ -332,7 +341,7 @@ func (r *Reader) ReadExtent(i int, buf []byte) ([]byte, error) {
 	}
 	if e.Comp == CompNone {
 		if err := r.readAt(buf, int64(e.Off), "data of "+what()); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 	} else {
 		// Len < raw ≤ 1 MiB (checked by Open) and within the file.
@@ -343,25 +352,25 @@ func (r *Reader) ReadExtent(i int, buf []byte) ([]byte, error) {
 		}
 		src := (*sp)[:e.Len]
 		if err := r.readAt(src, int64(e.Off), "data of "+what()); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		var zh zstd.Header
 		if err := zh.Decode(src); err != nil {
-			return nil, corrupt(int64(e.Off), "zstd frame header of %s: %v", what(), err)
+			return nil, nil, corrupt(int64(e.Off), "zstd frame header of %s: %v", what(), err)
 		}
 		if zh.Skippable || (zh.HasFCS && zh.FrameContentSize != uint64(raw)) {
-			return nil, corrupt(int64(e.Off), "zstd frame of %s declares %d bytes, want %d", what(), zh.FrameContentSize, raw)
+			return nil, nil, corrupt(int64(e.Off), "zstd frame of %s declares %d bytes, want %d", what(), zh.FrameContentSize, raw)
 		}
 		d, err := decoder()
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		out, err := d.DecodeAll(src, buf[:0:raw])
 		if err != nil {
-			return nil, corrupt(int64(e.Off), "decompressing %s: %v", what(), err)
+			return nil, nil, corrupt(int64(e.Off), "decompressing %s: %v", what(), err)
 		}
 		if len(out) != raw {
-			return nil, corrupt(int64(e.Off), "%s decompresses to %d bytes, want %d", what(), len(out), raw)
+			return nil, nil, corrupt(int64(e.Off), "%s decompresses to %d bytes, want %d", what(), len(out), raw)
 		}
 		if &out[0] != &buf[0] {
 			copy(buf, out)
@@ -370,34 +379,62 @@ func (r *Reader) ReadExtent(i int, buf []byte) ([]byte, error) {
 	hb := make([]byte, int(e.Count)*HashSize)
 	hoff := int64(r.foot.HashesOff + r.hashIdx[i]*HashSize)
 	if err := r.readAt(hb, hoff, "block hashes of "+what()); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	for b := 0; b < int(e.Count); b++ {
 		sum := blake3.Sum256(buf[b*BlockSize : (b+1)*BlockSize])
 		if !bytes.Equal(sum[:], hb[b*HashSize:(b+1)*HashSize]) {
-			return nil, corrupt(int64(e.Off), "block hash mismatch in %s, block %d", what(), e.Start+uint64(b))
+			return nil, nil, corrupt(int64(e.Off), "block hash mismatch in %s, block %d", what(), e.Start+uint64(b))
 		}
 	}
 	if tail := r.hdr.ImageSize % BlockSize; tail != 0 && e.End() == r.hdr.Blocks() {
 		if !bytes.Equal(buf[raw-BlockSize+int(tail):], zeroBlock[tail:]) {
-			return nil, corrupt(int64(e.Off), "%s: bytes past the image end are not zero", what())
+			return nil, nil, corrupt(int64(e.Off), "%s: bytes past the image end are not zero", what())
 		}
 	}
-	return buf, nil
+	return buf, hb, nil
 }
 
-// Verify checks the whole file: VerifyFile, then ReadExtent of every data extent.
+// Verify checks the whole file: VerifyFile, and ReadExtent of every data
+// extent. The whole-file hash and the extents are checked in parallel; the
+// first error in file order is returned (a whole-file mismatch first).
 func (r *Reader) Verify() error {
-	if err := r.VerifyFile(); err != nil {
+	errs := make([]error, len(r.ext)+1)
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		errs[len(r.ext)] = r.VerifyFile()
+	}()
+	for w := 0; w < min(4, max(1, runtime.GOMAXPROCS(0))); w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var buf []byte
+			for {
+				i := int(next.Add(1) - 1)
+				if i >= len(r.ext) {
+					return
+				}
+				if r.ext[i].Kind != KindData {
+					continue
+				}
+				var err error
+				if buf, err = r.ReadExtent(i, buf); err != nil {
+					errs[i] = err
+					next.Store(int64(len(r.ext))) // stop early
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if err := errs[len(r.ext)]; err != nil {
 		return err
 	}
-	var buf []byte
-	for i, e := range r.ext {
-		if e.Kind != KindData {
-			continue
-		}
-		var err error
-		if buf, err = r.ReadExtent(i, buf); err != nil {
+	for _, err := range errs[:len(r.ext)] {
+		if err != nil {
 			return err
 		}
 	}
