@@ -76,8 +76,10 @@ func pointsCommand() *cli.Command {
 						if err := printJSON(rep); err != nil {
 							return err
 						}
+					} else if rep.Mismatch == nil {
+						fmt.Printf("point %s of %s: %d blocks in %d image(s) match the hashes recorded when they arrived\n", rep.Point, rep.Group, rep.Blocks, rep.Images)
 					} else {
-						fmt.Printf("%+v\n", rep)
+						fmt.Printf("point %s of %s: MISMATCH %+v\n", rep.Point, rep.Group, *rep.Mismatch)
 					}
 					if rep.Mismatch != nil {
 						return corruptErr(fmt.Errorf("point %s of %s does not verify", c.String("point"), c.String("group")))
