@@ -58,18 +58,10 @@ type Result struct {
 // then applies them in order. Re-applying the last applied cycle is a no-op;
 // re-applying a cycle interrupted mid-apply completes it.
 func ApplyFiles(target string, paths []string) ([]Result, error) {
-	var cs []*openedCycle
-	defer func() {
-		for _, c := range cs {
-			c.f.Close()
-		}
-	}()
-	for _, p := range paths {
-		oc, err := openCycle(p)
-		if err != nil {
-			return nil, err
-		}
-		cs = append(cs, oc)
+	cs, err := openCycles(paths)
+	defer closeCycles(cs)
+	if err != nil {
+		return nil, err
 	}
 	state, have, err := ReadState(target)
 	if err != nil {

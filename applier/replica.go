@@ -630,6 +630,26 @@ type openedCycle struct {
 	r    *format.Reader
 }
 
+// openCycles opens and completely verifies every cycle file; on error the
+// ones already opened are returned for closeCycles.
+func openCycles(paths []string) ([]*openedCycle, error) {
+	var cs []*openedCycle
+	for _, p := range paths {
+		c, err := openCycle(p)
+		if err != nil {
+			return cs, err
+		}
+		cs = append(cs, c)
+	}
+	return cs, nil
+}
+
+func closeCycles(cs []*openedCycle) {
+	for _, c := range cs {
+		c.f.Close()
+	}
+}
+
 // openCycle opens and completely verifies a cycle file.
 func openCycle(path string) (*openedCycle, error) {
 	f, err := os.Open(path)
@@ -671,18 +691,10 @@ func (r *Replica) ApplyGroup(ctx context.Context, groupName string, paths []stri
 	if len(paths) == 0 {
 		return res, errors.New("no cycle files")
 	}
-	var cs []*openedCycle
-	defer func() {
-		for _, c := range cs {
-			c.f.Close()
-		}
-	}()
-	for _, p := range paths {
-		c, err := openCycle(p)
-		if err != nil {
-			return res, err
-		}
-		cs = append(cs, c)
+	cs, err := openCycles(paths)
+	defer closeCycles(cs)
+	if err != nil {
+		return res, err
 	}
 	ids := map[string]bool{}
 	for _, c := range cs {
