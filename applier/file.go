@@ -58,7 +58,7 @@ type Result struct {
 // then applies them in order. Re-applying the last applied cycle is a no-op;
 // re-applying a cycle interrupted mid-apply completes it.
 func ApplyFiles(target string, paths []string) ([]Result, error) {
-	cs, err := openCycles(paths)
+	cs, err := openCycles(paths, true)
 	defer closeCycles(cs)
 	if err != nil {
 		return nil, err

@@ -630,12 +630,13 @@ type openedCycle struct {
 	r    *format.Reader
 }
 
-// openCycles opens and completely verifies every cycle file; on error the
-// ones already opened are returned for closeCycles.
-func openCycles(paths []string) ([]*openedCycle, error) {
+// openCycles opens and verifies every cycle file (completely, or only its
+// whole-file hash when the caller verified it before); on error the ones
+// already opened are returned for closeCycles.
+func openCycles(paths []string, full bool) ([]*openedCycle, error) {
 	var cs []*openedCycle
 	for _, p := range paths {
-		c, err := openCycle(p)
+		c, err := openCycleWith(p, full)
 		if err != nil {
 			return cs, err
 		}
@@ -651,7 +652,9 @@ func closeCycles(cs []*openedCycle) {
 }
 
 // openCycle opens and completely verifies a cycle file.
-func openCycle(path string) (*openedCycle, error) {
+func openCycle(path string) (*openedCycle, error) { return openCycleWith(path, true) }
+
+func openCycleWith(path string, full bool) (*openedCycle, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, err
@@ -663,7 +666,11 @@ func openCycle(path string) (*openedCycle, error) {
 	}
 	r, err := format.Open(f, st.Size())
 	if err == nil {
-		err = r.Verify()
+		if full {
+			err = r.Verify()
+		} else {
+			err = r.VerifyFile()
+		}
 	}
 	if err != nil {
 		f.Close()
@@ -683,7 +690,20 @@ func (r *Replica) Apply(ctx context.Context, group, path string) (ApplyResult, e
 // after all are applied. Cycles already applied are skipped (idempotent);
 // when all are, no point is recorded and Skipped is set. Refused input
 // changes nothing.
-func (r *Replica) ApplyGroup(ctx context.Context, groupName string, paths []string) (res ApplyResult, err error) {
+func (r *Replica) ApplyGroup(ctx context.Context, groupName string, paths []string) (ApplyResult, error) {
+	return r.applyGroup(ctx, groupName, paths, true)
+}
+
+// ApplyVerified is ApplyGroup for cycle files the caller has already
+// verified completely (the server verifies every upload before it enters the
+// inbox): before the apply only the whole-file hash is checked again, which
+// catches any change since; every block hash is still checked while the data
+// is applied.
+func (r *Replica) ApplyVerified(ctx context.Context, groupName string, paths []string) (ApplyResult, error) {
+	return r.applyGroup(ctx, groupName, paths, false)
+}
+
+func (r *Replica) applyGroup(ctx context.Context, groupName string, paths []string, full bool) (res ApplyResult, err error) {
 	g, err := r.group(groupName)
 	if err != nil {
 		return res, err
@@ -691,7 +711,7 @@ func (r *Replica) ApplyGroup(ctx context.Context, groupName string, paths []stri
 	if len(paths) == 0 {
 		return res, errors.New("no cycle files")
 	}
-	cs, err := openCycles(paths)
+	cs, err := openCycles(paths, full)
 	defer closeCycles(cs)
 	if err != nil {
 		return res, err

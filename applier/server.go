@@ -366,7 +366,7 @@ func (s *Server) commit(w http.ResponseWriter, r *http.Request, p pki.Primary) {
 		s.reply(w, r, nil, err)
 		return
 	}
-	res, err := s.rep.ApplyGroup(r.Context(), group, paths)
+	res, err := s.rep.ApplyVerified(r.Context(), group, paths)
 	s.noteCommit(group, req.Policy.Interval, err)
 	if s.OnApply != nil {
 		s.OnApply(group, res, err)
