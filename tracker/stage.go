@@ -288,12 +288,8 @@ func (im *Image) stageCycle(ctx context.Context, c *cutImage, o CutOptions) (inf
 	if err := im.Checkpoint(); err != nil {
 		im.s.log.Warn("checkpoint after cut", "image", c.hdr.Name, "err", err)
 	}
-	info = CycleInfo{
-		Image: c.hdr.Name, ID: im.id.String(), Generation: c.hdr.Generation, Seq: c.hdr.Seq,
-		Base: c.hdr.Base(), Path: final, Bytes: sum.Bytes, Time: c.hdr.CutTime, Size: c.hdr.ImageSize,
-		DataBlocks: sum.DataBlocks, ZeroBlocks: sum.ZeroBlocks, GroupCut: uuid.UUID(c.hdr.GroupCut).String(),
-		CBWBlocks: cbwBlocks, StageTime: time.Since(start).Round(time.Millisecond).String(),
-	}
+	info = cycleInfo(c.hdr, final, sum.Bytes, sum.DataBlocks, sum.ZeroBlocks)
+	info.CBWBlocks, info.StageTime = cbwBlocks, time.Since(start).Round(time.Millisecond).String()
 	im.s.log.Info("cycle staged", "image", info.Image, "seq", info.Seq, "bytes", info.Bytes,
 		"data_blocks", info.DataBlocks, "zero_blocks", info.ZeroBlocks, "cbw_blocks", cbwBlocks, "took", info.StageTime)
 	return info, nil

@@ -547,7 +547,8 @@ func Cycles(storeDir, name string) ([]CycleInfo, error) {
 	return out, nil
 }
 
-// ReadCycleInfo reads the header of a cycle file (structure only).
+// ReadCycleInfo reads the header and footer of a cycle file (not its table
+// or hashes; nothing is verified).
 func ReadCycleInfo(p string) (CycleInfo, error) {
 	f, err := os.Open(p)
 	if err != nil {
@@ -558,16 +559,20 @@ func ReadCycleInfo(p string) (CycleInfo, error) {
 	if err != nil {
 		return CycleInfo{}, err
 	}
-	r, err := format.Open(f, st.Size())
+	h, ft, err := format.ReadInfo(f, st.Size())
 	if err != nil {
 		return CycleInfo{}, fmt.Errorf("%s: %w", p, err)
 	}
-	h, ft := r.Header(), r.Footer()
+	return cycleInfo(h, p, st.Size(), ft.DataBlocks, ft.ZeroBlocks), nil
+}
+
+// cycleInfo describes the cycle file at path with header h.
+func cycleInfo(h format.Header, path string, bytes int64, data, zero uint64) CycleInfo {
 	return CycleInfo{
 		Image: h.Name, ID: uuid.UUID(h.ImageID).String(), Generation: h.Generation, Seq: h.Seq,
-		Base: h.Base(), Path: p, Bytes: st.Size(), Time: h.CutTime, Size: h.ImageSize,
-		DataBlocks: ft.DataBlocks, ZeroBlocks: ft.ZeroBlocks, GroupCut: uuid.UUID(h.GroupCut).String(),
-	}, nil
+		Base: h.Base(), Path: path, Bytes: bytes, Time: h.CutTime, Size: h.ImageSize,
+		DataBlocks: data, ZeroBlocks: zero, GroupCut: uuid.UUID(h.GroupCut).String(),
+	}
 }
 
 func fdatasync(f *os.File) error { return unix.Fdatasync(int(f.Fd())) }
