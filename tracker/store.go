@@ -476,9 +476,9 @@ func (s *Store) checkpointer() {
 		s.mu.Unlock()
 		for _, im := range imgs {
 			im.mu.Lock()
-			busy := im.active.empty()
+			idle := im.active.empty() // nothing written since the last checkpoint
 			im.mu.Unlock()
-			if busy {
+			if idle {
 				continue
 			}
 			if err := im.Checkpoint(); err != nil {

@@ -11,7 +11,6 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
-	"strconv"
 	"syscall"
 	"time"
 
@@ -261,5 +260,3 @@ func ExportPoint(ctx context.Context, rep *applier.Replica, req ExportRequest) (
 	}
 	return out, nil
 }
-
-var _ = strconv.Itoa

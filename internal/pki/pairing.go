@@ -203,20 +203,27 @@ func (a *Authority) DeleteToken(id string) error {
 func tokenID(hash string) string { return hash[:min(16, len(hash))] }
 
 func (a *Authority) readTokens() (tokensState, error) {
-	var st tokensState
-	err := fsutil.ReadJSON(a.path(tokensFile), &st)
-	if errors.Is(err, fs.ErrNotExist) {
-		return tokensState{Version: 1}, nil
-	}
-	if err != nil {
-		return st, fmt.Errorf("pki: %w", err)
-	}
-	return st, nil
+	st := tokensState{Version: 1}
+	return st, readState(a.path(tokensFile), &st)
 }
 
 func (a *Authority) writeTokens(st tokensState) error {
 	st.Version = 1
-	if err := fsutil.WriteJSON(a.path(tokensFile), st); err != nil {
+	return writeState(a.path(tokensFile), st)
+}
+
+// readState loads a JSON state file into st; a missing file leaves st as is.
+func readState(path string, st any) error {
+	err := fsutil.ReadJSON(path, st)
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("pki: %w", err)
+	}
+	return nil
+}
+
+// writeState replaces a JSON state file atomically.
+func writeState(path string, st any) error {
+	if err := fsutil.WriteJSON(path, st); err != nil {
 		return fmt.Errorf("pki: %w", err)
 	}
 	return nil
@@ -342,22 +349,15 @@ func checkPrimaryName(name string) error {
 // ---- primaries ------------------------------------------------------------
 
 func (a *Authority) readPrimaries() (primariesState, error) {
-	var st primariesState
-	err := fsutil.ReadJSON(a.path(primariesFile), &st)
-	if errors.Is(err, fs.ErrNotExist) {
-		return primariesState{Version: 1}, nil
-	}
-	if err != nil {
-		return st, fmt.Errorf("pki: %w", err)
-	}
-	return st, nil
+	st := primariesState{Version: 1}
+	return st, readState(a.path(primariesFile), &st)
 }
 
 // writePrimaries stores st and updates the cache. Call with a.mu and flock held.
 func (a *Authority) writePrimaries(st primariesState) error {
 	st.Version = 1
-	if err := fsutil.WriteJSON(a.path(primariesFile), st); err != nil {
-		return fmt.Errorf("pki: %w", err)
+	if err := writeState(a.path(primariesFile), st); err != nil {
+		return err
 	}
 	a.primaries, a.primStamp = st.Primaries, stampOf(a.path(primariesFile))
 	return nil
