@@ -112,6 +112,14 @@ func (s *Store) CutWith(ctx context.Context, names []string, o CutOptions) ([]Cy
 		return nil, err
 	}
 	sort.Slice(imgs, func(i, j int) bool { return imgs[i].id.String() < imgs[j].id.String() })
+	for _, im := range imgs {
+		im.mu.Lock()
+		busy := im.stage != nil
+		im.mu.Unlock()
+		if busy {
+			return nil, fmt.Errorf("tracker: cut of %s: %w (wait for 'standin seed export' to finish)", im.Name(), ErrSeeding)
+		}
+	}
 
 	cuts := make([]*cutImage, len(imgs))
 	for i, im := range imgs {
