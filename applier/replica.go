@@ -487,6 +487,11 @@ func (r *Replica) recoverGroup(g *group, override map[string]string) error {
 	g.mu.Lock()
 	g.pendingErr, g.loadErr = nil, nil
 	g.mu.Unlock()
+	if err := r.finishSeed(g); err != nil {
+		err = fmt.Errorf("%w: completing the seed import: %v", ErrPending, err)
+		g.setPending(err)
+		return err
+	}
 	jpath := filepath.Join(g.dir, "apply.json")
 	var j journal
 	err := fsutil.ReadJSON(jpath, &j)

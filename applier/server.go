@@ -57,6 +57,7 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("PUT "+wire.Prefix+"/groups/{group}/uploads/{id}/{gen}/{seq}", s.authed(s.upload))
 	mux.HandleFunc("POST "+wire.Prefix+"/groups/{group}/commit", s.authed(s.commit))
 	mux.HandleFunc("GET "+wire.Prefix+"/groups/{group}", s.authed(s.groupState))
+	mux.HandleFunc("POST "+wire.Prefix+"/groups/{group}/seed", s.authed(s.seedExpect))
 	return mux
 }
 
@@ -384,6 +385,29 @@ func (s *Server) commit(w http.ResponseWriter, r *http.Request, p pki.Primary) {
 func (s *Server) groupState(w http.ResponseWriter, r *http.Request, p pki.Primary) {
 	imgs, err := s.rep.GroupImages(r.PathValue("group"))
 	s.reply(w, r, wire.GroupState{Group: r.PathValue("group"), Images: imgs}, err)
+}
+
+// seedExpect records the seed a primary's relationship starts from.
+func (s *Server) seedExpect(w http.ResponseWriter, r *http.Request, p pki.Primary) {
+	group := r.PathValue("group")
+	var req wire.SeedExpect
+	if err := json.NewDecoder(io.LimitReader(r.Body, 1<<20)).Decode(&req); err != nil || len(req.Images) == 0 {
+		s.reply(w, r, nil, fail(http.StatusBadRequest, "bad_request", "seed announcement: %v", err))
+		return
+	}
+	for _, im := range req.Images {
+		if !p.Allowed(group, im.Name) {
+			s.reply(w, r, nil, fail(http.StatusForbidden, "forbidden", "primary %s may not send image %s/%s (allowed: %s)", p.Name, group, im.Name, p.Pattern))
+			return
+		}
+	}
+	if err := s.rep.ExpectSeed(group, req); err != nil {
+		s.reply(w, r, nil, err)
+		return
+	}
+	s.log.Info("primary announced a seed", "group", group, "primary", p.Name, "images", len(req.Images), "cut", req.Time)
+	imgs, err := s.rep.GroupImages(group)
+	s.reply(w, r, wire.GroupState{Group: group, Images: imgs}, err)
 }
 
 func validName(s string) bool { return storeNameOK(s) }

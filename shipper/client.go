@@ -230,6 +230,18 @@ func (c *client) commit(ctx context.Context, group string, cr wire.CommitRequest
 	return rep, doJSON(c.hc, req, &rep)
 }
 
+// announceSeed tells the replica which seed the group's relationship starts
+// from; it answers with the images it holds.
+func (c *client) announceSeed(ctx context.Context, group string, e wire.SeedExpect) (wire.GroupState, error) {
+	b, _ := json.Marshal(e)
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, fmt.Sprintf("%s/groups/%s/seed", c.base, url.PathEscape(group)), bytes.NewReader(b))
+	if err != nil {
+		return wire.GroupState{}, err
+	}
+	var rep wire.GroupState
+	return rep, doJSON(c.hc, req, &rep)
+}
+
 type countingReader struct {
 	r io.Reader
 	n atomic.Int64

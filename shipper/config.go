@@ -26,8 +26,28 @@ type Group struct {
 	Bandwidth      int64         `json:"bandwidth"` // bytes per second, 0 = unlimited
 	Schedule       []Window      `json:"schedule,omitempty"`
 	Paused         bool          `json:"paused"`
-	Initial        string        `json:"initial"`  // "network" or "none"
+	Initial        string        `json:"initial"`  // "network" or "seed"
 	Compress       string        `json:"compress"` // "zstd" (default) or "none"
+	// Seed is the last seed exported of the group (standin seed export):
+	// the relationship continues from its cut once the replica imported it.
+	Seed *SeedState `json:"seed,omitempty"`
+}
+
+// SeedState records a seed exported for a group.
+type SeedState struct {
+	GroupCut string      `json:"group_cut"`
+	Time     time.Time   `json:"time"`
+	To       []string    `json:"to"`
+	Images   []SeedImage `json:"images"`
+	Imported bool              `json:"imported"` // the replica holds the seed's cut (or later)
+}
+
+// SeedImage is one image of an exported seed.
+type SeedImage struct {
+	Name       string `json:"name"`
+	ID         string `json:"id"`
+	Generation uint64 `json:"generation"`
+	Seq        uint64 `json:"seq"`
 }
 
 // Window is a time-of-day bandwidth limit, e.g. 08:00-18:00=2Mbit.
@@ -97,8 +117,8 @@ func (g *Group) Validate() error {
 	if g.Initial == "" {
 		g.Initial = "network"
 	}
-	if g.Initial != "network" {
-		return fmt.Errorf("group %s: --initial %s: only network initial replication is available (seeds come with issue 4)", g.Name, g.Initial)
+	if g.Initial != "network" && g.Initial != "seed" {
+		return fmt.Errorf("group %s: --initial %q: use network (the first cycle carries the whole image) or seed (standin seed export / seed import)", g.Name, g.Initial)
 	}
 	return nil
 }

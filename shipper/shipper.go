@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"slices"
 	"sort"
 	"sync"
 	"time"
@@ -62,6 +63,8 @@ type GroupStatus struct {
 	Cycles       int        `json:"cycles_replicated"`
 	Missed12h    int        `json:"missed_cycles_12h"`
 	LastError    string     `json:"last_error,omitempty"`
+	Initial      string     `json:"initial"`
+	Waiting      string     `json:"waiting,omitempty"` // what the relationship waits for (a seed export or import)
 }
 
 // New creates the shipper of a store; Start runs it.
@@ -99,7 +102,7 @@ func (s *Shipper) startLocked(g Group) {
 	}
 	ctx, cancel := context.WithCancel(s.ctx)
 	r := &run{g: g, cancel: cancel, kick: make(chan chan error)}
-	r.st = GroupStatus{Group: g.Name, Replica: g.Replica, Images: g.Images, Interval: g.Interval.String(), Paused: g.Paused, Health: "Normal"}
+	r.st = GroupStatus{Group: g.Name, Replica: g.Replica, Images: g.Images, Interval: g.Interval.String(), Paused: g.Paused, Health: "Normal", Initial: g.Initial}
 	s.runs[g.Name] = r
 	s.wg.Add(1)
 	go func() {
@@ -138,6 +141,9 @@ func (s *Shipper) Enable(g Group) error {
 	cfg := s.cfg
 	cfg.Groups = append([]Group(nil), cfg.Groups...)
 	if old := cfg.Find(g.Name); old != nil {
+		if g.Seed == nil && slices.Equal(old.Images, g.Images) {
+			g.Seed = old.Seed // re-enabling with other options keeps the seed state
+		}
 		*old = g
 	} else {
 		cfg.Groups = append(cfg.Groups, g)
@@ -303,6 +309,15 @@ func (s *Shipper) round(ctx context.Context, r *run, forced bool) (err error) {
 		}
 		ids[im.ID().String()] = true
 	}
+	if wait, err := s.seedGate(ctx, r, c); err != nil || wait != "" {
+		r.mu.Lock()
+		r.st.Waiting = wait
+		r.mu.Unlock()
+		if err == nil && forced {
+			err = fmt.Errorf("group %s: %s", g.Name, wait)
+		}
+		return err
+	}
 	pending, err := s.pending(ids)
 	if err != nil {
 		return err
@@ -327,6 +342,75 @@ func (s *Shipper) round(ctx context.Context, r *run, forced bool) (err error) {
 		return err
 	}
 	return s.ship(ctx, r, c, lim, pending)
+}
+
+// seedGate holds a relationship that starts from a seed until the replica
+// has imported it: before the export nothing is cut (the changes keep
+// merging in the dirty maps), after it the replica is told which seed to
+// expect and asked what it holds. It returns what the group waits for, or "".
+func (s *Shipper) seedGate(ctx context.Context, r *run, c *client) (string, error) {
+	g := r.g
+	if g.Initial != "seed" || (g.Seed != nil && g.Seed.Imported) {
+		r.mu.Lock()
+		r.st.Waiting = ""
+		r.mu.Unlock()
+		return "", nil
+	}
+	if g.Seed == nil {
+		return fmt.Sprintf("waiting for the seed export ('standin seed export --group %s --to DIR')", g.Name), nil
+	}
+	e := wire.SeedExpect{GroupCut: g.Seed.GroupCut, Time: g.Seed.Time}
+	for _, im := range g.Seed.Images {
+		e.Images = append(e.Images, wire.ImageState{ID: im.ID, Name: im.Name, Generation: im.Generation, Seq: im.Seq})
+	}
+	st, err := c.announceSeed(ctx, g.Name, e)
+	if err != nil {
+		return "", fmt.Errorf("announcing the seed to the replica: %w", err)
+	}
+	have := map[string]wire.ImageState{}
+	for _, im := range st.Images {
+		have[im.ID] = im
+	}
+	for _, im := range g.Seed.Images {
+		h, ok := have[im.ID]
+		if !ok || h.Generation != im.Generation || h.Seq < im.Seq {
+			return fmt.Sprintf("waiting for the seed of %s to be imported on the replica ('standin seed import' of the seed exported %s)", g.Seed.Time.Format(time.RFC3339), g.Seed.Time.Format(time.RFC3339)), nil
+		}
+	}
+	// Persist without restarting this run (Update would cancel it).
+	s.mu.Lock()
+	cfg := s.cfg
+	cfg.Groups = append([]Group(nil), cfg.Groups...)
+	if x := cfg.Find(g.Name); x != nil && x.Seed != nil && x.Seed.GroupCut == g.Seed.GroupCut {
+		seed := *x.Seed
+		seed.Imported = true
+		x.Seed = &seed
+		if err = SaveConfig(s.dir, cfg); err == nil {
+			s.cfg = cfg
+		}
+	}
+	s.mu.Unlock()
+	if err != nil {
+		return "", err
+	}
+	seed := *g.Seed
+	seed.Imported = true
+	r.g.Seed = &seed
+	r.mu.Lock()
+	r.st.Waiting = ""
+	r.mu.Unlock()
+	s.log.Info("the replica imported the seed; replication continues from its cut", "group", g.Name, "cut", g.Seed.Time)
+	return "", nil
+}
+
+// SeedExported records a completed seed export of group: the relationship
+// continues from its cut once the replica has imported it.
+func (s *Shipper) SeedExported(group string, st SeedState) error {
+	return s.Update(group, func(g *Group) {
+		st.Imported = false
+		g.Seed = &st
+		g.Initial = "seed"
+	})
 }
 
 // ship uploads and commits the pending cuts in order.
@@ -440,6 +524,9 @@ func (r *run) status() GroupStatus {
 		st.LagSeconds = lag.Seconds()
 	}
 	switch {
+	case st.Waiting != "" && st.LastError == "":
+		st.Health = "Warning"
+		st.Reasons = append(st.Reasons, st.Waiting)
 	case st.Paused:
 		st.Health = "Warning"
 		st.Reasons = append(st.Reasons, "replication is paused")

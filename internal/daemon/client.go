@@ -117,3 +117,46 @@ func (c *Client) Call(ctx context.Context, path string, body, out any) error {
 	}
 	return c.do(ctx, method, path, body, out)
 }
+
+// Stream posts body and calls on for every NDJSON event of the reply until
+// the stream ends. A non-200 reply is an error like Call's.
+func (c *Client) Stream(ctx context.Context, path string, body any, on func(json.RawMessage) error) error {
+	b, err := json.Marshal(body)
+	if err != nil {
+		return err
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://standin"+path, bytes.NewReader(b))
+	if err != nil {
+		return err
+	}
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		if _, serr := os.Stat(c.store); serr != nil {
+			return exitcode.With(exitcode.NotFound, fmt.Errorf("store %s: %w", c.store, serr))
+		}
+		return exitcode.With(exitcode.NoDaemon, fmt.Errorf("%w (store %s): %v", ErrNoDaemon, c.store, err))
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		var e apiError
+		json.NewDecoder(resp.Body).Decode(&e)
+		code := exitcode.Failure
+		if e.Code == "usage" {
+			code = exitcode.Usage
+		}
+		return exitcode.With(code, errors.New(e.Error))
+	}
+	dec := json.NewDecoder(resp.Body)
+	for {
+		var m json.RawMessage
+		if err := dec.Decode(&m); err != nil {
+			if errors.Is(err, io.EOF) {
+				return nil
+			}
+			return fmt.Errorf("daemon stream ended: %w", err)
+		}
+		if err := on(m); err != nil {
+			return err
+		}
+	}
+}

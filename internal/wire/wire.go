@@ -8,6 +8,7 @@
 //	                                                → UploadState; 409 Conflict with the durable offset if N is wrong
 //	POST /v1/groups/{group}/commit                  CommitRequest → CommitReply (apply a cut's cycles as one point)
 //	GET  /v1/groups/{group}                          → GroupState
+//	POST /v1/groups/{group}/seed                    SeedExpect → GroupState (the seed the relationship starts from)
 package wire
 
 import "time"
@@ -86,4 +87,13 @@ type GroupState struct {
 type Error struct {
 	Error string `json:"error"`
 	Code  string `json:"code"` // "unpaired", "revoked", "forbidden", "corrupt", "refused", "conflict", "bad_request", "failure"
+}
+
+// SeedExpect announces, after 'standin seed export', the seed a group's
+// relationship starts from: the replica checks a seed import against it
+// (identity, generation and cut of every image).
+type SeedExpect struct {
+	GroupCut string       `json:"group_cut"`
+	Time     time.Time    `json:"time"`
+	Images   []ImageState `json:"images"` // Seq = the seed's cut
 }
