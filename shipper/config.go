@@ -39,7 +39,7 @@ type SeedState struct {
 	Time     time.Time   `json:"time"`
 	To       []string    `json:"to"`
 	Images   []SeedImage `json:"images"`
-	Imported bool              `json:"imported"` // the replica holds the seed's cut (or later)
+	Imported bool        `json:"imported"` // the replica holds the seed's cut (or later)
 }
 
 // SeedImage is one image of an exported seed.

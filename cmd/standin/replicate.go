@@ -57,7 +57,7 @@ func replicateCommand() *cli.Command {
 					&cli.DurationFlag{Name: "any-point-window", Usage: "also keep every cycle's point younger than this"},
 					&cli.StringFlag{Name: "bandwidth", Usage: "limit, e.g. 8Mbit (default unlimited)"},
 					&cli.StringFlag{Name: "bandwidth-schedule", Usage: `time-of-day limits, e.g. "08:00-18:00=2Mbit"`},
-					&cli.StringFlag{Name: "initial", Value: "network", Usage: "initial replication: network"},
+					&cli.StringFlag{Name: "initial", Value: "network", Usage: "initial replication: network (the first cycle carries the whole image) or seed (then 'standin seed export')"},
 					&cli.StringFlag{Name: "compress", Value: "zstd", Usage: "cycle data on the wire: zstd or none"},
 				},
 				OnUsageError: onUsageError,
