@@ -359,6 +359,16 @@ func (s *Shipper) seedGate(ctx context.Context, r *run, c *client) (string, erro
 	if g.Seed == nil {
 		return fmt.Sprintf("waiting for the seed export ('standin seed export --group %s --to DIR')", g.Name), nil
 	}
+	for _, si := range g.Seed.Images {
+		im, err := s.store.Image(si.Name)
+		if err != nil {
+			return "", err
+		}
+		if gen := im.Generation(); gen != si.Generation {
+			return fmt.Sprintf("the seed exported %s is of generation %d, but image %s is now at generation %d (its tracking state was lost): export a new seed ('standin seed export --group %s --to DIR')",
+				g.Seed.Time.Format(time.RFC3339), si.Generation, si.Name, gen, g.Name), nil
+		}
+	}
 	e := wire.SeedExpect{GroupCut: g.Seed.GroupCut, Time: g.Seed.Time}
 	for _, im := range g.Seed.Images {
 		e.Images = append(e.Images, wire.ImageState{ID: im.ID, Name: im.Name, Generation: im.Generation, Seq: im.Seq})

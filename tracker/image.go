@@ -96,6 +96,14 @@ type meta struct {
 // ID returns the image's identity.
 func (im *Image) ID() uuid.UUID { return im.id }
 
+// Generation returns the image's generation (a new one starts when its
+// tracking state was lost).
+func (im *Image) Generation() uint64 {
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	return im.meta.Generation
+}
+
 // Name returns the image's current path relative to the images directory.
 func (im *Image) Name() string {
 	im.mu.Lock()
