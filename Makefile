@@ -33,10 +33,17 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzOpen -fuzztime 60s -fuzzminimizetime 3s ./internal/format
 
 # make bench: data path, tracker and staging (bench/run.sh, ~15 min), then replication
-# (bench/repl.sh, ~10 min). BENCH_QUICK=1 for a smoke run of both.
+# (bench/repl.sh, ~10 min), then seed export vs borg/restic/casync/tar (bench/seed.sh,
+# ~25 min; needs the dataset of ../shared/bench/make-dataset.sh). BENCH_QUICK=1 for a smoke run of all.
 bench: build
 	bash bench/run.sh
 	bash bench/repl.sh
+	bash bench/seed.sh
+
+# make bench-seed: only the seed benchmark (bench/seed.sh; DS=, BENCH_REPS=, BENCH_TOOLS= there).
+.PHONY: bench-seed
+bench-seed: build
+	bash bench/seed.sh
 
 demo: build
 	bash scripts/demo.sh

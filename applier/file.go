@@ -19,6 +19,9 @@ var (
 	ErrGap     = errors.New("cycle sequence has a gap")
 	ErrReplay  = errors.New("cycle is older than what the target already holds")
 	ErrNoBase  = errors.New("target has no standin state and the cycle is not a base cycle")
+	// ErrRefs: a cycle with ref extents (a thinned cycle) can only be applied
+	// by a replica store, which resolves the refs from the blocks it holds.
+	ErrRefs = errors.New("cycle has ref extents (blocks sent as hashes only); only a replica store can apply it")
 )
 
 // State is what a target image holds, kept in TARGET.standin beside it.
@@ -51,6 +54,7 @@ type Result struct {
 	Skipped bool   `json:"skipped"` // already applied (idempotent)
 	Blocks  uint64 `json:"data_blocks"`
 	Zeroes  uint64 `json:"zero_blocks"`
+	Refs    uint64 `json:"ref_blocks,omitempty"` // ref blocks (kept in place or copied from blocks the replica held)
 }
 
 // ApplyFiles verifies every cycle completely and checks that they form an
@@ -74,6 +78,11 @@ func ApplyFiles(target string, paths []string) ([]Result, error) {
 			if len(cs) > 0 && !cs[0].r.Header().Base() {
 				return nil, fmt.Errorf("%s: %w", target, ErrNoBase)
 			}
+		}
+	}
+	for _, c := range cs {
+		if n := c.r.Footer().RefBlocks; n > 0 {
+			return nil, fmt.Errorf("%s: %w (%d ref blocks)", c.path, ErrRefs, n)
 		}
 	}
 	// Plan: decide per cycle apply/skip, refusing anything out of order.

@@ -22,11 +22,14 @@ type Point struct {
 	Time  time.Time         `json:"time"`  // cut time of the cycles it was made from
 	Cycle uint64            `json:"cycle"` // seq of the first cycle of the apply that made it
 	Seqs  map[string]uint64 `json:"seqs"`  // image id → seq
-	Kind  string            `json:"kind"`  // "latest", "every" (one per Every-slot), "any" (AnyPointWindow)
+	Kind  string            `json:"kind"`  // "latest", "every" (one per Every-slot), "any" (AnyPointWindow), "pinned" (held by a pin only)
 	// Bytes is the size of the undo logs that hold this point's content for
 	// the blocks changed after it (up to the next retained point): what
 	// expiring this point would let retention merge away, at most.
 	Bytes int64 `json:"bytes"`
+	// AppConsistent: cut while the group's applications were quiesced
+	// (freeze command before the cut, thaw right after its barrier).
+	AppConsistent bool `json:"app_consistent"`
 }
 
 // PointReader reads one image at one recovery point. Reads see the point
@@ -87,7 +90,7 @@ func (r *Replica) Points(groupName string) ([]Point, error) {
 	}
 	out := make([]Point, len(g.pts.Points))
 	for i, p := range g.pts.Points {
-		out[i] = Point{ID: pointID(p.N), Time: p.Time, Cycle: p.Cycle, Seqs: p.Seqs, Kind: p.Kind}
+		out[i] = Point{ID: pointID(p.N), Time: p.Time, Cycle: p.Cycle, Seqs: p.Seqs, Kind: p.Kind, AppConsistent: p.AppConsistent}
 		if i == len(out)-1 {
 			out[i].Kind = "latest"
 			continue
@@ -415,6 +418,10 @@ func (r *Replica) retain(g *group) (dropped []string, reclaimed int64, err error
 	if len(ps) == 0 {
 		return nil, 0, nil
 	}
+	// Pinned points are kept; the pin lock is held until points.json and
+	// g.pts say what is kept (pins.go).
+	pinned, unlockPins := r.lockPins(g)
+	defer unlockPins()
 	ret := g.meta.Retention.withDefaults()
 	now := r.o.Now()
 	kinds := make([]string, len(ps))
@@ -427,7 +434,7 @@ func (r *Replica) retain(g *group) (dropped []string, reclaimed int64, err error
 		if s <= nowSlot-int64(ret.Points) {
 			continue
 		}
-		if j, ok := best[s]; !ok || !p.Time.Before(ps[j].Time) {
+		if j, ok := best[s]; !ok || preferPoint(p, ps[j]) {
 			best[s] = i
 		}
 	}
@@ -441,6 +448,11 @@ func (r *Replica) retain(g *group) (dropped []string, reclaimed int64, err error
 			if kinds[i] == "" && now.Sub(p.Time) < ret.AnyPointWindow {
 				kinds[i] = "any"
 			}
+		}
+	}
+	for i, p := range ps {
+		if kinds[i] == "" && pinned(p.N) {
+			kinds[i] = "pinned"
 		}
 	}
 	var kept []pointRec
@@ -469,6 +481,7 @@ func (r *Replica) retain(g *group) (dropped []string, reclaimed int64, err error
 			return dropped, 0, err
 		}
 	}
+	unlockPins()
 	K := make([]uint64, len(kept))
 	for i, p := range kept {
 		K[i] = p.N

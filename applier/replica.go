@@ -36,6 +36,12 @@ type Replica struct {
 	mu     sync.Mutex
 	groups map[string]*group
 	closed bool
+
+	chunks  *chunkIndex // nil if it could not be opened (dedup off)
+	idxStop chan struct{}
+	idxWG   sync.WaitGroup
+
+	pins pinTable // pins.go
 }
 
 // ReplicaOptions configure a Replica.
@@ -92,6 +98,9 @@ type ApplyResult struct {
 	UndoBytes int64     `json:"undo_bytes"` // undo log bytes written by this apply
 	Dropped   []string  `json:"dropped,omitempty"`
 	Reclaimed int64     `json:"reclaimed"` // undo bytes freed by retention
+	// AppConsistent: the point was recorded app-consistent (every cycle of
+	// the commit carries format.FlagAppConsistent).
+	AppConsistent bool `json:"app_consistent,omitempty"`
 }
 
 // On-disk records.
@@ -108,6 +117,9 @@ type pointRec struct {
 	Cycle uint64            `json:"cycle"`
 	Seqs  map[string]uint64 `json:"seqs"`
 	Kind  string            `json:"kind"`
+	// AppConsistent: made from cycles cut while the applications were
+	// quiesced (format.FlagAppConsistent); retention prefers such points.
+	AppConsistent bool `json:"app_consistent,omitempty"`
 }
 
 type pointsFile struct {
@@ -120,6 +132,7 @@ type journalItem struct {
 	Gen  uint64 `json:"generation"`
 	Seq  uint64 `json:"seq"`
 	Path string `json:"path"`
+	Refs string `json:"refs,omitempty"` // refs file with the copied ref blocks (refs.go)
 }
 
 // journal (GROUP/apply.json) is the commit record of an apply: once it is
@@ -129,6 +142,8 @@ type journal struct {
 	Time  time.Time     `json:"time"`
 	Cycle uint64        `json:"cycle"`
 	Items []journalItem `json:"items"`
+	// AppConsistent is recorded in the point (also by a roll-forward).
+	AppConsistent bool `json:"app_consistent,omitempty"`
 }
 
 type imageState struct {
@@ -206,7 +221,12 @@ func OpenReplica(dir string, o ReplicaOptions) (*Replica, error) {
 		lf.Close()
 		return nil, fmt.Errorf("replica store %s is in use by another process: %w", dir, err)
 	}
-	r := &Replica{dir: dir, o: o, lock: lf, groups: map[string]*group{}}
+	r := &Replica{dir: dir, o: o, lock: lf, groups: map[string]*group{}, idxStop: make(chan struct{})}
+	ci, fresh, err := openChunkIndex(filepath.Join(dir, "chunks.db"))
+	if err != nil {
+		o.Logger.Error("chunk index unavailable: dedup-aware replication off", "err", err)
+	}
+	r.chunks = ci
 	ents, err := os.ReadDir(filepath.Join(dir, "groups"))
 	if err != nil {
 		r.Close()
@@ -228,6 +248,13 @@ func OpenReplica(dir string, o ReplicaOptions) (*Replica, error) {
 		}
 		r.groups[g.name] = g
 	}
+	if fresh && len(r.groups) > 0 {
+		r.idxWG.Add(1)
+		go func() {
+			defer r.idxWG.Done()
+			r.reindexAll(r.idxStop)
+		}()
+	}
 	return r, nil
 }
 
@@ -240,6 +267,8 @@ func (r *Replica) Close() error {
 		return nil
 	}
 	r.closed = true
+	close(r.idxStop)
+	r.idxWG.Wait() // the rebuild never takes r.mu
 	for _, g := range r.groups {
 		g.wmu.Lock() // waits for a running apply
 		defer g.wmu.Unlock()
@@ -249,6 +278,9 @@ func (r *Replica) Close() error {
 		}
 		g.images = map[string]*image{}
 		g.mu.Unlock()
+	}
+	if r.chunks != nil {
+		r.chunks.close() // no apply runs any more
 	}
 	return r.lock.Close()
 }
@@ -527,7 +559,10 @@ func (r *Replica) recoverGroup(g *group, override map[string]string) error {
 				if uuid.UUID(h.ImageID).String() != it.ID || h.Generation != it.Gen || h.Seq != it.Seq {
 					err = fmt.Errorf("%s is not cycle %s/%d/%d", path, it.ID, it.Gen, it.Seq)
 				} else {
-					err = r.applyData(im, c.r)
+					err = r.applyData(im, c.r, it.Refs)
+				}
+				if err == nil {
+					r.indexCycle(g.name, it.ID, c.r)
 				}
 				c.f.Close()
 			}
@@ -596,6 +631,8 @@ func (r *Replica) recoverGroup(g *group, override map[string]string) error {
 			return err
 		}
 	}
+	// No apply is pending any more: refs files of earlier applies are done.
+	os.RemoveAll(filepath.Join(g.dir, "refs"))
 	if _, _, err := r.retain(g); err != nil {
 		return err
 	}
@@ -696,7 +733,7 @@ func (r *Replica) Apply(ctx context.Context, group, path string) (ApplyResult, e
 // when all are, no point is recorded and Skipped is set. Refused input
 // changes nothing.
 func (r *Replica) ApplyGroup(ctx context.Context, groupName string, paths []string) (ApplyResult, error) {
-	return r.applyGroup(ctx, groupName, paths, true)
+	return r.applyGroup(ctx, groupName, paths, true, nil)
 }
 
 // ApplyVerified is ApplyGroup for cycle files the caller has already
@@ -705,10 +742,16 @@ func (r *Replica) ApplyGroup(ctx context.Context, groupName string, paths []stri
 // catches any change since; every block hash is still checked while the data
 // is applied.
 func (r *Replica) ApplyVerified(ctx context.Context, groupName string, paths []string) (ApplyResult, error) {
-	return r.applyGroup(ctx, groupName, paths, false)
+	return r.applyGroup(ctx, groupName, paths, false, nil)
 }
 
-func (r *Replica) applyGroup(ctx context.Context, groupName string, paths []string, full bool) (res ApplyResult, err error) {
+// ApplyVerifiedFrom is ApplyVerified whose ref blocks may only be resolved
+// from images that sources allows (the committing primary's allow-list).
+func (r *Replica) ApplyVerifiedFrom(ctx context.Context, groupName string, paths []string, sources SourceFunc) (ApplyResult, error) {
+	return r.applyGroup(ctx, groupName, paths, false, sources)
+}
+
+func (r *Replica) applyGroup(ctx context.Context, groupName string, paths []string, full bool, sources SourceFunc) (res ApplyResult, err error) {
 	g, err := r.group(groupName)
 	if err != nil {
 		return res, err
@@ -730,6 +773,16 @@ func (r *Replica) applyGroup(ctx context.Context, groupName string, paths []stri
 		}
 		ids[id] = true
 	}
+	// Ref blocks may be resolved from any group: look them up now, since
+	// r.mu must not be taken while g.wmu is held (Close holds r.mu while it
+	// waits for every group's wmu).
+	var groups map[string]*group
+	for _, c := range cs {
+		if c.r.Footer().RefBlocks > 0 {
+			groups = r.groupsSnapshot()
+			break
+		}
+	}
 	g.wmu.Lock()
 	defer g.wmu.Unlock()
 	if g.needRecover {
@@ -745,17 +798,18 @@ func (r *Replica) applyGroup(ctx context.Context, groupName string, paths []stri
 
 	// Plan.
 	type item struct {
-		c   *openedCycle
-		im  *image // nil for a new image
-		id  string
-		new bool
+		c    *openedCycle
+		im   *image // nil for a new image
+		id   string
+		new  bool
+		refs *refSet // resolved ref blocks (nil: the cycle has none)
 	}
 	var plan []item
 	for _, c := range cs {
 		h := c.r.Header()
 		id := uuid.UUID(h.ImageID).String()
 		im := g.images[id]
-		rr := Result{Path: c.path, Seq: h.Seq, Blocks: c.r.Footer().DataBlocks, Zeroes: c.r.Footer().ZeroBlocks}
+		rr := Result{Path: c.path, Seq: h.Seq, Blocks: c.r.Footer().DataBlocks, Zeroes: c.r.Footer().ZeroBlocks, Refs: c.r.Footer().RefBlocks}
 		switch {
 		case im == nil || !im.st.Present:
 			if !h.Base() {
@@ -784,11 +838,40 @@ func (r *Replica) applyGroup(ctx context.Context, groupName string, paths []stri
 	if err := ctx.Err(); err != nil {
 		return res, err
 	}
+	// Resolve every ref block before anything changes (refs.go).
+	missing := map[string][][2]uint64{}
+	hdrs := map[string]format.Header{}
+	removeRefs := func() {
+		for _, it := range plan {
+			if it.refs != nil && it.refs.path != "" {
+				os.Remove(it.refs.path)
+			}
+		}
+	}
+	for i, it := range plan {
+		if it.c.r.Footer().RefBlocks == 0 {
+			continue
+		}
+		rs, miss, err := r.resolveRefs(groups, g, it.im, it.id, it.c.r, sources)
+		if err != nil {
+			removeRefs()
+			return res, fmt.Errorf("resolving the ref blocks of %s: %w", it.c.path, err)
+		}
+		if len(miss) > 0 {
+			missing[it.id], hdrs[it.id] = miss, it.c.r.Header()
+			continue
+		}
+		plan[i].refs = rs
+	}
+	if len(missing) > 0 {
+		removeRefs()
+		return res, missingError(missing, hdrs)
+	}
 	// From here on, any failure leaves work for recovery.
 	g.needRecover = true
 	N := g.pts.Next
 	h0 := cs[0].r.Header()
-	j := journal{Point: N, Time: h0.CutTime, Cycle: h0.Seq}
+	j := journal{Point: N, Time: h0.CutTime, Cycle: h0.Seq, AppConsistent: appConsistent(cs)}
 
 	// New members: group.json, then the image directory.
 	var added []string
@@ -830,7 +913,7 @@ func (r *Replica) applyGroup(ctx context.Context, groupName string, paths []stri
 	}
 	// Step 2: undo logs, durable and published to readers before anything changes.
 	for _, it := range plan {
-		l, err := r.buildUndo(it.im, N, it.c.r)
+		l, err := r.buildUndo(it.im, N, it.c.r, it.refs)
 		if err != nil {
 			return res, fmt.Errorf("undo log for image %s: %w", it.id, err)
 		}
@@ -860,7 +943,11 @@ func (r *Replica) applyGroup(ctx context.Context, groupName string, paths []stri
 			return res, err
 		}
 		h = it.c.r.Header()
-		j.Items = append(j.Items, journalItem{ID: it.id, Gen: h.Generation, Seq: h.Seq, Path: it.c.path})
+		ji := journalItem{ID: it.id, Gen: h.Generation, Seq: h.Seq, Path: it.c.path}
+		if it.refs != nil {
+			ji.Refs = it.refs.path
+		}
+		j.Items = append(j.Items, ji)
 	}
 	// Commit record.
 	if err := fsutil.WriteJSON(filepath.Join(g.dir, "apply.json"), j); err != nil {
@@ -871,9 +958,14 @@ func (r *Replica) applyGroup(ctx context.Context, groupName string, paths []stri
 	}
 	// Step 4: the data.
 	for _, it := range plan {
-		if err := r.applyData(it.im, it.c.r); err != nil {
+		refs := ""
+		if it.refs != nil {
+			refs = it.refs.path
+		}
+		if err := r.applyData(it.im, it.c.r, refs); err != nil {
 			return res, fmt.Errorf("applying %s: %w", it.c.path, err)
 		}
+		r.indexCycle(g.name, it.id, it.c.r)
 		if err := r.hook("data"); err != nil {
 			return res, err
 		}
@@ -897,7 +989,8 @@ func (r *Replica) applyGroup(ctx context.Context, groupName string, paths []stri
 	if err := fsutil.SyncDir(g.dir); err != nil {
 		return res, err
 	}
-	res.Point, res.Time = pointID(N), j.Time
+	removeRefs()
+	res.Point, res.Time, res.AppConsistent = pointID(N), j.Time, j.AppConsistent
 	res.Dropped, res.Reclaimed, err = r.retain(g)
 	if err != nil {
 		return res, fmt.Errorf("retention after point %d: %w", N, err)
@@ -923,7 +1016,7 @@ func (r *Replica) markApplied(g *group, im *image, h format.Header) error {
 // recordPoint appends point j.Point (with the current seq of every present
 // image) to points.json durably.
 func (r *Replica) recordPoint(g *group, j *journal) error {
-	p := pointRec{N: j.Point, Time: j.Time, Cycle: j.Cycle, Seqs: map[string]uint64{}, Kind: "latest"}
+	p := pointRec{N: j.Point, Time: j.Time, Cycle: j.Cycle, Seqs: map[string]uint64{}, Kind: "latest", AppConsistent: j.AppConsistent}
 	for id, im := range g.images {
 		if im.st.Present {
 			p.Seqs[id] = im.st.Seq
@@ -976,7 +1069,7 @@ func blocksOf(size uint64) uint64 { return (size + format.BlockSize - 1) / forma
 
 // buildUndo writes undo log N of im for cycle r: every block whose content
 // the cycle may change, with its current content and recorded hash.
-func (r *Replica) buildUndo(im *image, N uint64, cr *format.Reader) (*undoLog, error) {
+func (r *Replica) buildUndo(im *image, N uint64, cr *format.Reader, refs *refSet) (*undoLog, error) {
 	h := cr.Header()
 	var oldSize uint64
 	if im.st.Present {
@@ -995,11 +1088,15 @@ func (r *Replica) buildUndo(im *image, N uint64, cr *format.Reader) (*undoLog, e
 	}
 	var rs []brange
 	for _, e := range cr.Extents() {
-		if e.Kind == format.KindData {
+		switch e.Kind {
+		case format.KindData:
 			rs = append(rs, brange{e.Start, e.End()})
-		} else {
+		case format.KindZero:
 			rs = intersect(rs, alloc, e.Start, min(e.End(), oldBlocks))
 		}
+	}
+	if refs != nil {
+		rs = append(rs, refs.runs...) // copied ref blocks change like data
 	}
 	if h.Base() {
 		rs = append(rs, alloc...)
@@ -1008,6 +1105,10 @@ func (r *Replica) buildUndo(im *image, N uint64, cr *format.Reader) (*undoLog, e
 		rs = intersect(rs, alloc, h.ImageSize/format.BlockSize, oldBlocks)
 	}
 	rs = normalize(rs)
+	if refs != nil {
+		// Kept ref blocks do not change: the apply does not write them.
+		rs = subtract(rs, refs.keep)
+	}
 
 	w, err := createUndo(filepath.Join(im.dir, "undo"), N, N, !im.st.Present, oldSize)
 	if err != nil {
@@ -1074,10 +1175,11 @@ func readFullAt(f *os.File, b []byte, off int64) error {
 // applyData writes a verified cycle into latest.img and hashes.bin and syncs
 // both. It may be repeated after a crash (it does not depend on what a
 // previous, interrupted run left).
-func (r *Replica) applyData(im *image, cr *format.Reader) error {
+func (r *Replica) applyData(im *image, cr *format.Reader, refsPath string) error {
 	h := cr.Header()
 	f, hf := im.img, im.hashes
-	if h.Base() {
+	withRefs := cr.Footer().RefBlocks > 0
+	if h.Base() && !withRefs {
 		if err := f.Truncate(0); err != nil {
 			return err
 		}
@@ -1094,6 +1196,27 @@ func (r *Replica) applyData(im *image, cr *format.Reader) error {
 			return err
 		}
 	}
+	var src *refSource
+	if withRefs {
+		if src, err = newRefSource(refsPath); err != nil {
+			return err
+		}
+		defer src.close()
+		if h.Base() {
+			// A base with refs keeps the blocks it refers to in place: zero
+			// only the blocks no extent covers (a truncation would lose them).
+			nb := blocksOf(h.ImageSize)
+			for _, gap := range subtract([]brange{{0, nb}}, covered(cr)) {
+				if err := punch(f, int64(gap.lo)*format.BlockSize, int64(gap.hi-gap.lo)*format.BlockSize); err != nil {
+					return err
+				}
+				if err := punch(hf, int64(gap.lo)*32, int64(gap.hi-gap.lo)*32); err != nil {
+					return err
+				}
+			}
+		}
+	}
+	var refHashes, refBlk []byte
 	exts := cr.Extents()
 	dec := newDecoder(cr, exts)
 	defer dec.stop()
@@ -1123,6 +1246,13 @@ func (r *Replica) applyData(im *image, cr *format.Reader) error {
 				return err
 			}
 			if err := punch(hf, int64(e.Start)*32, int64(e.Count)*32); err != nil {
+				return err
+			}
+		case format.KindRef:
+			if refBlk == nil {
+				refBlk = make([]byte, format.BlockSize)
+			}
+			if refHashes, err = applyRefExtent(f, hf, cr, i, src, refHashes, refBlk); err != nil {
 				return err
 			}
 		}

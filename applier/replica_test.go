@@ -44,6 +44,7 @@ type cycOpt struct {
 	base   bool // a base cycle (of a new generation if the image exists)
 	nOps   int
 	resize bool
+	app    bool // flagged app-consistent
 }
 
 // cycle writes the next cycle of ti with random changes and returns its
@@ -106,6 +107,9 @@ func (ti *tImage) cycle(t *testing.T, dir string, rng *rand.Rand, gc [16]byte, c
 		CutTime: cut, ImageSize: size, GroupCut: gc, Name: ti.name}
 	if base {
 		h.Flags, h.Parent = format.FlagBase, format.NoParent
+	}
+	if o.app {
+		h.Flags |= format.FlagAppConsistent
 	}
 	p := filepath.Join(dir, fmt.Sprintf("%s-g%d-s%d-%d.cyc", ti.idString(), next.gen, next.seq, rng.Uint32()))
 	f, err := os.Create(p)

@@ -1,6 +1,7 @@
 package applier
 
 import (
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -58,6 +59,9 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("POST "+wire.Prefix+"/groups/{group}/commit", s.authed(s.commit))
 	mux.HandleFunc("GET "+wire.Prefix+"/groups/{group}", s.authed(s.groupState))
 	mux.HandleFunc("POST "+wire.Prefix+"/groups/{group}/seed", s.authed(s.seedExpect))
+	mux.HandleFunc("DELETE "+wire.Prefix+"/groups/{group}/uploads/{id}/{gen}/{seq}", s.authed(s.discard))
+	mux.HandleFunc("POST "+wire.Prefix+"/groups/{group}/images/{id}/held", s.authed(s.held))
+	mux.HandleFunc("GET "+wire.Prefix+"/groups/{group}/images/{id}/regions", s.authed(s.regions))
 	return mux
 }
 
@@ -79,7 +83,12 @@ func (s *Server) reply(w http.ResponseWriter, r *http.Request, v any, err error)
 		he := classify(err)
 		s.log.Warn("request refused", "method", r.Method, "path", r.URL.Path, "remote", r.RemoteAddr, "status", he.status, "err", err)
 		w.WriteHeader(he.status)
-		json.NewEncoder(w).Encode(wire.Error{Error: err.Error(), Code: he.code})
+		we := wire.Error{Error: err.Error(), Code: he.code}
+		var me *MissingChunksError
+		if errors.As(err, &me) {
+			we.Missing = me.Missing
+		}
+		json.NewEncoder(w).Encode(we)
 		return
 	}
 	json.NewEncoder(w).Encode(v)
@@ -96,6 +105,8 @@ func classify(err error) *httpErr {
 		return &httpErr{http.StatusForbidden, pki.Code(err), err}
 	case errors.Is(err, format.ErrCorrupt), errors.Is(err, format.ErrNotCycle), errors.Is(err, format.ErrVersion):
 		return &httpErr{http.StatusUnprocessableEntity, "corrupt", err}
+	case errors.Is(err, ErrMissingChunks):
+		return &httpErr{http.StatusConflict, "missing_chunks", err}
 	case errors.Is(err, ErrForeign), errors.Is(err, ErrGap), errors.Is(err, ErrReplay), errors.Is(err, ErrNoBase), errors.Is(err, ErrBadName):
 		return &httpErr{http.StatusConflict, "refused", err}
 	}
@@ -182,11 +193,20 @@ func (s *Server) state(group, path string, ref wire.CycleRef) (wire.UploadState,
 	} else if ok && st.Generation == ref.Gen && st.Seq >= ref.Seq && !st.Applying {
 		return wire.UploadState{Applied: true, Complete: true}, nil
 	}
-	if fi, err := os.Stat(path); err == nil {
-		return wire.UploadState{Offset: fi.Size(), Complete: true}, nil
+	if f, err := os.Open(path); err == nil {
+		defer f.Close()
+		fi, err := f.Stat()
+		if err != nil {
+			return wire.UploadState{}, err
+		}
+		st := wire.UploadState{Offset: fi.Size(), Complete: true}
+		if _, ft, err := format.ReadInfo(f, fi.Size()); err == nil {
+			st.FileHash = hex.EncodeToString(ft.FileHash[:])
+		}
+		return st, nil
 	}
 	if fi, err := os.Stat(path + ".part"); err == nil {
-		return wire.UploadState{Offset: fi.Size()}, nil
+		return wire.UploadState{Offset: fi.Size(), FileHash: partHash(path)}, nil
 	}
 	return wire.UploadState{}, nil
 }
@@ -222,8 +242,18 @@ func (s *Server) upload(w http.ResponseWriter, r *http.Request, p pki.Primary) {
 		s.reply(w, r, nil, fail(http.StatusBadRequest, "bad_request", "offset %q / total %q out of range", r.URL.Query().Get("offset"), r.URL.Query().Get("total")))
 		return
 	}
+	// hash names the variant (thinned or full cycle share id/gen/seq).
+	hash := r.URL.Query().Get("hash")
+	if !validFileHash(hash) {
+		s.reply(w, r, nil, fail(http.StatusBadRequest, "bad_request", "hash %q: want 64 hex digits", hash))
+		return
+	}
 	defer s.lock(path)()
 	st, err := s.state(group, path, ref)
+	if err == nil && hash != "" && st.FileHash != "" && st.FileHash != hash && !st.Applied && (st.Complete || off > 0) {
+		s.reply(w, r, nil, fail(http.StatusConflict, "variant", "the replica holds another variant of cycle %s gen %d seq %d (discard it first)", ref.ID, ref.Gen, ref.Seq))
+		return
+	}
 	if err != nil || st.Complete {
 		s.reply(w, r, st, err)
 		return
@@ -237,6 +267,18 @@ func (s *Server) upload(w http.ResponseWriter, r *http.Request, p pki.Primary) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		s.reply(w, r, nil, err)
 		return
+	}
+	if off == 0 {
+		var err error
+		if hash != "" {
+			err = fsutil.WriteFileAtomic(path+".part.hash", []byte(hash), 0o600)
+		} else if err = os.Remove(path + ".part.hash"); errors.Is(err, os.ErrNotExist) {
+			err = nil
+		}
+		if err != nil {
+			s.reply(w, r, nil, err)
+			return
+		}
 	}
 	f, err := os.OpenFile(path+".part", os.O_CREATE|os.O_WRONLY, 0o600)
 	if err != nil {
@@ -301,6 +343,7 @@ func (s *Server) finishUpload(group, path, name string, ref wire.CycleRef, p pki
 	part := path + ".part"
 	bad := func(err error) error {
 		os.Remove(part) // unverifiable: the primary sends it again from byte 0
+		os.Remove(part + ".hash")
 		return err
 	}
 	f, err := os.Open(part)
@@ -327,9 +370,13 @@ func (s *Server) finishUpload(group, path, name string, ref wire.CycleRef, p pki
 	if h.Name != name || !p.Allowed(group, h.Name) {
 		return bad(fail(http.StatusForbidden, "forbidden", "primary %s may not send image %s/%s", p.Name, group, h.Name))
 	}
+	if fh := rd.Footer().FileHash; partHash(path) != "" && partHash(path) != hex.EncodeToString(fh[:]) {
+		return bad(fmt.Errorf("cycle %s gen %d seq %d: %w: the upload mixes two variants of the cycle", ref.ID, ref.Gen, ref.Seq, format.ErrCorrupt))
+	}
 	if err := os.Rename(part, path); err != nil {
 		return err
 	}
+	os.Remove(part + ".hash")
 	return fsutil.SyncDir(filepath.Dir(path))
 }
 
@@ -367,7 +414,7 @@ func (s *Server) commit(w http.ResponseWriter, r *http.Request, p pki.Primary) {
 		s.reply(w, r, nil, err)
 		return
 	}
-	res, err := s.rep.ApplyVerified(r.Context(), group, paths)
+	res, err := s.rep.ApplyVerifiedFrom(r.Context(), group, paths, s.sources(p))
 	s.noteCommit(group, req.Policy.Interval, err)
 	if s.OnApply != nil {
 		s.OnApply(group, res, err)
@@ -378,6 +425,9 @@ func (s *Server) commit(w http.ResponseWriter, r *http.Request, p pki.Primary) {
 	}
 	for _, p := range paths {
 		os.Remove(p)
+	}
+	if req.AppConsistent != res.AppConsistent && !res.Skipped {
+		s.log.Warn("commit: the primary's app-consistent flag differs from its cycles' headers; the point records the headers", "group", group, "point", res.Point, "request", req.AppConsistent, "cycles", res.AppConsistent)
 	}
 	s.reply(w, r, commitReply(res), nil)
 }
@@ -413,7 +463,7 @@ func (s *Server) seedExpect(w http.ResponseWriter, r *http.Request, p pki.Primar
 func validName(s string) bool { return storeNameOK(s) }
 
 func commitReply(res ApplyResult) wire.CommitReply {
-	return wire.CommitReply{Point: res.Point, Time: res.Time, Skipped: res.Skipped}
+	return wire.CommitReply{Point: res.Point, Time: res.Time, Skipped: res.Skipped, AppConsistent: res.AppConsistent}
 }
 
 type groupHealth struct {

@@ -7,6 +7,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 
 	"github.com/zeebo/blake3"
 )
@@ -25,6 +26,9 @@ var (
 
 const encMagic = "SDENC001"
 
+// sealOverhead is what sealing adds to a file: magic, nonce, GCM tag.
+const sealOverhead = len(encMagic) + 12 + 16
+
 // keys holds the subkeys derived from the user's master key. A nil *keys
 // means "not encrypted".
 type keys struct {
@@ -32,6 +36,7 @@ type keys struct {
 	check [32]byte // stored in the index to recognise the right key
 	mac   [32]byte // keyed BLAKE3 over the index body
 	aead  cipher.AEAD
+	blk   cipher.Block // the AEAD's block cipher, for range decryption
 }
 
 func deriveKeys(master, salt []byte) (*keys, error) {
@@ -54,6 +59,7 @@ func deriveKeys(master, salt []byte) (*keys, error) {
 	if k.aead, err = cipher.NewGCM(blk); err != nil {
 		return nil, err
 	}
+	k.blk = blk
 	return k, nil
 }
 
@@ -123,4 +129,46 @@ func (k *keys) open(kind byte, num uint64, data []byte) ([]byte, error) {
 		return nil, fmt.Errorf("dedup: authentication failed (damaged or foreign file): %w", err)
 	}
 	return p, nil
+}
+
+// plainLen is the plaintext length of a stored file of n bytes.
+func (k *keys) plainLen(n int64) int64 {
+	if k == nil {
+		return n
+	}
+	return n - int64(sealOverhead)
+}
+
+// readRange returns plaintext bytes [off, off+n) of a stored (sealed) file
+// without reading or authenticating the rest: GCM encrypts with AES-CTR
+// starting at counter nonce||2, so a range decrypts on its own. This is not
+// authenticated by the GCM tag; callers check what they read otherwise (the
+// whole file's hash was checked against the authenticated index before, and
+// every chunk read is checked against its keyed id).
+func (k *keys) readRange(r io.ReaderAt, off, n int64) ([]byte, error) {
+	if k == nil {
+		b := make([]byte, n)
+		if _, err := r.ReadAt(b, off); err != nil && !(err == io.EOF && n == 0) {
+			return nil, err
+		}
+		return b, nil
+	}
+	hdr := make([]byte, len(encMagic)+12)
+	if _, err := r.ReadAt(hdr, 0); err != nil {
+		return nil, err
+	}
+	if string(hdr[:len(encMagic)]) != encMagic {
+		return nil, errors.New("dedup: file is not sealed")
+	}
+	first := off / 16
+	skip := off - first*16
+	ct := make([]byte, skip+n)
+	if _, err := r.ReadAt(ct[skip:], int64(len(hdr))+off); err != nil {
+		return nil, err
+	}
+	var iv [16]byte
+	copy(iv[:], hdr[len(encMagic):])
+	binary.BigEndian.PutUint32(iv[12:], uint32(2+first))
+	cipher.NewCTR(k.blk, iv[:]).XORKeyStream(ct, ct)
+	return ct[skip:], nil
 }

@@ -5,16 +5,18 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
+	"sort"
 
 	"github.com/zeebo/blake3"
 )
 
 const (
-	indexMagic   = "SDINDEX1"
+	indexMagic   = "SDINDEX2"
 	chunkSize    = 4096
 	groupData    = 10 // data shards per Reed-Solomon group
 	maxShardSize = 1 << 30
+	maxVolumes   = 65535
+	maxIndexSize = 1 << 30
 )
 
 // Shard kinds.
@@ -32,12 +34,26 @@ var ErrCorruptIndex = errors.New("dedup: seed index damaged (both copies) or mis
 
 type shardEntry struct {
 	Kind  byte
-	Num   uint64 // pack number / manifest number / group*256+parity position
-	Name  string
+	Vol   int    // 1-based volume holding the shard
+	Num   uint64 // pack number / manifest number / group<<8 | parity position
 	Len   int64
 	Hash  [32]byte // BLAKE3 of the file as stored
 	First uint64   // packs: first global chunk id
 	Count uint32   // packs: number of chunks
+}
+
+// Name is the shard's file name below its volume directory, derived from
+// kind and number (the index stores no names).
+func (s shardEntry) Name() string {
+	switch s.Kind {
+	case kindPack:
+		return packName(s.Num)
+	case kindManifest:
+		return manifestName(s.Num)
+	case kindParity:
+		return parityName(int(s.Num>>8), int(s.Num&0xff))
+	}
+	return "?"
 }
 
 type groupEntry struct {
@@ -47,6 +63,10 @@ type groupEntry struct {
 }
 
 type seedIndex struct {
+	SeedID      [16]byte
+	Volume      int  // the volume this copy is on (1-based)
+	Volumes     int  // volumes of the seed (0 in a partial index)
+	Partial     bool // written on a volume closed before the seed was complete
 	Encrypted   bool
 	Salt        [32]byte
 	Check       [32]byte
@@ -54,8 +74,18 @@ type seedIndex struct {
 	Images      int
 	Groups      []groupEntry
 
-	encodeRaw []byte // the intact copy as read
+	raw []byte // the intact copy as read
 }
+
+const (
+	flagEncrypted = 1
+	flagPartial   = 2
+)
+
+// indexCommonStart is the offset of the bytes that are the same in every
+// complete copy of one seed's index (everything after the volume number, up
+// to the MAC).
+const indexCommonStart = len(indexMagic) + 16 + 4
 
 func kindName(k byte) string {
 	switch k {
@@ -72,11 +102,17 @@ func kindName(k byte) string {
 func (ix *seedIndex) encode(k *keys) []byte {
 	w := &wr{}
 	w.bytes([]byte(indexMagic))
+	w.bytes(ix.SeedID[:])
+	w.u32(uint32(ix.Volume))
+	w.u32(uint32(ix.Volumes))
+	var fl uint8
 	if ix.Encrypted {
-		w.u8(1)
-	} else {
-		w.u8(0)
+		fl |= flagEncrypted
 	}
+	if ix.Partial {
+		fl |= flagPartial
+	}
+	w.u8(fl)
 	w.bytes(ix.Salt[:])
 	w.bytes(ix.Check[:])
 	w.u32(chunkSize)
@@ -89,13 +125,14 @@ func (ix *seedIndex) encode(k *keys) []byte {
 		w.u64(uint64(g.ShardSize))
 		for _, s := range g.Shards {
 			w.u8(s.Kind)
+			w.u32(uint32(s.Vol))
 			w.u64(s.Num)
-			w.u16(uint16(len(s.Name)))
-			w.bytes([]byte(s.Name))
 			w.u64(uint64(s.Len))
 			w.bytes(s.Hash[:])
-			w.u64(s.First)
-			w.u32(s.Count)
+			if s.Kind == kindPack {
+				w.u64(s.First)
+				w.u32(s.Count)
+			}
 		}
 	}
 	mac := k.indexMAC(w.b)
@@ -105,10 +142,17 @@ func (ix *seedIndex) encode(k *keys) []byte {
 	return w.b
 }
 
+// indexSizeBound is an upper bound of the encoded size of an index with the
+// given numbers of groups and shards.
+func indexSizeBound(groups, packs, others int64) int64 {
+	return int64(len(indexMagic)) + 16 + 4 + 4 + 1 + 32 + 32 + 4 + 8 + 4 + 4 + 64 +
+		groups*12 + packs*(1+4+8+8+32+12) + others*(1+4+8+8+32)
+}
+
 // decodeIndex parses and validates an index. It never trusts a count or
 // length without checking it against the bytes present and fixed limits.
 func decodeIndex(b []byte) (*seedIndex, error) {
-	if len(b) < len(indexMagic)+64 || string(b[:len(indexMagic)]) != indexMagic {
+	if len(b) < indexCommonStart+64 || string(b[:len(indexMagic)]) != indexMagic {
 		return nil, errors.New("dedup: not a seed index")
 	}
 	body, sum := b[:len(b)-32], b[len(b)-32:]
@@ -117,12 +161,22 @@ func decodeIndex(b []byte) (*seedIndex, error) {
 	}
 	r := &rd{b: body[len(indexMagic) : len(body)-32]}
 	ix := &seedIndex{}
-	switch r.u8() {
-	case 0:
-	case 1:
-		ix.Encrypted = true
-	default:
+	copy(ix.SeedID[:], r.take(16))
+	ix.Volume = int(r.u32())
+	ix.Volumes = int(r.u32())
+	fl := r.u8()
+	if fl&^(flagEncrypted|flagPartial) != 0 {
 		return nil, errors.New("dedup: index: bad flags")
+	}
+	ix.Encrypted = fl&flagEncrypted != 0
+	ix.Partial = fl&flagPartial != 0
+	if r.err != nil || ix.Volume < 1 || ix.Volume > maxVolumes || ix.Volumes > maxVolumes ||
+		(ix.Partial && ix.Volumes != 0) || (!ix.Partial && ix.Volume > ix.Volumes) {
+		return nil, errors.New("dedup: index: bad volume numbers")
+	}
+	maxVol := ix.Volumes
+	if ix.Partial {
+		maxVol = ix.Volume
 	}
 	ix.Salt = r.h32()
 	ix.Check = r.h32()
@@ -132,115 +186,102 @@ func decodeIndex(b []byte) (*seedIndex, error) {
 	ix.TotalChunks = r.u64()
 	ix.Images = int(r.u32())
 	ng := r.u32()
-	if r.err != nil || uint64(ng) > uint64(len(r.b))/13 {
+	if r.err != nil || uint64(ng) > uint64(len(r.b))/12 || ix.Images < 0 || ix.Images > 1<<24 {
 		return nil, errors.New("dedup: index: bad group count")
 	}
-	var nextPack, nextChunk uint64
-	var manifests int
-	names := map[string]bool{}
+	var packs []*shardEntry
+	manifests := make([]bool, 0)
 	for gi := uint32(0); gi < ng; gi++ {
 		g := groupEntry{Data: int(r.u16()), Parity: int(r.u16()), ShardSize: int64(r.u64())}
-		if r.err != nil || g.Data < 1 || g.Data+g.Parity > 256 || g.ShardSize < 0 || g.ShardSize > maxShardSize {
+		if r.err != nil || g.Data < 1 || g.Data+g.Parity > 256 || g.ShardSize < 0 || g.ShardSize > maxShardSize ||
+			uint64(g.Data+g.Parity) > uint64(len(r.b))/53 {
 			return nil, fmt.Errorf("dedup: index: group %d: bad geometry", gi)
 		}
+		var maxLen int64
 		for si := 0; si < g.Data+g.Parity; si++ {
-			s := shardEntry{Kind: r.u8(), Num: r.u64()}
-			s.Name = string(r.take(int(r.u16())))
+			s := shardEntry{Kind: r.u8(), Vol: int(r.u32()), Num: r.u64()}
 			s.Len = int64(r.u64())
 			s.Hash = r.h32()
-			s.First = r.u64()
-			s.Count = r.u32()
+			if s.Kind == kindPack {
+				s.First = r.u64()
+				s.Count = r.u32()
+			}
 			if r.err != nil {
 				return nil, errors.New("dedup: index: truncated")
 			}
-			if err := validShardName(s.Name); err != nil {
-				return nil, err
+			if s.Vol < 1 || s.Vol > maxVol {
+				return nil, fmt.Errorf("dedup: index: group %d: shard on volume %d of %d", gi, s.Vol, maxVol)
 			}
-			if names[s.Name] {
-				return nil, fmt.Errorf("dedup: index: shard %q listed twice", s.Name)
-			}
-			names[s.Name] = true
 			if s.Len < 0 || s.Len > g.ShardSize {
-				return nil, fmt.Errorf("dedup: index: shard %q: bad length", s.Name)
+				return nil, fmt.Errorf("dedup: index: group %d: shard %d: bad length", gi, si)
 			}
 			isParity := si >= g.Data
 			switch {
 			case isParity:
-				if s.Kind != kindParity || s.Len != g.ShardSize {
-					return nil, fmt.Errorf("dedup: index: group %d: bad parity shard %q", gi, s.Name)
+				if s.Kind != kindParity || s.Len != g.ShardSize || s.Num != uint64(gi)<<8|uint64(si-g.Data) {
+					return nil, fmt.Errorf("dedup: index: group %d: bad parity shard", gi)
 				}
 			case s.Kind == kindPack:
-				if s.Num != nextPack || s.First != nextChunk || s.Count == 0 {
-					return nil, fmt.Errorf("dedup: index: pack %q out of order", s.Name)
+				if s.Count == 0 || s.Count > maxPackChunks || s.Num > 1<<40 {
+					return nil, fmt.Errorf("dedup: index: group %d: bad pack entry", gi)
 				}
-				nextPack++
-				nextChunk += uint64(s.Count)
 			case s.Kind == kindManifest:
-				if s.Num != uint64(manifests) {
-					return nil, fmt.Errorf("dedup: index: manifest %q out of order", s.Name)
+				if s.Num >= uint64(ix.Images) || manifestSeen(&manifests, s.Num) {
+					return nil, fmt.Errorf("dedup: index: manifest %d out of range or listed twice", s.Num)
 				}
-				manifests++
 			default:
-				return nil, fmt.Errorf("dedup: index: shard %q: bad kind", s.Name)
+				return nil, fmt.Errorf("dedup: index: group %d: shard %d: bad kind", gi, si)
+			}
+			if !isParity {
+				maxLen = max(maxLen, s.Len)
 			}
 			g.Shards = append(g.Shards, s)
+		}
+		if maxLen != g.ShardSize {
+			return nil, fmt.Errorf("dedup: index: group %d: shard size does not match its shards", gi)
 		}
 		ix.Groups = append(ix.Groups, g)
 	}
 	if len(r.b) != 0 {
 		return nil, errors.New("dedup: index: trailing bytes")
 	}
-	if nextChunk != ix.TotalChunks || manifests != ix.Images {
+	// Packs: numbers 0..n-1 each once, chunk ranges contiguous in pack order.
+	for gi := range ix.Groups {
+		g := &ix.Groups[gi]
+		for si := range g.Shards[:g.Data] {
+			if g.Shards[si].Kind == kindPack {
+				packs = append(packs, &g.Shards[si])
+			}
+		}
+	}
+	sort.Slice(packs, func(i, j int) bool { return packs[i].Num < packs[j].Num })
+	var next uint64
+	for i, p := range packs {
+		if p.Num != uint64(i) || p.First != next {
+			return nil, fmt.Errorf("dedup: index: pack %d out of order or listed twice", p.Num)
+		}
+		next += uint64(p.Count)
+	}
+	if next != ix.TotalChunks || len(manifests) != ix.Images {
 		return nil, errors.New("dedup: index: counts do not add up")
+	}
+	for _, seen := range manifests {
+		if !seen {
+			return nil, errors.New("dedup: index: counts do not add up")
+		}
 	}
 	return ix, nil
 }
 
-// readIndex loads the first intact copy of the index and, when a key is
-// given, checks it. It returns the index and the derived keys (nil when the
-// seed is not encrypted).
-func readIndex(dir string, key []byte) (*seedIndex, *keys, error) {
-	var ix *seedIndex
-	var errs []error
-	var raw []byte
-	for _, n := range indexNames {
-		b, err := readFileLimited(filepath.Join(dir, n), 64<<20)
-		if err == nil {
-			ix, err = decodeIndex(b)
-		}
-		if err == nil {
-			raw = b
-			break
-		}
-		errs = append(errs, fmt.Errorf("%s: %w", n, err))
+func manifestSeen(m *[]bool, n uint64) bool {
+	for uint64(len(*m)) <= n {
+		*m = append(*m, false)
 	}
-	if ix != nil {
-		ix.encodeRaw = raw
+	if (*m)[n] {
+		return true
 	}
-	if ix == nil {
-		return nil, nil, fmt.Errorf("%w: %v", ErrCorruptIndex, errors.Join(errs...))
-	}
-	if !ix.Encrypted {
-		if key != nil {
-			return nil, nil, ErrNotEncrypted
-		}
-		return ix, nil, nil
-	}
-	if key == nil {
-		return ix, nil, ErrKeyRequired
-	}
-	k, err := deriveKeys(key, ix.Salt[:])
-	if err != nil {
-		return nil, nil, err
-	}
-	if k.check != ix.Check {
-		return nil, nil, ErrWrongKey
-	}
-	body := raw[:len(raw)-64]
-	if mac := k.indexMAC(body); !bytes.Equal(mac[:], raw[len(raw)-64:len(raw)-32]) {
-		return nil, nil, errors.New("dedup: index authentication failed (tampered)")
-	}
-	return ix, k, nil
+	(*m)[n] = true
+	return false
 }
 
 func readFileLimited(path string, limit int64) ([]byte, error) {

@@ -4,12 +4,13 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/klauspost/compress/zstd"
 	"github.com/zeebo/blake3"
 )
 
-const manifestMagic = "SDMANI01"
+const manifestMagic = "SDMANI02"
 
 // Manifest describes one image of a seed.
 type Manifest struct {
@@ -17,10 +18,13 @@ type Manifest struct {
 	ID         [16]byte // image identity (UUID)
 	Generation uint64   // image generation
 	Seq        uint64   // cut sequence: the relationship's base
+	CutTime    time.Time
+	GroupCut   [16]byte // id shared by all images of one crash-consistent cut
 	Size       int64    // image size in bytes
-	Root       [32]byte // BLAKE3 over (chunk index, chunk id) of every stored chunk, in image order
+	Root       [32]byte // BLAKE3 over (u64 chunk index, 16-byte chunk id) of every stored chunk, in image order
 	Chunks     int64    // stored (non-hole) chunks
 	Allocated  int64    // bytes of stored chunks, the last one trimmed at Size
+	SeedID     [16]byte // the seed this manifest was read from (not stored in the manifest)
 
 	runs []run
 }
@@ -60,6 +64,8 @@ func encodeManifest(m *Manifest, enc *zstd.Encoder) []byte {
 	w.bytes(m.ID[:])
 	w.u64(m.Generation)
 	w.u64(m.Seq)
+	w.u64(uint64(timeNanos(m.CutTime)))
+	w.bytes(m.GroupCut[:])
 	w.u64(uint64(m.Size))
 	w.u64(uint64(m.Chunks))
 	w.bytes(m.Root[:])
@@ -83,6 +89,8 @@ func decodeManifest(b []byte, totalChunks uint64) (*Manifest, error) {
 	copy(m.ID[:], r.take(16))
 	m.Generation = r.u64()
 	m.Seq = r.u64()
+	m.CutTime = nanosTime(int64(r.u64()))
+	copy(m.GroupCut[:], r.take(16))
 	m.Size = int64(r.u64())
 	m.Chunks = int64(r.u64())
 	m.Root = r.h32()
@@ -157,15 +165,16 @@ func allocated(runs []run, size int64) int64 {
 	return a
 }
 
-// rootHasher accumulates the manifest root: (u64 index, id) per stored chunk.
+// rootHasher accumulates the manifest root: (u64 index, 16-byte id) per
+// stored chunk.
 type rootHasher struct {
 	h   *blake3.Hasher
-	buf [40]byte
+	buf [8 + idLen]byte
 }
 
 func newRootHasher() *rootHasher { return &rootHasher{h: blake3.New()} }
 
-func (r *rootHasher) add(idx uint64, id [32]byte) {
+func (r *rootHasher) add(idx uint64, id shortID) {
 	binary.LittleEndian.PutUint64(r.buf[:8], idx)
 	copy(r.buf[8:], id[:])
 	r.h.Write(r.buf[:])
@@ -174,4 +183,19 @@ func (r *rootHasher) add(idx uint64, id [32]byte) {
 func (r *rootHasher) sum() (s [32]byte) {
 	r.h.Sum(s[:0])
 	return
+}
+
+// timeNanos encodes a time as Unix nanoseconds, the zero time as 0.
+func timeNanos(t time.Time) int64 {
+	if t.IsZero() {
+		return 0
+	}
+	return t.UnixNano()
+}
+
+func nanosTime(n int64) time.Time {
+	if n == 0 {
+		return time.Time{}
+	}
+	return time.Unix(0, n).UTC()
 }

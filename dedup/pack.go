@@ -9,141 +9,213 @@ import (
 )
 
 const (
-	packMagic      = "SDPACK01"
-	frameChunks    = 64        // chunks per zstd frame (256 KiB raw)
+	packMagic      = "SDPACK02"
+	idLen          = 16        // bytes of a chunk id kept in pack tables and the root
+	frameChunks    = 512       // chunks per zstd frame written (2 MiB raw)
+	maxFrameChunks = 1024      // largest frame accepted
 	maxPackChunks  = 1 << 16   // 256 MiB raw: refuse larger packs
 	maxManifestRaw = 256 << 20 // decoded run list limit
+	packHeaderLen  = len(packMagic) + 8 + 8 + 4 + 4
 )
 
-// packWriter accumulates unique chunks into frames and frames into one pack.
-type packWriter struct {
-	enc      *zstd.Encoder
-	num      uint64
-	first    uint64
-	hashes   [][32]byte
-	frames   [][]byte
-	counts   []uint32
-	pending  []byte // raw chunks of the frame being filled
-	compSize int
+type shortID = [idLen]byte
+
+func short(id *[32]byte) (s shortID) {
+	copy(s[:], id[:idLen])
+	return
 }
 
-func (p *packWriter) chunks() int { return len(p.hashes) }
+// frameLen is the number of chunks per frame for a pack size: 512, fewer for
+// small packs (a pack holds whole frames).
+func frameLen(packSize int) int { return min(frameChunks, max(1, packSize/(2*chunkSize))) }
 
-func (p *packWriter) add(h [32]byte, chunk []byte) {
-	p.hashes = append(p.hashes, h)
-	p.pending = append(p.pending, chunk...)
-	if len(p.pending) == frameChunks*chunkSize {
-		p.flushFrame()
+// frame is a run of consecutive unique chunks compressed on its own. Frames
+// are cut from the stream of unique chunks independently of packs (every
+// frameLen chunks), so they can be compressed in parallel and the seed stays
+// deterministic.
+type frame struct {
+	first uint64 // global number of the first chunk
+	ids   [][32]byte
+	raw   []byte // len(ids) chunks
+	comp  []byte
+	done  chan struct{}
+}
+
+func tableLen(nframes, nchunks int) int { return packHeaderLen + 8*nframes + idLen*nchunks }
+
+// packLen is the encoded length of a pack of these frames.
+func packLen(frames []*frame) int {
+	n := packHeaderLen
+	for _, f := range frames {
+		n += 8 + idLen*len(f.ids) + len(f.comp)
 	}
+	return n
 }
 
-func (p *packWriter) flushFrame() {
-	if len(p.pending) == 0 {
-		return
+// maxPackLen bounds the stored length of any pack for a given PackSize and
+// frame length: a pack is closed before a frame would take it over PackSize,
+// so only a pack of a single frame can be larger.
+func maxPackLen(packSize, fc int) int64 {
+	one := tableLen(1, fc) + zstdBound(fc*chunkSize)
+	return int64(max(packSize, one)) + int64(sealOverhead)
+}
+
+// zstdBound is an upper bound of the size of a zstd frame of n input bytes
+// (raw blocks of at most 128 KiB, 3-byte block headers, frame header and
+// checksum).
+func zstdBound(n int) int { return n + (n>>17+1)*3 + 32 }
+
+// encodePack returns the pack's plaintext.
+func encodePack(num uint64, frames []*frame) []byte {
+	var nchunks int
+	for _, f := range frames {
+		nchunks += len(f.ids)
 	}
-	c := p.enc.EncodeAll(p.pending, make([]byte, 0, len(p.pending)/2))
-	p.frames = append(p.frames, c)
-	p.counts = append(p.counts, uint32(len(p.pending)/chunkSize))
-	p.compSize += len(c)
-	p.pending = p.pending[:0]
-}
-
-// size is the compressed size so far plus an estimate for the open frame.
-func (p *packWriter) size() int { return p.compSize + len(p.pending)/2 }
-
-// encode returns the pack's plaintext and resets the writer for the next pack.
-func (p *packWriter) encode() []byte {
-	p.flushFrame()
-	w := &wr{b: make([]byte, 0, 32+8*len(p.frames)+32*len(p.hashes)+p.compSize)}
+	w := &wr{b: make([]byte, 0, packLen(frames))}
 	w.bytes([]byte(packMagic))
-	w.u64(p.num)
-	w.u64(p.first)
-	w.u32(uint32(len(p.hashes)))
-	w.u32(uint32(len(p.frames)))
-	for i, f := range p.frames {
-		w.u32(uint32(len(f)))
-		w.u32(p.counts[i])
+	w.u64(num)
+	w.u64(frames[0].first)
+	w.u32(uint32(nchunks))
+	w.u32(uint32(len(frames)))
+	for _, f := range frames {
+		w.u32(uint32(len(f.comp)))
+		w.u32(uint32(len(f.ids)))
 	}
-	for _, h := range p.hashes {
-		w.bytes(h[:])
+	for _, f := range frames {
+		for i := range f.ids {
+			w.bytes(f.ids[i][:idLen])
+		}
 	}
-	for _, f := range p.frames {
-		w.bytes(f)
+	for _, f := range frames {
+		w.bytes(f.comp)
 	}
-	p.num++
-	p.first += uint64(len(p.hashes))
-	p.hashes, p.frames, p.counts, p.compSize = nil, nil, nil, 0
 	return w.b
 }
 
 type packHeader struct {
 	num, first uint64
-	hashes     [][32]byte
+	ids        []shortID
 	frameLen   []uint32
 	frameCnt   []uint32
-	data       []byte
+	frameOff   []int64  // plaintext offset of each frame
+	frameFirst []uint64 // first chunk (relative to the pack) of each frame, plus the end
 }
 
-// parsePackHeader checks the pack's table against what the index says.
-func parsePackHeader(plain []byte, num, first uint64, count uint32) (*packHeader, error) {
-	if len(plain) < len(packMagic) || string(plain[:len(packMagic)]) != packMagic {
-		return nil, errors.New("dedup: not a pack")
+// packTableSize returns the length of the table of a pack from its first
+// packHeaderLen plaintext bytes (checked against the index).
+func packTableSize(head []byte, num, first uint64, count uint32) (int, error) {
+	if len(head) < packHeaderLen || string(head[:len(packMagic)]) != packMagic {
+		return 0, errors.New("dedup: not a pack")
 	}
-	r := &rd{b: plain[len(packMagic):]}
-	h := &packHeader{num: r.u64(), first: r.u64()}
-	n, nf := r.u32(), r.u32()
-	if r.err != nil || h.num != num || h.first != first || n != count || n == 0 || n > maxPackChunks || nf == 0 || nf > n {
-		return nil, fmt.Errorf("dedup: pack %d: header does not match index", num)
+	r := &rd{b: head[len(packMagic):packHeaderLen]}
+	pn, pf, n, nf := r.u64(), r.u64(), r.u32(), r.u32()
+	if pn != num || pf != first || n != count || n == 0 || n > maxPackChunks || nf == 0 || nf > n {
+		return 0, fmt.Errorf("dedup: pack %d: header does not match index", num)
 	}
+	return tableLen(int(nf), int(n)), nil
+}
+
+// parsePackTable parses a pack's table (plain holds at least the table) of a
+// pack whose plaintext is plainLen bytes, checking it against the index.
+func parsePackTable(plain []byte, plainLen int64, num, first uint64, count uint32) (*packHeader, error) {
+	tl, err := packTableSize(plain, num, first, count)
+	if err != nil {
+		return nil, err
+	}
+	if len(plain) < tl || int64(tl) > plainLen {
+		return nil, fmt.Errorf("dedup: pack %d: truncated table", num)
+	}
+	r := &rd{b: plain[packHeaderLen:tl]}
+	nf := int(uint32le(plain[len(packMagic)+20:]))
+	h := &packHeader{num: num, first: first}
 	var total uint64
-	var data uint64
-	for i := uint32(0); i < nf; i++ {
+	off := int64(tl)
+	for i := 0; i < nf; i++ {
 		l, c := r.u32(), r.u32()
-		if c == 0 || c > frameChunks {
+		if c == 0 || c > maxFrameChunks || l == 0 {
 			return nil, fmt.Errorf("dedup: pack %d: bad frame", num)
 		}
 		h.frameLen = append(h.frameLen, l)
 		h.frameCnt = append(h.frameCnt, c)
+		h.frameOff = append(h.frameOff, off)
+		h.frameFirst = append(h.frameFirst, total)
 		total += uint64(c)
-		data += uint64(l)
+		off += int64(l)
 	}
-	if r.err != nil || total != uint64(n) || uint64(len(r.b)) != 32*uint64(n)+data {
+	h.frameFirst = append(h.frameFirst, total)
+	if r.err != nil || total != uint64(count) || off != plainLen {
 		return nil, fmt.Errorf("dedup: pack %d: table does not add up", num)
 	}
-	h.hashes = make([][32]byte, n)
-	for i := range h.hashes {
-		h.hashes[i] = r.h32()
+	h.ids = make([]shortID, count)
+	for i := range h.ids {
+		copy(h.ids[i][:], r.take(idLen))
 	}
-	h.data = r.b
 	return h, nil
 }
 
-var zdec, _ = zstd.NewReader(nil, zstd.WithDecoderConcurrency(0), zstd.WithDecoderMaxMemory(frameChunks*chunkSize))
+func uint32le(b []byte) uint32 {
+	return uint32(b[0]) | uint32(b[1])<<8 | uint32(b[2])<<16 | uint32(b[3])<<24
+}
 
-// decodePack decompresses every frame and checks every chunk against its
-// hash. It returns the raw chunks back to back.
-func (h *packHeader) decode(hash func([]byte) [32]byte) ([]byte, error) {
-	raw := make([]byte, 0, len(h.hashes)*chunkSize)
-	off := 0
-	for i, l := range h.frameLen {
-		want := int(h.frameCnt[i]) * chunkSize
-		out, err := zdec.DecodeAll(h.data[off:off+int(l)], raw[len(raw):len(raw):len(raw)+want])
-		if err != nil {
-			return nil, fmt.Errorf("dedup: pack %d frame %d: %w", h.num, i, err)
+// frameOf returns the frame holding pack-relative chunk rel.
+func (h *packHeader) frameOf(rel uint64) int {
+	lo, hi := 0, len(h.frameCnt)
+	for lo < hi {
+		m := (lo + hi) / 2
+		if h.frameFirst[m+1] > rel {
+			hi = m
+		} else {
+			lo = m + 1
 		}
-		if len(out) != want {
-			return nil, fmt.Errorf("dedup: pack %d frame %d: wrong size", h.num, i)
-		}
-		if &out[0] != &raw[:len(raw)+1][len(raw)] {
-			copy(raw[len(raw):len(raw)+want], out)
-		}
-		raw = raw[:len(raw)+want]
-		off += int(l)
 	}
-	for i := range h.hashes {
-		if hash(raw[i*chunkSize:(i+1)*chunkSize]) != h.hashes[i] {
-			return nil, fmt.Errorf("dedup: pack %d: chunk %d fails its hash", h.num, h.first+uint64(i))
+	return lo
+}
+
+var zdec, _ = zstd.NewReader(nil, zstd.WithDecoderConcurrency(0), zstd.WithDecoderMaxMemory(maxFrameChunks*chunkSize))
+
+// decodeFrame decompresses frame i (its compressed bytes in comp) into buf
+// (reused when large enough). It does not check the chunks: see verify.
+func (h *packHeader) decodeFrame(i int, comp, buf []byte) ([]byte, error) {
+	want := int(h.frameCnt[i]) * chunkSize
+	if cap(buf) < want {
+		buf = make([]byte, 0, want)
+	}
+	out, err := zdec.DecodeAll(comp, buf[:0])
+	if err != nil {
+		return nil, fmt.Errorf("dedup: pack %d frame %d: %w", h.num, i, err)
+	}
+	if len(out) != want {
+		return nil, fmt.Errorf("dedup: pack %d frame %d: wrong size", h.num, i)
+	}
+	return out, nil
+}
+
+// verify checks n chunks of decoded frame i, from frame-relative chunk at,
+// against their ids.
+func (h *packHeader) verify(i int, raw []byte, at, n uint64, hash func([]byte) [32]byte) error {
+	rel := h.frameFirst[i]
+	for c := at; c < at+n; c++ {
+		id := hash(raw[c*chunkSize : (c+1)*chunkSize])
+		if short(&id) != h.ids[rel+c] {
+			return fmt.Errorf("dedup: pack %d: chunk %d fails its id", h.num, h.first+rel+c)
 		}
+	}
+	return nil
+}
+
+// decode decompresses every frame of a whole plaintext and checks every
+// chunk (tests).
+func (h *packHeader) decode(plain []byte, hash func([]byte) [32]byte) ([]byte, error) {
+	var raw []byte
+	for i := range h.frameLen {
+		b, err := h.decodeFrame(i, plain[h.frameOff[i]:h.frameOff[i]+int64(h.frameLen[i])], nil)
+		if err != nil {
+			return nil, err
+		}
+		if err := h.verify(i, b, 0, uint64(h.frameCnt[i]), hash); err != nil {
+			return nil, err
+		}
+		raw = append(raw, b...)
 	}
 	return raw, nil
 }

@@ -23,7 +23,7 @@ func TestThroughput(t *testing.T) {
 	for _, key := range [][]byte{nil, testKey} {
 		dir := t.TempDir()
 		start := time.Now()
-		sum, err := Export(context.Background(), dir, sources(ims), ExportOptions{Parity: 0.1, Key: key})
+		sum, err := Export(context.Background(), []string{dir}, sources(ims), ExportOptions{Parity: 0.1, Key: key})
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -9,7 +9,6 @@ import (
 	"path/filepath"
 	"strings"
 
-	"github.com/klauspost/reedsolomon"
 	"github.com/zeebo/blake3"
 )
 
@@ -18,26 +17,34 @@ var ErrUnrepairable = errors.New("dedup: seed damaged beyond repair")
 
 // UnrepairableError names what is lost. errors.Is(err, ErrUnrepairable) holds.
 type UnrepairableError struct {
-	Lost   []string // damaged data shards (packs/manifests) that cannot be rebuilt
-	Groups []int    // the groups concerned
+	Lost           []string // damaged data shards (packs/manifests) that cannot be rebuilt, as "volume N: file"
+	Groups         []int    // the groups concerned
+	MissingVolumes []int    // volumes that were not given
 }
 
 func (e *UnrepairableError) Error() string {
-	return fmt.Sprintf("dedup: seed damaged beyond its parity in group(s) %v; lost: %s", e.Groups, strings.Join(e.Lost, ", "))
+	s := fmt.Sprintf("dedup: seed damaged beyond its parity in group(s) %v; lost: %s", e.Groups, strings.Join(e.Lost, ", "))
+	if len(e.MissingVolumes) > 0 {
+		s += fmt.Sprintf(" (missing volume(s): %v)", e.MissingVolumes)
+	}
+	return s
 }
 
 func (e *UnrepairableError) Is(t error) bool { return t == ErrUnrepairable }
 
 // Report is the outcome of Verify.
 type Report struct {
-	Encrypted     bool
-	IndexCopies   int // intact copies of the index (of 2)
-	Groups        []GroupReport
-	Shards        int   // shards checked
-	DamagedShards int   // of which damaged
-	Bytes         int64 // bytes read
-	Repairable    bool  // every group has no more damaged shards than parity shards
-	Lost          []string
+	SeedID         [16]byte
+	Encrypted      bool
+	Volumes        int   // volumes of the seed
+	MissingVolumes []int // volumes not given (1-based)
+	IndexCopies    int   // intact index copies found (a whole seed has 2 per volume)
+	Groups         []GroupReport
+	Shards         int   // shards checked
+	DamagedShards  int   // of which damaged or missing
+	Bytes          int64 // bytes read
+	Repairable     bool  // every group has no more damaged shards than parity shards
+	Lost           []string
 }
 
 // GroupReport is one Reed-Solomon group.
@@ -50,29 +57,38 @@ type GroupReport struct {
 // DamagedShard names one bad file and what is wrong with it.
 type DamagedShard struct {
 	Name, Kind, Problem string
+	Volume              int // 1-based volume the file belongs on
 }
 
-// OK reports an undamaged seed.
-func (r Report) OK() bool { return r.DamagedShards == 0 && r.IndexCopies == 2 }
+// OK reports an undamaged, complete seed.
+func (r Report) OK() bool {
+	return r.DamagedShards == 0 && r.IndexCopies == 2*r.Volumes && len(r.MissingVolumes) == 0
+}
 
-// Verify checks every shard of the seed in dir against its hash in the index.
-// It needs no key; if a key is given it must be the seed's key.
-func Verify(ctx context.Context, dir string, key []byte) (Report, error) {
-	ix, _, err := readIndex(dir, key)
-	if err != nil && !(errors.Is(err, ErrKeyRequired) && key == nil) {
+// Verify checks every shard of the seed whose volumes are in paths (any
+// order; missing volumes are reported, and the seed is repairable if parity
+// covers them) against its hash in the index. It needs no key; if a key is
+// given it must be the seed's key.
+func Verify(ctx context.Context, paths []string, key []byte) (Report, error) {
+	ss, err := openSeed(paths, key, true)
+	if err != nil {
 		return Report{}, err
 	}
-	return checkShards(ctx, dir, ix)
+	return checkShards(ctx, ss)
 }
 
-func checkShards(ctx context.Context, dir string, ix *seedIndex) (Report, error) {
-	rep := Report{Encrypted: ix.Encrypted, Repairable: true}
-	for _, n := range indexNames {
-		if b, err := readFileLimited(filepath.Join(dir, n), 64<<20); err == nil {
-			if _, err := decodeIndex(b); err == nil {
-				rep.IndexCopies++
-			}
-		}
+func lostName(s shardEntry) string { return fmt.Sprintf("volume %d: %s", s.Vol, s.Name()) }
+
+func checkShards(ctx context.Context, ss *seedSet) (Report, error) {
+	ix := ss.ix
+	rep := Report{SeedID: ix.SeedID, Encrypted: ix.Encrypted, Repairable: true, Volumes: ix.Volumes}
+	for _, c := range ss.copies {
+		rep.IndexCopies += c
+	}
+	rep.MissingVolumes = ss.missingVolumes()
+	missing := map[int]bool{}
+	for _, v := range rep.MissingVolumes {
+		missing[v] = true
 	}
 	for gi, g := range ix.Groups {
 		gr := GroupReport{Group: gi, Data: g.Data, Parity: g.Parity}
@@ -81,19 +97,27 @@ func checkShards(ctx context.Context, dir string, ix *seedIndex) (Report, error)
 				return rep, err
 			}
 			rep.Shards++
-			n, problem := checkShard(dir, s)
+			var n int64
+			problem := ""
+			if missing[s.Vol] {
+				problem = fmt.Sprintf("volume %d missing", s.Vol)
+			} else if p := ss.locate(s); p == "" {
+				problem = "missing"
+			} else {
+				n, problem = checkShard(p, s)
+			}
 			rep.Bytes += n
 			if problem != "" {
-				gr.Damaged = append(gr.Damaged, DamagedShard{Name: s.Name, Kind: kindName(s.Kind), Problem: problem})
+				gr.Damaged = append(gr.Damaged, DamagedShard{Name: s.Name(), Kind: kindName(s.Kind), Problem: problem, Volume: s.Vol})
 			}
 		}
 		rep.DamagedShards += len(gr.Damaged)
 		gr.Repairable = len(gr.Damaged) <= g.Parity
 		if !gr.Repairable {
 			rep.Repairable = false
-			for _, d := range gr.Damaged {
+			for i, d := range gr.Damaged {
 				if d.Kind != "parity" {
-					rep.Lost = append(rep.Lost, d.Name)
+					rep.Lost = append(rep.Lost, lostName(g.Shards[shardPos(g, gr.Damaged[i].Name)]))
 				}
 			}
 		}
@@ -102,10 +126,19 @@ func checkShards(ctx context.Context, dir string, ix *seedIndex) (Report, error)
 	return rep, nil
 }
 
+func shardPos(g groupEntry, name string) int {
+	for i, s := range g.Shards {
+		if s.Name() == name {
+			return i
+		}
+	}
+	return 0
+}
+
 // checkShard hashes one shard file; it returns the bytes read and a problem
 // description, empty when the shard is intact.
-func checkShard(dir string, s shardEntry) (int64, string) {
-	f, err := os.Open(filepath.Join(dir, s.Name))
+func checkShard(path string, s shardEntry) (int64, string) {
+	f, err := os.Open(path)
 	if err != nil {
 		if os.IsNotExist(err) {
 			return 0, "missing"
@@ -133,23 +166,61 @@ func checkShard(dir string, s shardEntry) (int64, string) {
 	return n, ""
 }
 
-// shardStore hands out verified shard contents, rebuilding damaged ones from
-// parity. Rebuilt shards are kept in memory, or written back into the seed
-// when inPlace.
-type shardStore struct {
-	dir      string
-	ix       *seedIndex
-	inPlace  bool
-	repaired map[string][]byte
-	failed   map[int]error
+func (r Report) unrepairable() *UnrepairableError {
+	e := &UnrepairableError{Lost: r.Lost, MissingVolumes: r.MissingVolumes}
+	for _, g := range r.Groups {
+		if !g.Repairable {
+			e.Groups = append(e.Groups, g.Group)
+		}
+	}
+	return e
 }
 
-func newShardStore(dir string, ix *seedIndex, inPlace bool) *shardStore {
-	return &shardStore{dir: dir, ix: ix, inPlace: inPlace, repaired: map[string][]byte{}, failed: map[int]error{}}
+// shardStore hands out verified shard contents, rebuilding damaged ones from
+// parity. Rebuilt shards are written back into the seed (inPlace, when the
+// shard's volume was given) or into an unlinked scratch file, never kept in
+// memory (a lost volume may be large).
+type shardStore struct {
+	ss      *seedSet
+	inPlace bool
+	scratch string          // directory for the scratch file ("" = os.TempDir())
+	bad     map[string]bool // shards known damaged (from checkShards)
+	rebuilt map[string][2]int64
+	spill   *os.File
+	spilled int64
+	failed  map[int]error
+	files   map[string]*os.File // open shard files (bounded)
+}
+
+func newShardStore(ss *seedSet, inPlace bool, rep *Report) *shardStore {
+	st := &shardStore{ss: ss, inPlace: inPlace, bad: map[string]bool{}, rebuilt: map[string][2]int64{}, failed: map[int]error{}, files: map[string]*os.File{}}
+	if rep != nil {
+		for _, g := range rep.Groups {
+			for _, d := range g.Damaged {
+				st.bad[d.Name] = true
+			}
+		}
+	}
+	return st
+}
+
+func (st *shardStore) Close() {
+	for _, f := range st.files {
+		f.Close()
+	}
+	st.files = nil
+	if st.spill != nil {
+		st.spill.Close()
+		st.spill = nil
+	}
 }
 
 func (st *shardStore) readVerified(s shardEntry) ([]byte, bool) {
-	b, err := readFileLimited(filepath.Join(st.dir, s.Name), s.Len)
+	p := st.ss.locate(s)
+	if p == "" {
+		return nil, false
+	}
+	b, err := readFileLimited(p, s.Len)
 	if err != nil || int64(len(b)) != s.Len || blake3.Sum256(b) != s.Hash {
 		return nil, false
 	}
@@ -158,35 +229,85 @@ func (st *shardStore) readVerified(s shardEntry) ([]byte, bool) {
 
 // get returns shard i of group g, verified against its hash.
 func (st *shardStore) get(g, i int) ([]byte, error) {
-	s := st.ix.Groups[g].Shards[i]
-	if b, ok := st.repaired[s.Name]; ok {
+	s := st.ss.ix.Groups[g].Shards[i]
+	if loc, ok := st.rebuilt[s.Name()]; ok {
+		b := make([]byte, loc[1])
+		if _, err := st.spill.ReadAt(b, loc[0]); err != nil {
+			return nil, err
+		}
+		if blake3.Sum256(b) != s.Hash {
+			return nil, fmt.Errorf("dedup: rebuilt %s changed in the scratch file", lostName(s))
+		}
 		return b, nil
 	}
-	if b, ok := st.readVerified(s); ok {
-		return b, nil
+	if !st.bad[s.Name()] {
+		if b, ok := st.readVerified(s); ok {
+			return b, nil
+		}
 	}
-	if err := st.repair(g); err != nil {
+	if err := st.rebuild(g); err != nil {
 		return nil, err
 	}
-	if b, ok := st.repaired[s.Name]; ok {
-		return b, nil
+	if _, ok := st.rebuilt[s.Name()]; ok {
+		return st.get(g, i)
 	}
 	if b, ok := st.readVerified(s); ok {
 		return b, nil
 	}
-	return nil, fmt.Errorf("dedup: %s could not be rebuilt", s.Name)
+	return nil, fmt.Errorf("dedup: %s could not be rebuilt", lostName(s))
 }
 
-func (st *shardStore) repair(gi int) error {
+// reader returns a reader over shard i of group g as stored (checked by
+// checkShards or rebuilt), without reading it whole.
+func (st *shardStore) reader(g, i int) (io.ReaderAt, error) {
+	s := st.ss.ix.Groups[g].Shards[i]
+	if st.bad[s.Name()] {
+		if _, ok := st.rebuilt[s.Name()]; !ok {
+			if err := st.rebuild(g); err != nil {
+				return nil, err
+			}
+		}
+	}
+	if loc, ok := st.rebuilt[s.Name()]; ok {
+		return io.NewSectionReader(st.spill, loc[0], loc[1]), nil
+	}
+	p := st.ss.locate(s)
+	if f, ok := st.files[p]; ok {
+		return f, nil
+	}
+	if p == "" {
+		return nil, fmt.Errorf("dedup: %s not found", lostName(s))
+	}
+	f, err := os.Open(p)
+	if err != nil {
+		return nil, err
+	}
+	if len(st.files) >= 64 {
+		for k, f := range st.files {
+			f.Close()
+			delete(st.files, k)
+		}
+	}
+	st.files[p] = f
+	return f, nil
+}
+
+// rebuild reconstructs the damaged shards of group gi, checks them against
+// their hashes and stores the data shards (in place or in the scratch file).
+func (st *shardStore) rebuild(gi int) error {
 	if err, ok := st.failed[gi]; ok {
 		return err
 	}
-	g := st.ix.Groups[gi]
+	g := st.ss.ix.Groups[gi]
 	shards := make([][]byte, len(g.Shards))
 	var bad []int
 	for i, s := range g.Shards {
-		if b, ok := st.repaired[s.Name]; ok {
-			shards[i] = padTo(append([]byte(nil), b...), g.ShardSize)
+		if _, ok := st.rebuilt[s.Name()]; ok && i < g.Data {
+			b, err := st.get(gi, i)
+			if err != nil {
+				return err
+			}
+			shards[i] = padTo(b, g.ShardSize)
 			continue
 		}
 		if b, ok := st.readVerified(s); ok {
@@ -199,16 +320,16 @@ func (st *shardStore) repair(gi int) error {
 		return nil
 	}
 	if len(bad) > g.Parity {
-		e := &UnrepairableError{Groups: []int{gi}}
+		e := &UnrepairableError{Groups: []int{gi}, MissingVolumes: st.ss.missingVolumes()}
 		for _, i := range bad {
 			if i < g.Data {
-				e.Lost = append(e.Lost, g.Shards[i].Name)
+				e.Lost = append(e.Lost, lostName(g.Shards[i]))
 			}
 		}
 		st.failed[gi] = e
 		return e
 	}
-	rs, err := reedsolomon.New(g.Data, g.Parity)
+	rs, err := rsCodec(g.Data, g.Parity)
 	if err != nil {
 		return err
 	}
@@ -219,18 +340,39 @@ func (st *shardStore) repair(gi int) error {
 		s := g.Shards[i]
 		b := shards[i][:s.Len]
 		if blake3.Sum256(b) != s.Hash {
-			err := fmt.Errorf("dedup: group %d: rebuilt %s does not match its hash", gi, s.Name)
+			err := fmt.Errorf("dedup: group %d: rebuilt %s does not match its hash", gi, lostName(s))
 			st.failed[gi] = err
 			return err
 		}
-		if st.inPlace {
-			os.MkdirAll(filepath.Dir(filepath.Join(st.dir, s.Name)), 0o755)
-			if err := writeFileAtomic(filepath.Join(st.dir, s.Name), b); err != nil {
+		if d, ok := st.ss.dirs[s.Vol]; ok && st.inPlace {
+			p := filepath.Join(d, s.Name())
+			os.MkdirAll(filepath.Dir(p), 0o755)
+			if err := writeFileAtomic(p, b); err != nil {
 				return err
 			}
-		} else if i < g.Data {
-			st.repaired[s.Name] = b
+			delete(st.bad, s.Name())
+			if f, ok := st.files[p]; ok {
+				f.Close()
+				delete(st.files, p)
+			}
+			continue
 		}
+		if i >= g.Data {
+			continue
+		}
+		if st.spill == nil {
+			f, err := os.CreateTemp(st.scratch, "standin-seed-rebuilt-*")
+			if err != nil {
+				return fmt.Errorf("dedup: scratch file for rebuilt shards: %w", err)
+			}
+			os.Remove(f.Name())
+			st.spill = f
+		}
+		if _, err := st.spill.WriteAt(b, st.spilled); err != nil {
+			return fmt.Errorf("dedup: scratch file for rebuilt shards: %w", err)
+		}
+		st.rebuilt[s.Name()] = [2]int64{st.spilled, int64(len(b))}
+		st.spilled += int64(len(b))
 	}
 	return nil
 }

@@ -38,6 +38,7 @@ type replicaProc struct {
 	out    *lockedBuffer
 	done   chan struct{}
 	logAll lockedBuffer // output of every incarnation
+	Args   []string     // extra arguments of standin serve
 }
 
 func freeAddr(t testing.TB) string {
@@ -52,9 +53,9 @@ func freeAddr(t testing.TB) string {
 
 // startReplica starts `standin serve` on a free 127.0.0.1 port and waits until
 // it is ready. Cleanup stops it (SIGTERM, then SIGKILL).
-func startReplica(t testing.TB, store string) *replicaProc {
+func startReplica(t testing.TB, store string, args ...string) *replicaProc {
 	t.Helper()
-	r := &replicaProc{t: t, Store: store, Addr: freeAddr(t)}
+	r := &replicaProc{t: t, Store: store, Addr: freeAddr(t), Args: args}
 	r.start()
 	t.Cleanup(func() {
 		r.Stop()
@@ -72,7 +73,7 @@ func (r *replicaProc) start() {
 	}
 	r.out = &lockedBuffer{}
 	r.done = make(chan struct{})
-	r.cmd = exec.Command(standinBin, "serve", "--store", r.Store, "--listen", r.Addr)
+	r.cmd = exec.Command(standinBin, append([]string{"serve", "--store", r.Store, "--listen", r.Addr}, r.Args...)...)
 	w := io.MultiWriter(r.out, &r.logAll)
 	r.cmd.Stdout, r.cmd.Stderr = w, w
 	r.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}

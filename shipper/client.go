@@ -111,9 +111,10 @@ func newClient(store, replica string) (*client, error) {
 
 // RemoteError is a refusal by the replica.
 type RemoteError struct {
-	Status int
-	Msg    string
-	Code   string
+	Status  int
+	Msg     string
+	Code    string
+	Missing []wire.MissingBlocks // code "missing_chunks"
 }
 
 func (e *RemoteError) Error() string { return fmt.Sprintf("replica: %s (%s)", e.Msg, e.Code) }
@@ -147,7 +148,7 @@ func doJSON(hc *http.Client, req *http.Request, out any) error {
 		if json.Unmarshal(b, &e) != nil || e.Error == "" {
 			e = wire.Error{Error: strings.TrimSpace(string(b)), Code: "failure"}
 		}
-		return &RemoteError{Status: resp.StatusCode, Msg: e.Error, Code: e.Code}
+		return &RemoteError{Status: resp.StatusCode, Msg: e.Error, Code: e.Code, Missing: e.Missing}
 	}
 	if out == nil {
 		return nil
@@ -172,12 +173,26 @@ func (c *client) state(ctx context.Context, group string, r wire.CycleRef) (wire
 // the replica. It returns the bytes it sent.
 func (c *client) upload(ctx context.Context, group, name string, r wire.CycleRef, path string, lim *limiter) (int64, error) {
 	var sent int64
+	hash, _, err := fileHash(path)
+	if err != nil {
+		return 0, err
+	}
 	for attempt := 0; attempt < 3; attempt++ {
 		st, err := c.state(ctx, group, r)
 		if err != nil {
 			return sent, err
 		}
-		if st.Complete || st.Applied {
+		if st.Applied {
+			return sent, nil
+		}
+		if st.FileHash != "" && st.FileHash != hash {
+			// Another variant of the cycle (thinned or whole) is there.
+			if err := c.discard(ctx, group, name, r); err != nil {
+				return sent, err
+			}
+			continue
+		}
+		if st.Complete {
 			return sent, nil
 		}
 		f, err := os.Open(path)
@@ -195,7 +210,7 @@ func (c *client) upload(ctx context.Context, group, name string, r wire.CycleRef
 			return sent, fmt.Errorf("replica holds %d bytes of a %d-byte cycle", st.Offset, total)
 		}
 		body := &countingReader{r: lim.reader(ctx, io.NewSectionReader(f, st.Offset, total-st.Offset))}
-		u := fmt.Sprintf("%s?offset=%d&total=%d&name=%s", c.uploadPath(group, r), st.Offset, total, url.QueryEscape(name))
+		u := fmt.Sprintf("%s?offset=%d&total=%d&name=%s&hash=%s", c.uploadPath(group, r), st.Offset, total, url.QueryEscape(name), hash)
 		req, err := http.NewRequestWithContext(ctx, http.MethodPut, u, body)
 		if err != nil {
 			f.Close()
@@ -208,7 +223,7 @@ func (c *client) upload(ctx context.Context, group, name string, r wire.CycleRef
 		sent += body.n.Load()
 		var re *RemoteError
 		if errors.As(err, &re) && re.Status == http.StatusConflict {
-			continue // the durable offset moved: ask again
+			continue // the durable offset moved or another variant is there: ask again
 		}
 		if err != nil {
 			return sent, err

@@ -31,6 +31,64 @@ type Group struct {
 	// Seed is the last seed exported of the group (standin seed export):
 	// the relationship continues from its cut once the replica imported it.
 	Seed *SeedState `json:"seed,omitempty"`
+	// Resync asks for a hash-compare resync (standin replicate resync): the
+	// next round in its window cuts a full base continuing the chain, which
+	// ships thinned — only blocks that differ on the replica travel.
+	Resync *Resync `json:"resync,omitempty"`
+	// AppConsistent configures app-consistent points: freeze and thaw
+	// commands run around some cuts (appconsistent.go).
+	AppConsistent *AppConsistent `json:"app_consistent,omitempty"`
+}
+
+// Resync is a requested hash-compare resync.
+type Resync struct {
+	Requested time.Time `json:"requested"`
+	Window    string    `json:"window,omitempty"` // "HH:MM-HH:MM" local time (may wrap midnight); "" = the next round
+}
+
+// Due reports whether the resync may run at t.
+func (r *Resync) Due(t time.Time) bool {
+	if r == nil {
+		return false
+	}
+	if r.Window == "" {
+		return true
+	}
+	from, to, err := ParseWindow(r.Window)
+	if err != nil {
+		return true // validated when requested; never block a resync forever
+	}
+	return (&Group{Schedule: []Window{{From: from, To: to, Bandwidth: 1}}}).Rate(t) == 1
+}
+
+// String describes the request for status output.
+func (r *Resync) String() string {
+	if r == nil {
+		return ""
+	}
+	if r.Window == "" {
+		return fmt.Sprintf("hash-compare resync requested %s: at the next round", r.Requested.Local().Format(time.DateTime))
+	}
+	return fmt.Sprintf("hash-compare resync requested %s: scheduled in the window %s", r.Requested.Local().Format(time.DateTime), r.Window)
+}
+
+// ParseWindow parses a daily time window "HH:MM-HH:MM" (local time; the end
+// may be before the start, wrapping midnight).
+func ParseWindow(s string) (from, to time.Duration, err error) {
+	a, b, ok := strings.Cut(strings.TrimSpace(s), "-")
+	if !ok {
+		return 0, 0, fmt.Errorf("window %q: want HH:MM-HH:MM", s)
+	}
+	if from, err = parseClock(a); err != nil {
+		return 0, 0, fmt.Errorf("window %q: %w", s, err)
+	}
+	if to, err = parseClock(b); err != nil {
+		return 0, 0, fmt.Errorf("window %q: %w", s, err)
+	}
+	if from == to {
+		return 0, 0, fmt.Errorf("window %q is empty", s)
+	}
+	return from, to, nil
 }
 
 // SeedState records a seed exported for a group.
@@ -120,7 +178,7 @@ func (g *Group) Validate() error {
 	if g.Initial != "network" && g.Initial != "seed" {
 		return fmt.Errorf("group %s: --initial %q: use network (the first cycle carries the whole image) or seed (standin seed export / seed import)", g.Name, g.Initial)
 	}
-	return nil
+	return g.AppConsistent.validate(g)
 }
 
 // Config is the primary's replication configuration (STORE/replication.json).

@@ -25,6 +25,7 @@ type Shipper struct {
 	store *tracker.Store
 	dir   string
 	log   *slog.Logger
+	mnt   string // the mount point (SetMountpoint): image paths for freeze/thaw commands
 
 	mu     sync.Mutex
 	cfg    Config
@@ -42,6 +43,7 @@ type run struct {
 	st     GroupStatus
 	hist   []time.Time // successful cycle times (last 12 h)
 	fails  []time.Time // failed rounds (last 12 h)
+	app    appRun      // app-consistent points (appconsistent.go)
 }
 
 // GroupStatus is the health of one relationship, Hyper-V style.
@@ -59,12 +61,20 @@ type GroupStatus struct {
 	Lag          string     `json:"lag,omitempty"`
 	LagSeconds   float64    `json:"lag_seconds"`
 	PendingBytes int64      `json:"pending_bytes"`
-	BytesSent    int64      `json:"bytes_sent"`
+	BytesSent    int64      `json:"bytes_sent"`        // cycle uploads and chunk queries
+	DedupSaved   int64      `json:"dedup_saved_bytes"` // cycle bytes not sent because the replica held the blocks
 	Cycles       int        `json:"cycles_replicated"`
 	Missed12h    int        `json:"missed_cycles_12h"`
 	LastError    string     `json:"last_error,omitempty"`
 	Initial      string     `json:"initial"`
+	Resync       string     `json:"resync,omitempty"`  // a requested hash-compare resync not yet cut
 	Waiting      string     `json:"waiting,omitempty"` // what the relationship waits for (a seed export or import)
+	// App-consistent points (appconsistent.go): the schedule, the cut time
+	// of the last app-consistent point the replica committed, the last
+	// freeze/thaw.
+	AppConsistent     string        `json:"app_consistent,omitempty"`
+	LastAppConsistent *time.Time    `json:"last_app_consistent,omitempty"`
+	FreezeThaw        *FreezeResult `json:"freeze_thaw,omitempty"`
 }
 
 // New creates the shipper of a store; Start runs it.
@@ -102,7 +112,7 @@ func (s *Shipper) startLocked(g Group) {
 	}
 	ctx, cancel := context.WithCancel(s.ctx)
 	r := &run{g: g, cancel: cancel, kick: make(chan chan error)}
-	r.st = GroupStatus{Group: g.Name, Replica: g.Replica, Images: g.Images, Interval: g.Interval.String(), Paused: g.Paused, Health: "Normal", Initial: g.Initial}
+	r.st = GroupStatus{Group: g.Name, Replica: g.Replica, Images: g.Images, Interval: g.Interval.String(), Paused: g.Paused, Health: "Normal", Initial: g.Initial, Resync: g.Resync.String()}
 	s.runs[g.Name] = r
 	s.wg.Add(1)
 	go func() {
@@ -144,6 +154,7 @@ func (s *Shipper) Enable(g Group) error {
 		if g.Seed == nil && slices.Equal(old.Images, g.Images) {
 			g.Seed = old.Seed // re-enabling with other options keeps the seed state
 		}
+		g.AppConsistent = g.AppConsistent.keepState(old.AppConsistent)
 		*old = g
 	} else {
 		cfg.Groups = append(cfg.Groups, g)
@@ -322,17 +333,25 @@ func (s *Shipper) round(ctx context.Context, r *run, forced bool) (err error) {
 	if err != nil {
 		return err
 	}
+	s.cleanThin(ids, pending)
 	lim := newLimiter(&g)
+	resync := g.Resync.Due(time.Now())
 	if len(pending) > 0 {
 		// Catch up first: a scheduled round ships what is pending and cuts
-		// at the next tick; "replicate now" cuts right after.
-		if err := s.ship(ctx, r, c, lim, pending); err != nil || !forced {
+		// at the next tick; "replicate now" (or a due resync) cuts right after.
+		if err := s.ship(ctx, r, c, lim, pending); err != nil || (!forced && !resync) {
 			return err
 		}
 	}
-	infos, err := s.store.CutWith(ctx, g.Images, tracker.CutOptions{Compress: g.Compress != "none"})
+	infos, err := s.cut(ctx, r, tracker.CutOptions{Compress: g.Compress != "none", Base: resync}) // freeze/thaw around it when due
 	if err != nil {
 		return err
+	}
+	if resync {
+		// The base cut is durable: it ships (thinned) like any pending cycle.
+		if err := s.resyncCut(r); err != nil {
+			return err
+		}
 	}
 	r.mu.Lock()
 	t := infos[0].Time
@@ -428,6 +447,7 @@ func (s *Shipper) ship(ctx context.Context, r *run, c *client, lim *limiter, pen
 	g := r.g
 	for _, cut := range pending {
 		cr := wire.CommitRequest{GroupCut: cut[0].GroupCut, Policy: wire.Policy{Interval: g.Interval, Points: g.Points, PointEvery: g.PointEvery, AnyPointWindow: g.AnyPointWindow}}
+		cr.AppConsistent = cutAppConsistent(cut)
 		var pendingBytes int64
 		for _, ci := range cut {
 			pendingBytes += ci.Bytes
@@ -435,20 +455,10 @@ func (s *Shipper) ship(ctx context.Context, r *run, c *client, lim *limiter, pen
 		r.mu.Lock()
 		r.st.PendingBytes = pendingBytes
 		r.mu.Unlock()
-		for _, ci := range cut {
-			ref := wire.CycleRef{ID: ci.ID, Gen: ci.Generation, Seq: ci.Seq}
-			n, err := c.upload(ctx, g.Name, ci.Image, ref, ci.Path, lim)
-			r.mu.Lock()
-			r.st.BytesSent += n
-			r.mu.Unlock()
-			if err != nil {
-				return fmt.Errorf("uploading %s cycle %d: %w", ci.Image, ci.Seq, err)
-			}
-			cr.Cycles = append(cr.Cycles, ref)
-		}
-		rep, err := c.commit(ctx, g.Name, cr)
+		// Upload (base cycles thinned against what the replica holds) and commit.
+		rep, err := s.shipCut(ctx, r, c, lim, cut, cr)
 		if err != nil {
-			return fmt.Errorf("committing cut %s: %w", cr.GroupCut, err)
+			return err
 		}
 		for _, ci := range cut {
 			if err := os.Remove(ci.Path); err != nil {
@@ -463,7 +473,10 @@ func (s *Shipper) ship(ctx context.Context, r *run, c *client, lim *limiter, pen
 		r.st.PendingBytes = 0
 		r.hist = append(r.hist, t)
 		r.mu.Unlock()
-		s.log.Info("replicated", "group", g.Name, "point", rep.Point, "cycles", len(cut), "bytes", pendingBytes)
+		if cr.AppConsistent {
+			s.appPointShipped(r, t)
+		}
+		s.log.Info("replicated", "group", g.Name, "point", rep.Point, "cycles", len(cut), "bytes", pendingBytes, "app_consistent", cr.AppConsistent)
 	}
 	return nil
 }
@@ -568,5 +581,6 @@ func (r *run) status() GroupStatus {
 		st.Health = "Warning"
 		st.Reasons = append(st.Reasons, fmt.Sprintf("%d of the last hour's %d cycles failed (%d in 12 h)", missedHour, expected, st.Missed12h))
 	}
+	r.appStatus(&st)
 	return st
 }

@@ -81,6 +81,8 @@ type CycleInfo struct {
 	GroupCut   string    `json:"group_cut"`
 	CBWBlocks  uint64    `json:"cbw_blocks"`
 	StageTime  string    `json:"stage_time,omitempty"`
+	// AppConsistent: cut while the applications were quiesced (FlagAppConsistent).
+	AppConsistent bool `json:"app_consistent,omitempty"`
 }
 
 type cutImage struct {
@@ -101,6 +103,21 @@ func (s *Store) Cut(ctx context.Context, names []string) ([]CycleInfo, error) {
 // CutOptions override the store's options for one cut.
 type CutOptions struct {
 	Compress bool // zstd-compress the staged data
+	// Base stages a full base cycle that continues the chain (FlagBase,
+	// parent = seq−1): every allocated block at the cut plus the dirty
+	// ones, for a hash-compare resync (the shipper thins it against the
+	// replica). If the cut fails, only the dirty blocks return to the
+	// dirty map.
+	Base bool
+	// AppConsistent marks the staged cycles app-consistent
+	// (format.FlagAppConsistent): the caller quiesced the applications
+	// before the cut (shipper/appconsistent.go).
+	AppConsistent bool
+	// AfterBarrier, if set, is called once, right after the write barrier
+	// of every image is released and before staging starts (also when the
+	// cut failed under the barrier); it is not called when the cut fails
+	// before taking the barrier. The shipper thaws the guest there.
+	AfterBarrier func()
 }
 
 // CutWith is Cut with per-cut options (a replication group's compression).
@@ -155,21 +172,39 @@ func (s *Store) CutWith(ctx context.Context, names []string, o CutOptions) ([]Cy
 		im.dirty = roaring.New()
 		im.frozen = f
 		c.frozen = f
-		c.st.pending = f.Clone()
+		if o.Base {
+			// im.frozen stays the dirty set (checkpoints, abandon): the other
+			// allocated blocks are not changes, only part of the base.
+			all, aerr := allocatedBlocks(im.f, size)
+			if aerr != nil && err == nil {
+				err = aerr
+			}
+			all.Or(f)
+			c.frozen = all
+		}
+		c.st.pending = c.frozen.Clone()
 		im.stage = c.st
 		c.hdr = format.Header{
 			ImageID: im.id, Generation: im.meta.Generation, Seq: im.meta.NextSeq,
 			Parent: im.meta.NextSeq - 1, CutTime: now, ImageSize: uint64(size),
 			GroupCut: group, Name: im.meta.Name,
 		}
-		if c.hdr.Seq == 0 {
+		if c.hdr.Seq == 0 || o.Base {
 			c.hdr.Flags |= format.FlagBase
+		}
+		if o.AppConsistent {
+			c.hdr.Flags |= format.FlagAppConsistent
+		}
+		if c.hdr.Seq == 0 {
 			c.hdr.Parent = format.NoParent
 		}
 		im.mu.Unlock()
 	}
 	for _, c := range cuts {
 		c.im.barrier.Unlock()
+	}
+	if o.AfterBarrier != nil {
+		o.AfterBarrier()
 	}
 	if err != nil {
 		for _, c := range cuts {
@@ -337,6 +372,23 @@ func (im *Image) readFrozen(st *stage, b uint64, p []byte) error {
 	}
 	st.pending.RemoveRange(b, b+n)
 	return nil
+}
+
+// allocatedBlocks returns the blocks of f's data extents below size.
+func allocatedBlocks(f *os.File, size int64) (*roaring.Bitmap, error) {
+	all := roaring.New()
+	exts, err := fsutil.DataExtents(f, size)
+	if err != nil {
+		return all, err
+	}
+	for _, e := range exts {
+		b1 := (uint64(e.Off+e.Len) + BlockSize - 1) / BlockSize
+		if b1 > maxBlocks {
+			return all, ErrTooLarge
+		}
+		all.AddRange(uint64(e.Off)/BlockSize, b1)
+	}
+	return all, nil
 }
 
 func cycleFileName(gen, seq uint64) string {

@@ -572,6 +572,7 @@ func cycleInfo(h format.Header, path string, bytes int64, data, zero uint64) Cyc
 		Image: h.Name, ID: uuid.UUID(h.ImageID).String(), Generation: h.Generation, Seq: h.Seq,
 		Base: h.Base(), Path: path, Bytes: bytes, Time: h.CutTime, Size: h.ImageSize,
 		DataBlocks: data, ZeroBlocks: zero, GroupCut: uuid.UUID(h.GroupCut).String(),
+		AppConsistent: h.AppConsistent(),
 	}
 }
 

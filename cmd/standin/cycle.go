@@ -145,6 +145,8 @@ type inspectReply struct {
 	GroupCut   string          `json:"group_cut"`
 	DataBlocks uint64          `json:"data_blocks"`
 	ZeroBlocks uint64          `json:"zero_blocks"`
+	RefBlocks  uint64          `json:"ref_blocks"` // version 2: blocks sent as hashes only
+	Version    int             `json:"version"`
 	Extents    []format.Extent `json:"extents,omitempty"`
 	NExtents   int             `json:"extent_count"`
 	Verified   bool            `json:"verified"`
@@ -173,8 +175,8 @@ func runInspect(c *cli.Context) error {
 	rep := inspectReply{Path: p, Bytes: st.Size(), Image: h.Name, ID: uuid.UUID(h.ImageID).String(),
 		Generation: h.Generation, Seq: h.Seq, Base: h.Base(), Time: h.CutTime, ImageSize: h.ImageSize,
 		GroupCut: uuid.UUID(h.GroupCut).String(), DataBlocks: ft.DataBlocks, ZeroBlocks: ft.ZeroBlocks,
-		NExtents: len(r.Extents())}
-	if !h.Base() {
+		RefBlocks: ft.RefBlocks, Version: r.Version(), NExtents: len(r.Extents())}
+	if h.Parent != format.NoParent {
 		p := h.Parent
 		rep.Parent = &p
 	}
@@ -199,6 +201,9 @@ func runInspect(c *cli.Context) error {
 			p, humanBytes(rep.Bytes), rep.Image, rep.ID, rep.Generation, rep.Seq, kind,
 			rep.Time.Local().Format(time.RFC3339Nano), rep.GroupCut, humanBytes(int64(rep.ImageSize)),
 			rep.NExtents, humanBytes(int64(rep.DataBlocks)*format.BlockSize), humanBytes(int64(rep.ZeroBlocks)*format.BlockSize))
+		if rep.RefBlocks > 0 {
+			fmt.Printf("refs        %s held by the replica (sent as block hashes only; format version %d)\n", humanBytes(int64(rep.RefBlocks)*format.BlockSize), rep.Version)
+		}
 		for _, e := range rep.Extents {
 			fmt.Printf("  %-4s blocks %d..%d (%d) stored %d bytes at %d\n", e.Kind, e.Start, e.Start+uint64(e.Count)-1, e.Count, e.Len, e.Off)
 		}

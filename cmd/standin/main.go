@@ -31,6 +31,8 @@ func newApp() *cli.App {
 			pairCommand(),
 			replicateCommand(),
 			pointsCommand(),
+			failoverCommand(),
+			seedCommand(),
 			debugCommand(),
 		},
 		ExitErrHandler: func(*cli.Context, error) {}, // main prints and exits

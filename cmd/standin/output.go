@@ -26,7 +26,7 @@ func init() {
 			errors.Is(err, format.ErrCorrupt), errors.Is(err, format.ErrTruncated):
 			return exitcode.Corrupt, true
 		case errors.Is(err, applier.ErrForeign), errors.Is(err, applier.ErrGap),
-			errors.Is(err, applier.ErrReplay), errors.Is(err, applier.ErrNoBase):
+			errors.Is(err, applier.ErrReplay), errors.Is(err, applier.ErrNoBase), errors.Is(err, applier.ErrRefs):
 			return exitcode.Refused, true
 		case errors.Is(err, tracker.ErrBusy):
 			return exitcode.Busy, true

@@ -2,6 +2,8 @@ package main
 
 import (
 	"fmt"
+	"net/url"
+	"strings"
 	"time"
 
 	"github.com/urfave/cli/v2"
@@ -30,9 +32,13 @@ func pointsCommand() *cli.Command {
 						return printJSON(ps)
 					}
 					w := table()
-					fmt.Fprintln(w, "POINT\tTIME\tCYCLE\tKIND\tBYTES")
+					fmt.Fprintln(w, "POINT\tTIME\tCYCLE\tKIND\tBYTES\tCONSISTENCY")
 					for _, p := range ps {
-						fmt.Fprintf(w, "%s\t%s\t%d\t%s\t%s\n", p.ID, p.Time.Local().Format(time.DateTime), p.Cycle, p.Kind, humanBytes(p.Bytes))
+						cons := "crash"
+						if p.AppConsistent {
+							cons = "app"
+						}
+						fmt.Fprintf(w, "%s\t%s\t%d\t%s\t%s\t%s\n", p.ID, p.Time.Local().Format(time.DateTime), p.Cycle, p.Kind, humanBytes(p.Bytes), cons)
 					}
 					return w.Flush()
 				},
@@ -87,6 +93,93 @@ func pointsCommand() *cli.Command {
 					return nil
 				},
 			},
+			pointsMountCommand(),
+			pointsUnmountCommand(),
+			pointsPinsCommand(),
+		},
+	}
+}
+
+// mountDirArg returns the one DIR argument as an absolute path.
+func mountDirArg(c *cli.Context) (string, error) {
+	if c.NArg() != 1 {
+		return "", usageErr("standin %s: name one mount directory DIR", c.Command.FullName())
+	}
+	return absPath(c.Args().First())
+}
+
+func pointsMountCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "mount",
+		Usage:     "expose every recovery point read-only through FUSE at DIR (in the running replica daemon)",
+		ArgsUsage: "DIR",
+		Description: `DIR/GROUP/IMAGE@TIME is an image at one point (TIME: the cut time in UTC, RFC 3339),
+DIR/GROUP/latest/IMAGE the latest point. A file once opened keeps reading the point it was
+opened at (the point is pinned against retention until it is closed), also while cycles are
+applied. The mount lasts until 'standin points unmount' or the daemon stops; use
+'standin serve --points-mount DIR' to mount at every start.`,
+		Flags:        []cli.Flag{storeFlag},
+		OnUsageError: onUsageError,
+		Action: func(c *cli.Context) error {
+			dir, err := mountDirArg(c)
+			if err != nil {
+				return err
+			}
+			var pm daemon.PointsMount
+			if err := daemon.NewClient(c.String("store")).Call(c.Context, "/points/mount", daemon.PointsMountRequest{Dir: dir}, &pm); err != nil {
+				return err
+			}
+			fmt.Printf("recovery points of %s mounted read-only at %s\n", c.String("store"), pm.Dir)
+			return nil
+		},
+	}
+}
+
+func pointsUnmountCommand() *cli.Command {
+	return &cli.Command{
+		Name:         "unmount",
+		Usage:        "remove a points mount (refused while files are open)",
+		ArgsUsage:    "DIR",
+		Flags:        []cli.Flag{storeFlag},
+		OnUsageError: onUsageError,
+		Action: func(c *cli.Context) error {
+			dir, err := mountDirArg(c)
+			if err != nil {
+				return err
+			}
+			if err := daemon.NewClient(c.String("store")).Call(c.Context, "/points/unmount", daemon.PointsMountRequest{Dir: dir}, nil); err != nil {
+				return err
+			}
+			fmt.Printf("%s unmounted\n", dir)
+			return nil
+		},
+	}
+}
+
+func pointsPinsCommand() *cli.Command {
+	return &cli.Command{
+		Name:         "pins",
+		Usage:        "list pinned points (held by open point files or test failovers; retention keeps them)",
+		Flags:        []cli.Flag{storeFlag, jsonFlag, &cli.StringFlag{Name: "group", Usage: "only group `NAME`"}},
+		OnUsageError: onUsageError,
+		Action: func(c *cli.Context) error {
+			var ps []applier.PinInfo
+			path := "/points/pins"
+			if g := c.String("group"); g != "" {
+				path += "?group=" + url.QueryEscape(g)
+			}
+			if err := daemon.NewClient(c.String("store")).Call(c.Context, path, nil, &ps); err != nil {
+				return err
+			}
+			if c.Bool("json") {
+				return printJSON(ps)
+			}
+			w := table()
+			fmt.Fprintln(w, "GROUP\tPOINT\tOPEN FILES\tTEST FAILOVERS")
+			for _, p := range ps {
+				fmt.Fprintf(w, "%s\t%s\t%d\t%s\n", p.Group, p.Point, p.Open, strings.Join(p.Owners, ","))
+			}
+			return w.Flush()
 		},
 	}
 }

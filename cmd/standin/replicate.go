@@ -45,7 +45,7 @@ func replicateCommand() *cli.Command {
 			{
 				Name:  "enable",
 				Usage: "replicate a group of images (the disks of one VM) to a paired replica",
-				Flags: []cli.Flag{
+				Flags: append([]cli.Flag{
 					storeFlag,
 					&cli.StringFlag{Name: "group", Required: true, Usage: "group `NAME` (the VM)"},
 					&cli.StringFlag{Name: "images", Required: true, Usage: "comma-separated image `NAMES` relative to the mount"},
@@ -59,7 +59,7 @@ func replicateCommand() *cli.Command {
 					&cli.StringFlag{Name: "bandwidth-schedule", Usage: `time-of-day limits, e.g. "08:00-18:00=2Mbit"`},
 					&cli.StringFlag{Name: "initial", Value: "network", Usage: "initial replication: network (the first cycle carries the whole image) or seed (then 'standin seed export')"},
 					&cli.StringFlag{Name: "compress", Value: "zstd", Usage: "cycle data on the wire: zstd or none"},
-				},
+				}, appConsistentFlags()...),
 				OnUsageError: onUsageError,
 				Action: func(c *cli.Context) error {
 					bw, err := shipper.ParseBandwidth(c.String("bandwidth"))
@@ -84,6 +84,7 @@ func replicateCommand() *cli.Command {
 						Interval: c.Duration("interval"), Points: c.Int("points"), PointEvery: c.Duration("point-every"),
 						AnyPointWindow: c.Duration("any-point-window"), Bandwidth: bw, Schedule: sched, Initial: c.String("initial"),
 						Compress: c.String("compress")}
+					g.AppConsistent = appConsistentFromFlags(c)
 					if err := g.Validate(); err != nil {
 						return exitcode.With(exitcode.Usage, err)
 					}
@@ -104,7 +105,8 @@ func replicateCommand() *cli.Command {
 				Name:  "now",
 				Usage: "cut and ship at once; with --wait return when the replica has applied it",
 				Flags: append(append([]cli.Flag{}, groupSel...), &cli.BoolFlag{Name: "wait", Usage: "wait until applied (non-zero exit if it could not be)"},
-					&cli.DurationFlag{Name: "timeout", Value: 30 * time.Minute, Usage: "give up waiting after this"}),
+					&cli.DurationFlag{Name: "timeout", Value: 30 * time.Minute, Usage: "give up waiting after this"},
+					&cli.BoolFlag{Name: "app-consistent", Usage: "freeze, cut, thaw (the group's --freeze-cmd/--thaw-cmd); with --wait a crash-consistent result is an error"}),
 				OnUsageError: onUsageError,
 				Action: func(c *cli.Context) error {
 					names, err := selectGroups(c)
@@ -115,13 +117,46 @@ func replicateCommand() *cli.Command {
 					defer cancel()
 					cl := daemon.NewClient(c.String("store"))
 					for _, n := range names {
-						if err := cl.Call(ctx, "/replicate/now", daemon.ReplicateRequest{Name: n, Wait: c.Bool("wait")}, nil); err != nil {
+						if err := cl.Call(ctx, "/replicate/now", daemon.ReplicateRequest{Name: n, Wait: c.Bool("wait"), AppConsistent: c.Bool("app-consistent")}, nil); err != nil {
 							return fmt.Errorf("group %s: %w", n, err)
 						}
-						if c.Bool("wait") {
+						if c.Bool("wait") && c.Bool("app-consistent") {
+							fmt.Printf("%s: replicated an app-consistent point\n", n)
+						} else if c.Bool("wait") {
 							fmt.Printf("%s: replicated\n", n)
 						} else {
 							fmt.Printf("%s: cut requested\n", n)
+						}
+					}
+					return nil
+				},
+			},
+			{
+				Name:  "resync",
+				Usage: "hash-compare resync: ship only the blocks that differ on the replica (when tracking cannot say what changed)",
+				Flags: append(append([]cli.Flag{}, groupSel...),
+					&cli.StringFlag{Name: "window", Usage: "run it only in this daily time window, e.g. 18:30-06:00 (local time; default: the next round)"}),
+				OnUsageError: onUsageError,
+				Action: func(c *cli.Context) error {
+					w := c.String("window")
+					if w != "" {
+						if _, _, err := shipper.ParseWindow(w); err != nil {
+							return usageErr("--window: %v", err)
+						}
+					}
+					names, err := selectGroups(c)
+					if err != nil {
+						return err
+					}
+					cl := daemon.NewClient(c.String("store"))
+					for _, n := range names {
+						if err := cl.Call(c.Context, "/replicate/resync", daemon.ReplicateRequest{Name: n, Window: w}, nil); err != nil {
+							return fmt.Errorf("group %s: %w", n, err)
+						}
+						if w == "" {
+							fmt.Printf("%s: resync requested (next round)\n", n)
+						} else {
+							fmt.Printf("%s: resync scheduled in the window %s\n", n, w)
 						}
 					}
 					return nil
@@ -150,14 +185,17 @@ func replicateCommand() *cli.Command {
 
 func printGroups(gs []shipper.GroupStatus) {
 	w := table()
-	fmt.Fprintln(w, "GROUP\tREPLICA\tIMAGES\tINTERVAL\tHEALTH\tLAG\tLAST POINT\tSENT\tPENDING")
+	fmt.Fprintln(w, "GROUP\tREPLICA\tIMAGES\tINTERVAL\tHEALTH\tLAG\tLAST POINT\tSENT\tPENDING\tAPP-CONSISTENT")
 	for _, g := range gs {
 		health := g.Health
 		if len(g.Reasons) > 0 {
 			health += ": " + strings.Join(g.Reasons, "; ")
 		}
-		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", g.Group, g.Replica, strings.Join(g.Images, ","), g.Interval,
-			health, g.Lag, g.LastPoint, humanBytes(g.BytesSent), humanBytes(g.PendingBytes))
+		if g.Resync != "" {
+			health += " (" + g.Resync + ")"
+		}
+		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", g.Group, g.Replica, strings.Join(g.Images, ","), g.Interval,
+			health, g.Lag, g.LastPoint, humanBytes(g.BytesSent), humanBytes(g.PendingBytes), appColumn(g))
 	}
 	w.Flush()
 }

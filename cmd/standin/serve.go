@@ -26,6 +26,7 @@ enterprise PKI instead.`,
 			&cli.StringFlag{Name: "key", Usage: "server key `PEM` (enterprise PKI)"},
 			&cli.StringFlag{Name: "client-ca", Usage: "CA bundle `PEM` that signs primaries' client certificates (enterprise PKI)"},
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error"},
+			&cli.StringFlag{Name: "points-mount", Usage: "expose every recovery point read-only through FUSE at `DIR` (see 'standin points mount')"},
 		},
 		OnUsageError: onUsageError,
 		Action: func(c *cli.Context) error {
@@ -35,9 +36,17 @@ enterprise PKI instead.`,
 			}
 			log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lvl}))
 			slog.SetDefault(log)
+			pointsMount := c.String("points-mount")
+			if pointsMount != "" {
+				var err error
+				if pointsMount, err = absPath(pointsMount); err != nil {
+					return err
+				}
+			}
 			return daemon.RunReplica(context.Background(), daemon.ReplicaOptions{
 				Store: c.String("store"), Listen: c.String("listen"), Metrics: c.String("metrics"), Version: version,
 				CertFile: c.String("cert"), KeyFile: c.String("key"), ClientCAFile: c.String("client-ca"), Logger: log,
+				PointsMount: pointsMount,
 			}, func() {
 				fmt.Printf("standin: replica %s listening on %s (pid %d)\n", c.String("store"), c.String("listen"), os.Getpid())
 			})

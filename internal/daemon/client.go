@@ -65,6 +65,8 @@ func (c *Client) do(ctx context.Context, method, path string, body, out any) err
 			code = exitcode.NotFound
 		case "usage":
 			code = exitcode.Usage
+		case "busy":
+			code = exitcode.Busy
 		}
 		return exitcode.With(code, errors.New(e.Error))
 	}

@@ -118,6 +118,7 @@ func Run(ctx context.Context, o Options, ready func()) error {
 		srv.Unmount()
 		return err
 	}
+	sh.SetMountpoint(mnt) // freeze/thaw commands get the images' paths on the mount
 	sh.Start(ctx)
 	defer sh.Stop()
 	if o.Metrics != "" {
@@ -210,6 +211,7 @@ func newControl(st *tracker.Store, sh *shipper.Shipper, mnt, version string, log
 		})
 	})
 	replicationControl(mux, sh)
+	seedControl(mux, st, sh)
 	mux.HandleFunc("POST /cut", func(w http.ResponseWriter, r *http.Request) {
 		var req CutRequest
 		if err := json.NewDecoder(r.Body).Decode(&req); err != nil {

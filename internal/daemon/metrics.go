@@ -23,13 +23,14 @@ var (
 	descTrack   = prometheus.NewDesc("standin_image_tracking_bytes_written_total", "Bytes written for tracking state.", []string{"image"}, nil)
 	descHealthy = prometheus.NewDesc("standin_image_tracker_ok", "1 if the image's tracker is healthy.", []string{"image"}, nil)
 	descLag     = prometheus.NewDesc("standin_group_lag_seconds", "Time since the last cut applied on the replica.", []string{"group"}, nil)
-	descSent    = prometheus.NewDesc("standin_group_sent_bytes_total", "Cycle bytes sent to the replica.", []string{"group"}, nil)
+	descSent    = prometheus.NewDesc("standin_group_sent_bytes_total", "Bytes sent to the replica (cycle uploads and dedup queries).", []string{"group"}, nil)
+	descSaved   = prometheus.NewDesc("standin_group_dedup_saved_bytes_total", "Cycle bytes not sent because the replica already held the blocks.", []string{"group"}, nil)
 	descPending = prometheus.NewDesc("standin_group_pending_bytes", "Cycle bytes waiting to be shipped.", []string{"group"}, nil)
 	descHealth  = prometheus.NewDesc("standin_group_health", "0 Normal, 1 Warning, 2 Critical.", []string{"group"}, nil)
 )
 
 func (c primaryCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descDirty, descWrites, descTrack, descHealthy, descLag, descSent, descPending, descHealth} {
+	for _, d := range []*prometheus.Desc{descDirty, descWrites, descTrack, descHealthy, descLag, descSent, descSaved, descPending, descHealth} {
 		ch <- d
 	}
 }
@@ -48,6 +49,7 @@ func (c primaryCollector) Collect(ch chan<- prometheus.Metric) {
 	for _, g := range c.sh.Status() {
 		ch <- prometheus.MustNewConstMetric(descLag, prometheus.GaugeValue, g.LagSeconds, g.Group)
 		ch <- prometheus.MustNewConstMetric(descSent, prometheus.CounterValue, float64(g.BytesSent), g.Group)
+		ch <- prometheus.MustNewConstMetric(descSaved, prometheus.CounterValue, float64(g.DedupSaved), g.Group)
 		ch <- prometheus.MustNewConstMetric(descPending, prometheus.GaugeValue, float64(g.PendingBytes), g.Group)
 		ch <- prometheus.MustNewConstMetric(descHealth, prometheus.GaugeValue, float64(map[string]int{"Normal": 0, "Warning": 1, "Critical": 2}[g.Health]), g.Group)
 	}

@@ -29,6 +29,9 @@ type ReplicaOptions struct {
 	// Enterprise PKI instead of the self-signed CA.
 	CertFile, KeyFile, ClientCAFile string
 	Logger                          *slog.Logger
+	// PointsMount, if set, is where every recovery point is exposed
+	// read-only through FUSE (failover.go).
+	PointsMount string
 }
 
 // OpenAuthority opens the replica's PKI state in STORE/pki.
@@ -103,6 +106,13 @@ func RunReplica(ctx context.Context, o ReplicaOptions, ready func()) error {
 		defer stop()
 	}
 
+	// Points mount and test failovers (re-mounted from the store).
+	fm, err := startFailover(rep, o.Store, o.PointsMount, log)
+	if err != nil {
+		return err
+	}
+	defer fm.close()
+
 	sock := SocketPath(o.Store)
 	os.Remove(sock)
 	cln, err := net.Listen("unix", sock)
@@ -110,7 +120,7 @@ func RunReplica(ctx context.Context, o ReplicaOptions, ready func()) error {
 		return fmt.Errorf("control socket %s: %w", sock, err)
 	}
 	os.Chmod(sock, 0o600)
-	cs := &http.Server{Handler: replicaControl(rep, srv, auth, o, ln.Addr().String())}
+	cs := &http.Server{Handler: fm.handler(replicaControl(rep, srv, auth, o, ln.Addr().String()))}
 	go cs.Serve(cln)
 	defer func() { cs.Close(); os.Remove(sock) }()
 
@@ -212,6 +222,20 @@ func replicaControl(rep *applier.Replica, srv *applier.Server, auth *pki.Authori
 			return
 		}
 		reply(w, http.StatusOK, files)
+	})
+	mux.HandleFunc("POST /seed/import", func(w http.ResponseWriter, r *http.Request) {
+		var req SeedImportRequest
+		if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
+			reply(w, http.StatusBadRequest, apiError{Error: "bad request: " + err.Error(), Code: "usage"})
+			return
+		}
+		s := newStreamer(w)
+		sum, err := SeedImport(r.Context(), rep, req, s.emit)
+		if err != nil {
+			s.emit(errEvent(err))
+			return
+		}
+		s.emit(SeedEvent{Type: "done", Import: &sum})
 	})
 	mux.HandleFunc("POST /points/verify", func(w http.ResponseWriter, r *http.Request) {
 		var req ExportRequest

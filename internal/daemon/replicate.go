@@ -14,6 +14,9 @@ type ReplicateRequest struct {
 	Name   string        `json:"name"`  // disable, pause, resume, now
 	Wait   bool          `json:"wait"`  // now
 	Paused bool          `json:"paused"`
+	Window string        `json:"window,omitempty"` // resync: "HH:MM-HH:MM"
+	// AppConsistent: now --app-consistent (freeze, cut, thaw).
+	AppConsistent bool `json:"app_consistent,omitempty"`
 }
 
 func replicationControl(mux *http.ServeMux, sh *shipper.Shipper) {
@@ -55,6 +58,12 @@ func replicationControl(mux *http.ServeMux, sh *shipper.Shipper) {
 		return ok, sh.Update(req.Name, func(g *shipper.Group) { g.Paused = req.Paused })
 	}))
 	mux.HandleFunc("POST /replicate/now", handle(func(req ReplicateRequest, r *http.Request) (any, error) {
+		if req.AppConsistent {
+			return ok, sh.NowAppConsistent(r.Context(), req.Name, req.Wait)
+		}
 		return ok, sh.Now(r.Context(), req.Name, req.Wait)
+	}))
+	mux.HandleFunc("POST /replicate/resync", handle(func(req ReplicateRequest, _ *http.Request) (any, error) {
+		return ok, sh.Resync(req.Name, req.Window)
 	}))
 }

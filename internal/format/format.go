@@ -16,13 +16,20 @@ const (
 	MaxExtentBlocks = 256
 	// MaxZeroExtentBlocks is the maximum number of blocks in one zero extent.
 	MaxZeroExtentBlocks = 1<<32 - 1
-	// Version is the cycle file version written and read by this package.
+	// Version is the cycle file version written by default (no ref extents).
 	Version = 1
+	// VersionRefs is the version of files that may hold ref extents
+	// (WriterOptions.Refs); its footer also counts ref blocks. Readers of
+	// this package read both versions.
+	VersionRefs = 2
 	// NoParent is the Parent value of a base cycle that does not continue a chain.
 	NoParent = ^uint64(0)
 	// FlagBase marks a cycle that defines the whole image: the target is
 	// emptied before the extents are applied.
 	FlagBase uint32 = 1
+	// FlagAppConsistent marks a cycle cut while the group's applications
+	// were quiesced (freeze command before the cut, thaw after its barrier).
+	FlagAppConsistent uint32 = 2
 	// MaxNameLen is the maximum length of Header.Name in bytes.
 	MaxNameLen = 1024
 )
@@ -35,14 +42,16 @@ const (
 	HashSize = 32
 	// ExtentEntrySize is the size of one extent table entry.
 	ExtentEntrySize = 32
-	// FooterSize is the size of the footer.
+	// FooterSize is the size of the footer of a version 1 file.
 	FooterSize = 80
+	// FooterSizeRefs is the size of the footer of a version 2 file (VersionRefs).
+	FooterSizeRefs = 88
 )
 
 const (
 	magic       = "STANDCYC"
 	footerMagic = "STANDEND"
-	knownFlags  = FlagBase
+	knownFlags  = FlagBase | FlagAppConsistent
 )
 
 // Comp values of a data extent.
@@ -67,6 +76,9 @@ type Header struct {
 // Base reports whether the cycle defines the whole image (FlagBase).
 func (h Header) Base() bool { return h.Flags&FlagBase != 0 }
 
+// AppConsistent reports whether the cycle was cut app-consistent (FlagAppConsistent).
+func (h Header) AppConsistent() bool { return h.Flags&FlagAppConsistent != 0 }
+
 // Blocks returns the number of blocks of the image: ceil(ImageSize/BlockSize).
 func (h Header) Blocks() uint64 { return blocksOf(h.ImageSize) }
 
@@ -81,6 +93,10 @@ type Kind uint8
 const (
 	KindData Kind = 1 // blocks with stored data
 	KindZero Kind = 2 // blocks that read as zero (no data stored)
+	// KindRef (version 2 only): blocks whose content is not stored, only its
+	// BLAKE3 block hashes; the receiver already holds that content (at the
+	// same position or elsewhere) and resolves it by hash.
+	KindRef Kind = 3
 )
 
 func (k Kind) String() string {
@@ -89,6 +105,8 @@ func (k Kind) String() string {
 		return "data"
 	case KindZero:
 		return "zero"
+	case KindRef:
+		return "ref"
 	}
 	return fmt.Sprintf("kind(%d)", uint8(k))
 }
@@ -98,9 +116,9 @@ type Extent struct {
 	Start uint64 // first block
 	Count uint32 // number of blocks
 	Kind  Kind
-	Comp  uint8  // CompNone or CompZstd (data extents); 0 for zero extents
-	Off   uint64 // absolute file offset of the stored bytes (0 for zero extents)
-	Len   uint64 // stored length in bytes (0 for zero extents)
+	Comp  uint8  // CompNone or CompZstd (data extents); 0 for zero and ref extents
+	Off   uint64 // absolute file offset of the stored bytes (0 for zero and ref extents)
+	Len   uint64 // stored length in bytes (0 for zero and ref extents)
 }
 
 // End returns the block after the last block of the extent.
@@ -111,8 +129,9 @@ type Footer struct {
 	TableOff   uint64   // file offset of the extent table
 	Extents    uint64   // number of extent table entries
 	HashesOff  uint64   // file offset of the block hashes
-	DataBlocks uint64   // number of data blocks (= number of block hashes)
+	DataBlocks uint64   // number of blocks in data extents
 	ZeroBlocks uint64   // number of blocks in zero extents
+	RefBlocks  uint64   // number of blocks in ref extents (version 2; 0 in version 1)
 	FileHash   [32]byte // BLAKE3-256 of every byte before the footer
 }
 
@@ -182,7 +201,8 @@ const (
 	hoNameLen  = 92
 )
 
-// Field offsets inside the footer.
+// Field offsets inside the footer (version 1; version 2 inserts the ref
+// block count at foRefBlocks and shifts the file hash and magic by 8).
 const (
 	foTableOff   = 0
 	foExtents    = 8
@@ -191,7 +211,16 @@ const (
 	foZeroBlocks = 32
 	foFileHash   = 40
 	foMagic      = 72
+	foRefBlocks  = 40
 )
+
+// footerSize returns the footer size of a file of version v.
+func footerSize(v uint16) int {
+	if v >= VersionRefs {
+		return FooterSizeRefs
+	}
+	return FooterSize
+}
 
 var le = binary.LittleEndian
 
@@ -225,12 +254,12 @@ func parentString(p uint64) string {
 	return fmt.Sprint(p)
 }
 
-// encodeHeader returns the encoded header including its hash.
-func encodeHeader(h *Header) []byte {
+// encodeHeader returns the encoded header (of version v) including its hash.
+func encodeHeader(h *Header, v uint16) []byte {
 	n := HeaderFixedSize + len(h.Name) + HashSize
 	b := make([]byte, n)
 	copy(b[hoMagic:], magic)
-	le.PutUint16(b[hoVersion:], Version)
+	le.PutUint16(b[hoVersion:], v)
 	le.PutUint16(b[hoHdrLen:], uint16(n))
 	le.PutUint32(b[hoFlags:], h.Flags)
 	le.PutUint32(b[hoBlkSize:], BlockSize)
@@ -258,14 +287,19 @@ func encodeExtent(b []byte, e *Extent) {
 	le.PutUint64(b[24:], e.Len)
 }
 
-func encodeFooter(f *Footer) []byte {
-	b := make([]byte, FooterSize)
+func encodeFooter(f *Footer, v uint16) []byte {
+	b := make([]byte, footerSize(v))
 	le.PutUint64(b[foTableOff:], f.TableOff)
 	le.PutUint64(b[foExtents:], f.Extents)
 	le.PutUint64(b[foHashesOff:], f.HashesOff)
 	le.PutUint64(b[foDataBlocks:], f.DataBlocks)
 	le.PutUint64(b[foZeroBlocks:], f.ZeroBlocks)
-	copy(b[foFileHash:], f.FileHash[:])
-	copy(b[foMagic:], footerMagic)
+	shift := 0
+	if v >= VersionRefs {
+		le.PutUint64(b[foRefBlocks:], f.RefBlocks)
+		shift = 8
+	}
+	copy(b[foFileHash+shift:], f.FileHash[:])
+	copy(b[foMagic+shift:], footerMagic)
 	return b
 }

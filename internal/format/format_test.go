@@ -332,10 +332,10 @@ func TestErrors(t *testing.T) {
 	if err := open(nil); err == nil || !errors.Is(err, ErrTruncated) {
 		t.Fatalf("empty: got %v", err)
 	}
-	v2 := bytes.Clone(file)
-	v2[hoVersion] = 2
-	err := open(v2)
-	if !errors.Is(err, ErrVersion) || !strings.Contains(err.Error(), "version 2") {
+	v3 := bytes.Clone(file)
+	v3[hoVersion] = 3
+	err := open(v3)
+	if !errors.Is(err, ErrVersion) || !strings.Contains(err.Error(), "version 3") {
 		t.Fatalf("got %v", err)
 	}
 	trunc := file[:len(file)-1]
@@ -452,7 +452,7 @@ func TestHostile(t *testing.T) {
 		f.HashesOff = uint64(len(b))
 		b = append(b, hashes...)
 		f.FileHash = hashSum(b)
-		return append(b, encodeFooter(&f)...)
+		return append(b, encodeFooter(&f, Version)...)
 	}
 	hdr := base[:hl]
 	data := base[hl:r.Footer().TableOff]

@@ -39,6 +39,9 @@ func FuzzOpen(f *testing.F) {
 	if b, err := os.ReadFile("testdata/example-v1.cyc"); err == nil {
 		f.Add(b)
 	}
+	if b, err := os.ReadFile(goldenRefsPath); err == nil {
+		f.Add(b) // version 2, with ref extents
+	}
 	f.Add(mustWrite(f, testHeader(0), WriterOptions{}, func(*Writer) {}))
 	f.Add(mustWrite(f, testHeader(5*BlockSize), WriterOptions{}, func(w *Writer) {
 		d := make([]byte, 2*BlockSize)

@@ -22,9 +22,11 @@ type Reader struct {
 	size    int64
 	hdr     Header
 	hdrLen  int64
+	version uint16
+	footLen int64 // footer size of this version
 	foot    Footer
 	ext     []Extent
-	hashIdx []uint64 // index of the first block hash of each extent
+	hashIdx []uint64 // index of the first block hash of each data or ref extent
 }
 
 var (
@@ -112,8 +114,12 @@ func openHeader(ra io.ReaderAt, size int64) (*Reader, error) {
 	if n < hoVersion+2 {
 		return nil, truncated(size, "file is %d bytes, shorter than the header", size)
 	}
-	if v := le.Uint16(fixed[hoVersion:]); v != Version {
-		return nil, fmt.Errorf("%w %d (this build reads version %d)", ErrVersion, v, Version)
+	switch v := le.Uint16(fixed[hoVersion:]); v {
+	case Version, VersionRefs:
+		r.version = v
+		r.footLen = int64(footerSize(v))
+	default:
+		return nil, fmt.Errorf("%w %d (this build reads versions %d and %d)", ErrVersion, v, Version, VersionRefs)
 	}
 	if n < HeaderFixedSize {
 		return nil, truncated(size, "file is %d bytes, shorter than the header", size)
@@ -174,16 +180,21 @@ func (r *Reader) parseHeader(fixed []byte) error {
 }
 
 func (r *Reader) parseFooter() error {
-	if r.size < r.hdrLen+FooterSize {
-		return truncated(r.size, "file is %d bytes, too short for header (%d) and footer (%d)", r.size, r.hdrLen, FooterSize)
+	fl := r.footLen
+	if r.size < r.hdrLen+fl {
+		return truncated(r.size, "file is %d bytes, too short for header (%d) and footer (%d)", r.size, r.hdrLen, fl)
 	}
-	fo := r.size - FooterSize
-	var b [FooterSize]byte
-	if err := r.readAt(b[:], fo, "footer"); err != nil {
+	fo := r.size - fl
+	b := make([]byte, fl)
+	if err := r.readAt(b, fo, "footer"); err != nil {
 		return err
 	}
-	if string(b[foMagic:]) != footerMagic {
-		return truncated(fo+foMagic, "footer magic missing (file truncated or incomplete)")
+	shift := int64(0)
+	if r.version >= VersionRefs {
+		shift = 8
+	}
+	if string(b[foMagic+shift:]) != footerMagic {
+		return truncated(fo+foMagic+shift, "footer magic missing (file truncated or incomplete)")
 	}
 	f := &r.foot
 	f.TableOff = le.Uint64(b[foTableOff:])
@@ -191,7 +202,10 @@ func (r *Reader) parseFooter() error {
 	f.HashesOff = le.Uint64(b[foHashesOff:])
 	f.DataBlocks = le.Uint64(b[foDataBlocks:])
 	f.ZeroBlocks = le.Uint64(b[foZeroBlocks:])
-	copy(f.FileHash[:], b[foFileHash:])
+	if shift != 0 {
+		f.RefBlocks = le.Uint64(b[foRefBlocks:])
+	}
+	copy(f.FileHash[:], b[foFileHash+shift:])
 
 	end := uint64(fo) // everything below must lie in [hdrLen, end)
 	if f.TableOff < uint64(r.hdrLen) {
@@ -206,11 +220,15 @@ func (r *Reader) parseFooter() error {
 	if want := f.TableOff + f.Extents*ExtentEntrySize; f.HashesOff != want {
 		return corrupt(fo+foHashesOff, "hashes offset %d, want %d (end of extent table)", f.HashesOff, want)
 	}
-	if f.DataBlocks > (end-f.HashesOff)/HashSize {
+	room := (end - f.HashesOff) / HashSize
+	if f.DataBlocks > room {
 		return truncated(fo+foDataBlocks, "%d block hashes at %d do not fit before the footer at %d", f.DataBlocks, f.HashesOff, end)
 	}
-	if f.HashesOff+f.DataBlocks*HashSize != end {
-		return corrupt(fo+foDataBlocks, "%d block hashes at %d end at %d, but the footer starts at %d", f.DataBlocks, f.HashesOff, f.HashesOff+f.DataBlocks*HashSize, end)
+	if f.RefBlocks > room-f.DataBlocks {
+		return truncated(fo+foRefBlocks, "%d data and %d ref block hashes at %d do not fit before the footer at %d", f.DataBlocks, f.RefBlocks, f.HashesOff, end)
+	}
+	if n := f.DataBlocks + f.RefBlocks; f.HashesOff+n*HashSize != end {
+		return corrupt(fo+foDataBlocks, "%d block hashes at %d end at %d, but the footer starts at %d", n, f.HashesOff, f.HashesOff+n*HashSize, end)
 	}
 	return nil
 }
@@ -226,7 +244,7 @@ func (r *Reader) parseTable() error {
 	r.hashIdx = make([]uint64, f.Extents)
 	blocks := r.hdr.Blocks()
 	dataOff := uint64(r.hdrLen)
-	var nextBlock, dataBlocks, zeroBlocks uint64
+	var nextBlock, dataBlocks, zeroBlocks, refBlocks uint64
 	for i := range r.ext {
 		b := tb[i*ExtentEntrySize:]
 		at := int64(f.TableOff) + int64(i)*ExtentEntrySize
@@ -275,7 +293,7 @@ func (r *Reader) parseTable() error {
 				return corrupt(at+24, "extent %d: stored bytes %d..%d overlap the extent table at %d", i, e.Off, e.Off+e.Len, f.TableOff)
 			}
 			dataOff += e.Len
-			r.hashIdx[i] = dataBlocks
+			r.hashIdx[i] = dataBlocks + refBlocks
 			dataBlocks += uint64(e.Count)
 		case KindZero:
 			if e.Comp != 0 || e.Off != 0 || e.Len != 0 {
@@ -285,13 +303,25 @@ func (r *Reader) parseTable() error {
 				return corrupt(at, "extent %d: zero run adjacent to the previous one (must be merged)", i)
 			}
 			zeroBlocks += uint64(e.Count)
+		case KindRef:
+			if r.version < VersionRefs {
+				return corrupt(at+12, "extent %d: ref extent in a version %d file", i, r.version)
+			}
+			if e.Count > MaxExtentBlocks {
+				return corrupt(at+8, "extent %d: ref extent of %d blocks (max %d)", i, e.Count, MaxExtentBlocks)
+			}
+			if e.Comp != 0 || e.Off != 0 || e.Len != 0 {
+				return corrupt(at+13, "extent %d: ref extent with comp/offset/length set", i)
+			}
+			r.hashIdx[i] = dataBlocks + refBlocks
+			refBlocks += uint64(e.Count)
 		default:
 			return corrupt(at+12, "extent %d: unknown kind %d", i, uint8(e.Kind))
 		}
 		nextBlock = e.End()
 		r.ext[i] = e
 	}
-	fo := r.size - FooterSize
+	fo := r.size - r.footLen
 	if dataOff != f.TableOff {
 		return corrupt(int64(dataOff), "data area ends at %d, but the extent table starts at %d", dataOff, f.TableOff)
 	}
@@ -300,6 +330,9 @@ func (r *Reader) parseTable() error {
 	}
 	if zeroBlocks != f.ZeroBlocks {
 		return corrupt(fo+foZeroBlocks, "footer counts %d zero blocks, table has %d", f.ZeroBlocks, zeroBlocks)
+	}
+	if refBlocks != f.RefBlocks {
+		return corrupt(fo+foRefBlocks, "footer counts %d ref blocks, table has %d", f.RefBlocks, refBlocks)
 	}
 	return nil
 }
@@ -316,20 +349,48 @@ func (r *Reader) Footer() Footer { return r.foot }
 // Size returns the file size given to Open.
 func (r *Reader) Size() int64 { return r.size }
 
+// Version returns the file's format version (Version or VersionRefs).
+func (r *Reader) Version() int { return int(r.version) }
+
+// ExtentHashes returns the stored block hashes (32 bytes per block) of data
+// or ref extent i, read into buf if it is large enough. For a data extent
+// they are not checked against the data here (ReadExtentHashes does that);
+// for a ref extent they are the content: the whole-file hash covers them.
+func (r *Reader) ExtentHashes(i int, buf []byte) ([]byte, error) {
+	if i < 0 || i >= len(r.ext) {
+		return nil, fmt.Errorf("cycle file: extent %d out of range (%d extents)", i, len(r.ext))
+	}
+	e := r.ext[i]
+	if e.Kind != KindData && e.Kind != KindRef {
+		return nil, fmt.Errorf("cycle file: extent %d is a %v extent, it has no block hashes", i, e.Kind)
+	}
+	n := int(e.Count) * HashSize // ≤ 8 KiB, checked by Open
+	if cap(buf) < n {
+		buf = make([]byte, n)
+	}
+	buf = buf[:n]
+	hoff := int64(r.foot.HashesOff + r.hashIdx[i]*HashSize)
+	if err := r.readAt(buf, hoff, fmt.Sprintf("block hashes of extent %d (blocks %d..%d)", i, e.Start, e.End()-1)); err != nil {
+		return nil, err
+	}
+	return buf, nil
+}
+
 // VerifyFile reads the whole file and checks the BLAKE3 hash in the footer.
 func (r *Reader) VerifyFile() error {
 	h := blake3.New()
-	n, err := io.Copy(h, io.NewSectionReader(r.r, 0, r.size-FooterSize))
+	body := r.size - r.footLen
+	n, err := io.Copy(h, io.NewSectionReader(r.r, 0, body))
 	if err != nil {
 		return fmt.Errorf("cycle file: %w", err)
 	}
-	if n != r.size-FooterSize {
-		return truncated(n, "read %d of %d bytes", n, r.size-FooterSize)
+	if n != body {
+		return truncated(n, "read %d of %d bytes", n, body)
 	}
 	var sum [HashSize]byte
 	h.Sum(sum[:0])
 	if sum != r.foot.FileHash {
-		return corrupt(r.size-FooterSize+foFileHash, "file hash mismatch")
+		return corrupt(body+r.footLen-HashSize-8, "file hash mismatch")
 	}
 	return nil
 }
@@ -350,7 +411,7 @@ func (r *Reader) ReadExtentHashes(i int, buf []byte) ([]byte, []byte, error) {
 	}
 	e := r.ext[i]
 	if e.Kind != KindData {
-		return nil, nil, fmt.Errorf("cycle file: extent %d is a %v extent, it has no data", i, e.Kind)
+		return nil, nil, fmt.Errorf("cycle file: extent %d is a %v extent, it has no stored data", i, e.Kind)
 	}
 	raw := int(e.Count) * BlockSize // ≤ 1 MiB, checked by Open
 	if cap(buf) < raw {
@@ -417,7 +478,7 @@ func (r *Reader) ReadExtentHashes(i int, buf []byte) ([]byte, []byte, error) {
 }
 
 // Verify checks the whole file: VerifyFile, and ReadExtent of every data
-// extent. The whole-file hash and the extents are checked in parallel; the
+// extent (ref extents have no data; their hashes are covered by the file hash). The whole-file hash and the extents are checked in parallel; the
 // first error in file order is returned (a whole-file mismatch first).
 func (r *Reader) Verify() error {
 	errs := make([]error, len(r.ext)+1)

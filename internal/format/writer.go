@@ -22,6 +22,10 @@ type WriterOptions struct {
 	// Workers is the number of parallel hashing/compression goroutines;
 	// 0 means runtime.GOMAXPROCS(0).
 	Workers int
+	// Refs allows ref extents (WriteRef): the file is written as version 2
+	// (VersionRefs), which readers before version 2 refuse. Without it the
+	// file is version 1.
+	Refs bool
 }
 
 // Summary describes a finished cycle file.
@@ -29,6 +33,7 @@ type Summary struct {
 	Bytes      int64  // total file size
 	DataBlocks uint64 // blocks stored in data extents
 	ZeroBlocks uint64 // blocks in zero extents
+	RefBlocks  uint64 // blocks in ref extents
 	Extents    int    // number of extent table entries
 }
 
@@ -38,6 +43,7 @@ type Summary struct {
 type Writer struct {
 	out     io.Writer
 	hdr     Header
+	version uint16
 	blocks  uint64 // image size in blocks
 	opts    WriterOptions
 	sem     chan struct{} // limits concurrent workers
@@ -56,8 +62,10 @@ type Writer struct {
 	nExt    int
 	dataBlk uint64
 	zeroBlk uint64
+	refBlk  uint64
 
 	pend     *job   // data extent being filled (not yet dispatched)
+	pendRef  *job   // ref extent being filled (not yet queued)
 	zeroOn   bool   // a zero run is pending
 	zeroFrom uint64 // pending zero run start
 	zeroN    uint64 // pending zero run length
@@ -110,9 +118,14 @@ func NewWriter(w io.Writer, h Header, o WriterOptions) (*Writer, error) {
 	if o.Workers <= 0 {
 		o.Workers = runtime.GOMAXPROCS(0)
 	}
+	version := uint16(Version)
+	if o.Refs {
+		version = VersionRefs
+	}
 	cw := &Writer{
 		out:     w,
 		hdr:     h,
+		version: version,
 		blocks:  h.Blocks(),
 		opts:    o,
 		sem:     make(chan struct{}, o.Workers),
@@ -123,7 +136,7 @@ func NewWriter(w io.Writer, h Header, o WriterOptions) (*Writer, error) {
 		outDone: make(chan error, 1),
 	}
 	go cw.output(cw.outq)
-	if err := cw.write(encodeHeader(&h)); err != nil {
+	if err := cw.write(encodeHeader(&h, version)); err != nil {
 		return nil, err
 	}
 	return cw, nil
@@ -276,6 +289,9 @@ func (w *Writer) writeBlocks(start uint64, data []byte) error {
 		if err := w.flushZero(); err != nil {
 			return err
 		}
+		if err := w.flushRef(); err != nil {
+			return err
+		}
 		if w.pend != nil && w.pend.ext.End() != blk {
 			if err := w.dispatch(); err != nil {
 				return err
@@ -324,6 +340,9 @@ func (w *Writer) addZero(start, count uint64) error {
 			return err
 		}
 	}
+	if err := w.flushRef(); err != nil {
+		return err
+	}
 	if w.zeroOn && w.zeroFrom+w.zeroN == start {
 		w.zeroN += count
 		return nil
@@ -351,6 +370,77 @@ func (w *Writer) flushZero() error {
 		w.zeroFrom += n
 		w.zeroN -= n
 	}
+	return w.drain(false)
+}
+
+// WriteRef adds ref blocks [start, start+len(hashes)/HashSize): blocks whose
+// content is not stored, only its BLAKE3-256 hash (32 bytes per block, in
+// block order), for a receiver that already holds that content. The writer
+// must have been created with WriterOptions.Refs. The ordering rules of
+// WriteBlocks apply; runs are split into extents of at most
+// MaxExtentBlocks. The hash of an all-zero block is refused (write zero
+// blocks with WriteZero). hashes is copied.
+func (w *Writer) WriteRef(start uint64, hashes []byte) error {
+	if w.version < VersionRefs {
+		return errors.New("cycle writer: ref extents need WriterOptions.Refs (version 2)")
+	}
+	if len(hashes)%HashSize != 0 {
+		return fmt.Errorf("cycle writer: hashes length %d is not a multiple of %d", len(hashes), HashSize)
+	}
+	n := uint64(len(hashes) / HashSize)
+	if err := w.check(start, n); err != nil {
+		return err
+	}
+	for i := 0; i < len(hashes); i += HashSize {
+		if [HashSize]byte(hashes[i:i+HashSize]) == zeroBlockHash {
+			return fmt.Errorf("cycle writer: ref to an all-zero block (block %d); use WriteZero", start+uint64(i/HashSize))
+		}
+	}
+	if w.pend != nil {
+		if err := w.dispatch(); err != nil {
+			return err
+		}
+	}
+	if err := w.flushZero(); err != nil {
+		return err
+	}
+	for b := start; len(hashes) > 0; {
+		if w.pendRef != nil && w.pendRef.ext.End() != b {
+			if err := w.flushRef(); err != nil {
+				return err
+			}
+		}
+		if w.pendRef == nil {
+			j := jobPool.Get().(*job)
+			j.ext = Extent{Start: b, Kind: KindRef}
+			j.raw, j.comp, j.done = nil, nil, nil
+			w.pendRef = j
+		}
+		j := w.pendRef
+		k := min(MaxExtentBlocks-int(j.ext.Count), len(hashes)/HashSize)
+		copy(j.hashes[int(j.ext.Count)*HashSize:], hashes[:k*HashSize])
+		j.ext.Count += uint32(k)
+		hashes = hashes[k*HashSize:]
+		b += uint64(k)
+		if j.ext.Count == MaxExtentBlocks {
+			if err := w.flushRef(); err != nil {
+				return err
+			}
+		}
+	}
+	w.next = start + n
+	return nil
+}
+
+var zeroBlockHash = hashSum(zeroBlock[:])
+
+// flushRef queues the pending ref extent.
+func (w *Writer) flushRef() error {
+	if w.pendRef == nil {
+		return nil
+	}
+	w.queue = append(w.queue, w.pendRef)
+	w.pendRef = nil
 	return w.drain(false)
 }
 
@@ -464,6 +554,11 @@ func (w *Writer) emit(j *job) {
 			w.hashes = append(w.hashes, j.hashes[:int(j.ext.Count)*HashSize]...)
 			w.dataBlk += uint64(j.ext.Count)
 		}
+	} else if j.ext.Kind == KindRef {
+		if w.err == nil {
+			w.hashes = append(w.hashes, j.hashes[:int(j.ext.Count)*HashSize]...)
+			w.refBlk += uint64(j.ext.Count)
+		}
 	} else {
 		w.zeroBlk += uint64(j.ext.Count)
 	}
@@ -488,6 +583,7 @@ func (w *Writer) Close() (Summary, error) {
 		w.dispatch()
 	}
 	w.flushZero()
+	w.flushRef()
 	if err := w.drain(true); err != nil {
 		return Summary{}, err
 	}
@@ -496,6 +592,7 @@ func (w *Writer) Close() (Summary, error) {
 		Extents:    uint64(w.nExt),
 		DataBlocks: w.dataBlk,
 		ZeroBlocks: w.zeroBlk,
+		RefBlocks:  w.refBlk,
 	}
 	if err := w.write(w.table); err != nil {
 		return Summary{}, err
@@ -508,7 +605,7 @@ func (w *Writer) Close() (Summary, error) {
 		return Summary{}, err
 	}
 	w.hasher.Sum(f.FileHash[:0])
-	foot := encodeFooter(&f)
+	foot := encodeFooter(&f, w.version)
 	n, err := w.out.Write(foot)
 	w.off += uint64(n)
 	if err == nil && n != len(foot) {
@@ -518,5 +615,5 @@ func (w *Writer) Close() (Summary, error) {
 		w.err = fmt.Errorf("cycle writer: %w", err)
 		return Summary{}, w.err
 	}
-	return Summary{Bytes: int64(w.off), DataBlocks: w.dataBlk, ZeroBlocks: w.zeroBlk, Extents: w.nExt}, nil
+	return Summary{Bytes: int64(w.off), DataBlocks: w.dataBlk, ZeroBlocks: w.zeroBlk, RefBlocks: w.refBlk, Extents: w.nExt}, nil
 }

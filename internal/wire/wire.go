@@ -9,6 +9,12 @@
 //	POST /v1/groups/{group}/commit                  CommitRequest → CommitReply (apply a cut's cycles as one point)
 //	GET  /v1/groups/{group}                          → GroupState
 //	POST /v1/groups/{group}/seed                    SeedExpect → GroupState (the seed the relationship starts from)
+//	DELETE /v1/groups/{group}/uploads/{id}/{gen}/{seq}?name=IMAGE  discard an unapplied upload (another variant follows)
+//	POST /v1/groups/{group}/images/{id}/held?name=IMAGE   body: block hashes (EncodeHeld) → 1 status byte per block
+//	GET  /v1/groups/{group}/images/{id}/regions?name=IMAGE&blocks=N&from=R&count=C  → 32-byte region hashes
+//
+// The last two serve dedup-aware initial replication and hash-compare resync
+// (see chunks.go).
 package wire
 
 import "time"
@@ -32,6 +38,10 @@ type PairReply struct {
 
 // UploadState is how much of a cycle upload is durable on the replica.
 type UploadState struct {
+	// FileHash is the whole-file hash (hex, from the cycle footer) of the
+	// variant being received or complete, when the uploader named it (PUT
+	// ?hash=): a thinned and a full cycle share id/gen/seq.
+	FileHash string `json:"file_hash,omitempty"`
 	Offset   int64  `json:"offset"`   // durable bytes received
 	Complete bool   `json:"complete"` // all bytes received and the file verified
 	Applied  bool   `json:"applied"`  // already applied (a replay of an applied cycle)
@@ -51,6 +61,10 @@ type CommitRequest struct {
 	GroupCut string     `json:"group_cut"`
 	Cycles   []CycleRef `json:"cycles"`
 	Policy   Policy     `json:"policy"`
+	// AppConsistent: the cut was taken while the group's applications were
+	// quiesced. Its cycles carry the same flag in their (verified) headers,
+	// which is what the replica records.
+	AppConsistent bool `json:"app_consistent,omitempty"`
 }
 
 // Policy is the group's retention, sent with every commit so the replica
@@ -67,6 +81,8 @@ type CommitReply struct {
 	Point   string    `json:"point"`
 	Time    time.Time `json:"time"`
 	Skipped bool      `json:"skipped"` // already applied
+	// AppConsistent: the point was recorded app-consistent.
+	AppConsistent bool `json:"app_consistent,omitempty"`
 }
 
 // ImageState is the replica's state of one image.
@@ -86,7 +102,17 @@ type GroupState struct {
 // Error is the body of every non-2xx reply.
 type Error struct {
 	Error string `json:"error"`
-	Code  string `json:"code"` // "unpaired", "revoked", "forbidden", "corrupt", "refused", "conflict", "bad_request", "failure"
+	Code  string `json:"code"` // "unpaired", "revoked", "forbidden", "corrupt", "refused", "conflict", "bad_request", "failure", "missing_chunks", "variant", "no_image"
+	// Missing lists, with code "missing_chunks", the ref blocks of a commit
+	// that the replica could not resolve (nothing was applied).
+	Missing []MissingBlocks `json:"missing,omitempty"`
+}
+
+// MissingBlocks are the unresolvable ref blocks of one cycle, as [start,
+// count] runs of 4 KiB blocks.
+type MissingBlocks struct {
+	CycleRef
+	Runs [][2]uint64 `json:"runs"`
 }
 
 // SeedExpect announces, after 'standin seed export', the seed a group's
