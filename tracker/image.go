@@ -87,10 +87,6 @@ type meta struct {
 	Name           string    `json:"name"`
 	LastCut        time.Time `json:"last_cut,omitzero"`
 	LastCycleBytes int64     `json:"last_cycle_bytes"`
-	// The last seed exported of this image (its cut's seq and time); the
-	// relationship continues from it once the replica imported it.
-	SeedSeq  uint64    `json:"seed_seq,omitempty"`
-	SeedTime time.Time `json:"seed_time,omitzero"`
 }
 
 // ID returns the image's identity.

@@ -10,8 +10,6 @@ import (
 
 	"github.com/RoaringBitmap/roaring/v2"
 	"github.com/google/uuid"
-
-	"github.com/standin/standin/internal/fsutil"
 )
 
 // ErrSeeding: the image is being exported to a seed; it cannot be cut until
@@ -45,7 +43,6 @@ type SeedImage struct {
 	old   *roaring.Bitmap // the dirty set swapped out at the cut (returned on Abort)
 	group uuid.UUID
 	t     time.Time
-	alloc int64
 }
 
 // Name returns the image's path relative to the mount.
@@ -69,8 +66,15 @@ func (si *SeedImage) CutTime() time.Time { return si.t }
 // GroupCut returns the id shared by all images of the cut.
 func (si *SeedImage) GroupCut() [16]byte { return si.group }
 
-// Allocated returns the bytes in the image's data extents at the cut.
-func (si *SeedImage) Allocated() int64 { return si.alloc }
+// Allocated returns the bytes in the image's data extents at the cut (the
+// last block may extend past the size; it counts up to the size).
+func (si *SeedImage) Allocated() int64 {
+	var n int64
+	for _, e := range si.exts {
+		n += min(e[1], si.size-e[0])
+	}
+	return n
+}
 
 // DataExtents returns the allocated ranges at the cut (block aligned).
 func (si *SeedImage) DataExtents() ([][2]int64, error) { return si.exts, nil }
@@ -177,41 +181,22 @@ func (s *Store) SeedCut(names []string) (*Seed, error) {
 		return nil, err
 	}
 	sort.Slice(imgs, func(i, j int) bool { return imgs[i].id.String() < imgs[j].id.String() })
-	for _, im := range imgs {
-		im.mu.Lock()
-		busy := im.stage != nil
-		im.mu.Unlock()
-		if busy {
-			return nil, fmt.Errorf("tracker: seed of %s: %w", im.Name(), ErrSeeding)
-		}
+	sts, err := s.newStages(imgs, "seed", "seed")
+	if err != nil {
+		return nil, err
 	}
 	sd := &Seed{s: s, GroupCut: uuid.New()}
-	fail := func(err error) (*Seed, error) {
-		for _, si := range sd.Images {
-			si.st.cbw.Close()
-			os.Remove(si.st.cbw.Name())
-		}
-		return nil, fmt.Errorf("tracker: seed cut: %w", err)
+	for i, im := range imgs {
+		sd.Images = append(sd.Images, &SeedImage{im: im, st: sts[i], group: sd.GroupCut})
 	}
-	for _, im := range imgs {
-		f, err := os.CreateTemp(s.stagingDir(), im.id.String()+".seed-*")
-		if err != nil {
-			return fail(err)
-		}
-		sd.Images = append(sd.Images, &SeedImage{im: im, st: &stage{saved: map[uint32]int64{}, cbw: f}, group: sd.GroupCut})
-	}
-	for _, si := range sd.Images {
-		si.im.barrier.Lock()
-	}
+	lockBarriers(imgs)
 	sd.Time = time.Now()
 	for _, si := range sd.Images {
 		if err == nil {
 			err = si.freeze(sd.Time)
 		}
 	}
-	for _, si := range sd.Images {
-		si.im.barrier.Unlock()
-	}
+	unlockBarriers(imgs)
 	if err != nil {
 		sd.Abort()
 		return nil, fmt.Errorf("tracker: seed cut: %w", err)
@@ -228,27 +213,12 @@ func (si *SeedImage) freeze(t time.Time) error {
 		return err
 	}
 	size := st.Size()
-	exts, err := fsutil.DataExtents(im.f, size)
+	pending, err := allocatedBlocks(im.f, size)
 	if err != nil {
 		return err
 	}
-	pending := roaring.New()
-	for _, e := range exts {
-		b0 := uint64(e.Off) / BlockSize
-		b1 := (uint64(e.Off+e.Len) + BlockSize - 1) / BlockSize
-		if b1 > maxBlocks {
-			return ErrTooLarge
-		}
-		if n := len(si.exts); n > 0 && si.exts[n-1][0]+si.exts[n-1][1] >= int64(b0)*BlockSize {
-			si.exts[n-1][1] = int64(b1)*BlockSize - si.exts[n-1][0]
-		} else {
-			si.exts = append(si.exts, [2]int64{int64(b0) * BlockSize, int64(b1-b0) * BlockSize})
-		}
-		pending.AddRange(b0, b1)
-	}
-	// The last block may extend past the size; ReadAt stops at the size.
-	for _, e := range si.exts {
-		si.alloc += min(e[1], size-e[0])
+	for b0, b1 := range pending.Ranges() {
+		si.exts = append(si.exts, [2]int64{int64(b0) * BlockSize, int64(b1-uint64(b0)) * BlockSize})
 	}
 	im.mu.Lock()
 	defer im.mu.Unlock()
@@ -278,8 +248,7 @@ func (sd *Seed) Abort() {
 			im.frozen, im.stage = nil, nil
 		}
 		im.mu.Unlock()
-		si.st.cbw.Close()
-		os.Remove(si.st.cbw.Name())
+		si.st.discard()
 	}
 }
 
@@ -310,11 +279,9 @@ func (sd *Seed) Commit() error {
 			im.meta.NextSeq = si.seq + 1
 		}
 		im.meta.LastCut = si.t
-		im.meta.SeedSeq, im.meta.SeedTime = si.seq, si.t
 		im.frozen, im.stage = nil, nil
 		im.mu.Unlock()
-		si.st.cbw.Close()
-		os.Remove(si.st.cbw.Name())
+		si.st.discard()
 		dir := im.s.cycleDir(im.id)
 		matches, _ := filepath.Glob(filepath.Join(dir, fmt.Sprintf("g%06d-s*.cyc", si.gen)))
 		for _, m := range matches {

@@ -30,6 +30,53 @@ type stage struct {
 	copied  uint64 // blocks saved by copy-before-write
 }
 
+// discard closes and removes the copy-before-write scratch file.
+func (st *stage) discard() {
+	st.cbw.Close()
+	os.Remove(st.cbw.Name())
+}
+
+// newStages checks that none of imgs is being staged already (a seed export
+// holds its stage for the whole export) and creates a copy-before-write
+// scratch file for each. what names the operation in errors, kind the
+// scratch files. Called with cutMu held.
+func (s *Store) newStages(imgs []*Image, what, kind string) ([]*stage, error) {
+	for _, im := range imgs {
+		im.mu.Lock()
+		busy := im.stage != nil
+		im.mu.Unlock()
+		if busy {
+			return nil, fmt.Errorf("tracker: %s of %s: %w (wait for 'standin seed export' to finish)", what, im.Name(), ErrSeeding)
+		}
+	}
+	sts := make([]*stage, 0, len(imgs))
+	for _, im := range imgs {
+		f, err := os.CreateTemp(s.stagingDir(), im.id.String()+"."+kind+"-*")
+		if err != nil {
+			for _, st := range sts {
+				st.discard()
+			}
+			return nil, fmt.Errorf("tracker: %s: %w", what, err)
+		}
+		sts = append(sts, &stage{saved: map[uint32]int64{}, cbw: f})
+	}
+	return sts, nil
+}
+
+// lockBarriers takes the write barrier of every image (in the given order):
+// in-flight mutations finish, new ones wait.
+func lockBarriers(imgs []*Image) {
+	for _, im := range imgs {
+		im.barrier.Lock()
+	}
+}
+
+func unlockBarriers(imgs []*Image) {
+	for _, im := range imgs {
+		im.barrier.Unlock()
+	}
+}
+
 // saveOld saves the content at the cut of every pending block in [first,
 // end) before a mutation overwrites it. Called with Image.mu held.
 func (st *stage) saveOld(im *Image, first, end uint64) {
@@ -129,33 +176,18 @@ func (s *Store) CutWith(ctx context.Context, names []string, o CutOptions) ([]Cy
 		return nil, err
 	}
 	sort.Slice(imgs, func(i, j int) bool { return imgs[i].id.String() < imgs[j].id.String() })
-	for _, im := range imgs {
-		im.mu.Lock()
-		busy := im.stage != nil
-		im.mu.Unlock()
-		if busy {
-			return nil, fmt.Errorf("tracker: cut of %s: %w (wait for 'standin seed export' to finish)", im.Name(), ErrSeeding)
-		}
+	sts, err := s.newStages(imgs, "cut", "cbw")
+	if err != nil {
+		return nil, err
 	}
-
 	cuts := make([]*cutImage, len(imgs))
 	for i, im := range imgs {
-		f, err := os.CreateTemp(s.stagingDir(), im.id.String()+".cbw-*")
-		if err != nil {
-			for _, c := range cuts[:i] {
-				c.st.cbw.Close()
-				os.Remove(c.st.cbw.Name())
-			}
-			return nil, fmt.Errorf("tracker: cut: %w", err)
-		}
-		cuts[i] = &cutImage{im: im, st: &stage{saved: map[uint32]int64{}, cbw: f}}
+		cuts[i] = &cutImage{im: im, st: sts[i]}
 	}
 	group := uuid.New()
 
 	// The barrier: wait for in-flight mutations of every image, swap maps.
-	for _, c := range cuts {
-		c.im.barrier.Lock()
-	}
+	lockBarriers(imgs)
 	now := time.Now()
 	for _, c := range cuts {
 		im := c.im
@@ -200,9 +232,7 @@ func (s *Store) CutWith(ctx context.Context, names []string, o CutOptions) ([]Cy
 		}
 		im.mu.Unlock()
 	}
-	for _, c := range cuts {
-		c.im.barrier.Unlock()
-	}
+	unlockBarriers(imgs)
 	if o.AfterBarrier != nil {
 		o.AfterBarrier()
 	}
@@ -236,8 +266,7 @@ func (im *Image) abandon(c *cutImage, cause error) {
 	}
 	im.frozen, im.stage = nil, nil
 	im.mu.Unlock()
-	c.st.cbw.Close()
-	os.Remove(c.st.cbw.Name())
+	c.st.discard()
 	im.s.log.Warn("cut abandoned; its blocks stay dirty for the next cut", "image", im.Name(), "err", cause)
 }
 
@@ -322,8 +351,7 @@ func (im *Image) stageCycle(ctx context.Context, c *cutImage, o CutOptions) (inf
 	cbwBlocks := c.st.copied
 	im.frozen, im.stage = nil, nil
 	im.mu.Unlock()
-	c.st.cbw.Close()
-	os.Remove(c.st.cbw.Name())
+	c.st.discard()
 	if err := im.saveMeta(); err != nil {
 		// The cycle file is there; a restart derives the sequence from it.
 		im.s.log.Warn("saving image metadata", "image", c.hdr.Name, "err", err)

@@ -210,15 +210,8 @@ func (s *Store) register(rel, p string, id uuid.UUID, gen uint64, hasID bool) (*
 			s.log.Warn("tracking state missing; starting a new generation with a full base cycle", "image", rel, "generation", gen)
 		}
 		im.meta = meta{ID: id.String(), Generation: gen, Name: rel}
-		exts, err := fsutil.DataExtents(f, st.Size())
-		if err != nil {
+		if im.dirty, err = allocatedBlocks(f, st.Size()); err != nil {
 			return fail(err)
-		}
-		for _, e := range exts {
-			if uint64(e.Off+e.Len) > maxBlocks*BlockSize {
-				return fail(ErrTooLarge)
-			}
-			im.dirty.AddRange(uint64(e.Off)/BlockSize, (uint64(e.Off+e.Len)+BlockSize-1)/BlockSize)
 		}
 		os.RemoveAll(im.dir)
 		if err := os.MkdirAll(im.dir, 0o700); err != nil {
