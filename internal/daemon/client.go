@@ -35,41 +35,52 @@ func NewClient(store string) *Client {
 	}}}
 }
 
-func (c *Client) do(ctx context.Context, method, path string, body, out any) error {
+// send performs a control request and returns the 200 reply (the caller
+// closes its body). Every other outcome is an error with its exit code.
+func (c *Client) send(ctx context.Context, method, path string, body any) (*http.Response, error) {
 	var rd io.Reader
 	if body != nil {
 		b, err := json.Marshal(body)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		rd = bytes.NewReader(b)
 	}
 	req, err := http.NewRequestWithContext(ctx, method, "http://standin"+path, rd)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	resp, err := c.hc.Do(req)
 	if err != nil {
 		if _, serr := os.Stat(c.store); serr != nil {
-			return exitcode.With(exitcode.NotFound, fmt.Errorf("store %s: %w", c.store, serr))
+			return nil, exitcode.With(exitcode.NotFound, fmt.Errorf("store %s: %w", c.store, serr))
 		}
-		return exitcode.With(exitcode.NoDaemon, fmt.Errorf("%w (store %s; start it with 'standin mount --store %s MOUNTPOINT'): %v", ErrNoDaemon, c.store, c.store, err))
+		return nil, exitcode.With(exitcode.NoDaemon, fmt.Errorf("%w (store %s; start it with 'standin mount --store %s MOUNTPOINT'): %v", ErrNoDaemon, c.store, c.store, err))
+	}
+	if resp.StatusCode == http.StatusOK {
+		return resp, nil
 	}
 	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		var e apiError
-		json.NewDecoder(resp.Body).Decode(&e)
-		code := exitcode.Failure
-		switch e.Code {
-		case "not_found":
-			code = exitcode.NotFound
-		case "usage":
-			code = exitcode.Usage
-		case "busy":
-			code = exitcode.Busy
-		}
-		return exitcode.With(code, errors.New(e.Error))
+	var e apiError
+	json.NewDecoder(resp.Body).Decode(&e)
+	code := exitcode.Failure
+	switch e.Code {
+	case "not_found":
+		code = exitcode.NotFound
+	case "usage":
+		code = exitcode.Usage
+	case "busy":
+		code = exitcode.Busy
 	}
+	return nil, exitcode.With(code, errors.New(e.Error))
+}
+
+func (c *Client) do(ctx context.Context, method, path string, body, out any) error {
+	resp, err := c.send(ctx, method, path, body)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
 	if out == nil {
 		return nil
 	}
@@ -123,31 +134,11 @@ func (c *Client) Call(ctx context.Context, path string, body, out any) error {
 // Stream posts body and calls on for every NDJSON event of the reply until
 // the stream ends. A non-200 reply is an error like Call's.
 func (c *Client) Stream(ctx context.Context, path string, body any, on func(json.RawMessage) error) error {
-	b, err := json.Marshal(body)
+	resp, err := c.send(ctx, http.MethodPost, path, body)
 	if err != nil {
 		return err
-	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://standin"+path, bytes.NewReader(b))
-	if err != nil {
-		return err
-	}
-	resp, err := c.hc.Do(req)
-	if err != nil {
-		if _, serr := os.Stat(c.store); serr != nil {
-			return exitcode.With(exitcode.NotFound, fmt.Errorf("store %s: %w", c.store, serr))
-		}
-		return exitcode.With(exitcode.NoDaemon, fmt.Errorf("%w (store %s): %v", ErrNoDaemon, c.store, err))
 	}
 	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		var e apiError
-		json.NewDecoder(resp.Body).Decode(&e)
-		code := exitcode.Failure
-		if e.Code == "usage" {
-			code = exitcode.Usage
-		}
-		return exitcode.With(code, errors.New(e.Error))
-	}
 	dec := json.NewDecoder(resp.Body)
 	for {
 		var m json.RawMessage

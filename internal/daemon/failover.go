@@ -174,29 +174,36 @@ func (m *failoverMgr) close() {
 // mount directories
 
 // mountAt returns the filesystem type of the mount at dir ("" if dir is not
-// a mount point), from /proc/self/mountinfo.
+// a mount point).
 func mountAt(dir string) string {
+	fstype, _ := mountInfo(dir)
+	return fstype
+}
+
+// mountInfo returns the filesystem type and the device ("major:minor") of
+// the topmost mount at dir, from /proc/self/mountinfo ("" if none).
+func mountInfo(dir string) (fstype, dev string) {
 	f, err := os.Open("/proc/self/mountinfo")
 	if err != nil {
-		return ""
+		return "", ""
 	}
 	defer f.Close()
 	sc := bufio.NewScanner(f)
 	sc.Buffer(make([]byte, 1<<16), 1<<20)
-	fstype := ""
 	for sc.Scan() {
 		fs := strings.Fields(sc.Text())
 		if len(fs) < 7 || unescapeMountinfo(fs[4]) != dir {
 			continue
 		}
+		dev = fs[2] // the last (topmost) mount wins
 		for i := 6; i+1 < len(fs); i++ {
 			if fs[i] == "-" {
-				fstype = fs[i+1] // the last (topmost) mount wins
+				fstype = fs[i+1]
 				break
 			}
 		}
 	}
-	return fstype
+	return fstype, dev
 }
 
 func unescapeMountinfo(s string) string {
@@ -425,19 +432,7 @@ const readAheadKB = 4096
 
 // tuneReadAhead raises the read-ahead of the FUSE mount at dir (best effort).
 func tuneReadAhead(dir string, log *slog.Logger) {
-	f, err := os.Open("/proc/self/mountinfo")
-	if err != nil {
-		return
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	dev := ""
-	for sc.Scan() {
-		fs := strings.Fields(sc.Text())
-		if len(fs) >= 5 && unescapeMountinfo(fs[4]) == dir {
-			dev = fs[2]
-		}
-	}
+	_, dev := mountInfo(dir)
 	if dev == "" {
 		return
 	}
