@@ -26,7 +26,6 @@ package applier
 import (
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"path/filepath"
 	"slices"
@@ -335,22 +334,9 @@ func (r *Replica) PointFiles(groupName string) ([]PointFile, error) {
 	}
 	var out []PointFile
 	for i, p := range g.pts.Points {
-		ids := make([]string, 0, len(p.Seqs))
-		for id := range p.Seqs {
-			ids = append(ids, id)
-		}
-		slices.Sort(ids)
-		for _, id := range ids {
-			im := g.images[id]
-			if im == nil {
-				continue
-			}
-			size, ok := im.sizeAt(p.N)
-			if !ok {
-				continue
-			}
+		for _, x := range g.imagesAt(p.N, p.Seqs) {
 			out = append(out, PointFile{Point: pointID(p.N), Time: p.Time, Latest: i == len(g.pts.Points)-1,
-				ImageID: id, File: names[id], Size: int64(size), Allocated: im.undoAllocated(p.N, latestAlloc[id], int64(size))})
+				ImageID: x.id, File: names[x.id], Size: int64(x.size), Allocated: x.im.undoAllocated(p.N, latestAlloc[x.id], int64(x.size))})
 		}
 	}
 	return out, nil
@@ -413,9 +399,8 @@ func (p *PinnedReader) Point() string { return pointID(p.pr.n) }
 // Size is the image size at the point.
 func (p *PinnedReader) Size() int64 { return p.pr.size }
 
-// ReadAt implements io.ReaderAt; whole aligned blocks are read straight into
-// b (no intermediate copy). Safe for concurrent use.
-func (p *PinnedReader) ReadAt(b []byte, off int64) (int, error) { return p.pr.readInto(b, off) }
+// ReadAt implements io.ReaderAt (pointReader.ReadAt). Safe for concurrent use.
+func (p *PinnedReader) ReadAt(b []byte, off int64) (int, error) { return p.pr.ReadAt(b, off) }
 
 // SeekData answers lseek(SEEK_DATA) (hole false) or lseek(SEEK_HOLE).
 func (p *PinnedReader) SeekData(off int64, hole bool) (int64, error) {
@@ -426,49 +411,6 @@ func (p *PinnedReader) SeekData(off int64, hole bool) (int64, error) {
 func (p *PinnedReader) Close() error {
 	p.pin.Release()
 	return nil
-}
-
-// readInto reads p at off like ReadAt, but reads whole aligned blocks
-// directly into p; only a partial first or last block goes through a
-// block-sized buffer.
-func (pr *pointReader) readInto(p []byte, off int64) (int, error) {
-	if off < 0 {
-		return 0, errors.New("negative offset")
-	}
-	if off >= pr.size {
-		return 0, io.EOF
-	}
-	want := len(p)
-	if int64(want) > pr.size-off {
-		p = p[:pr.size-off]
-	}
-	const chunk = 256 // blocks per group lock hold
-	var tmp []byte
-	done := 0
-	for done < len(p) {
-		o := off + int64(done)
-		b := uint64(o / format.BlockSize)
-		skip := int(o % format.BlockSize)
-		if skip != 0 || len(p)-done < format.BlockSize {
-			if tmp == nil {
-				tmp = make([]byte, format.BlockSize)
-			}
-			if err := pr.read(b, tmp, nil); err != nil {
-				return done, err
-			}
-			done += copy(p[done:], tmp[skip:])
-			continue
-		}
-		n := min((len(p)-done)/format.BlockSize, chunk)
-		if err := pr.read(b, p[done:done+n*format.BlockSize], nil); err != nil {
-			return done, err
-		}
-		done += n * format.BlockSize
-	}
-	if done < want {
-		return done, io.EOF
-	}
-	return done, nil
 }
 
 // seekData implements SEEK_DATA/SEEK_HOLE on a point. "Data" is a superset of

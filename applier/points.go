@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -134,6 +135,29 @@ func (g *group) imageAt(p pointRec, name string) (*image, error) {
 	return found, nil
 }
 
+// pointImage is one image of a point, with its size there.
+type pointImage struct {
+	id   string
+	im   *image
+	size uint64
+}
+
+// imagesAt lists the images (seqs: the point's image ids) of point n that
+// can be read, in id order. Called with g.mu held.
+func (g *group) imagesAt(n uint64, seqs map[string]uint64) []pointImage {
+	var out []pointImage
+	for _, id := range slices.Sorted(maps.Keys(seqs)) {
+		im := g.images[id]
+		if im == nil {
+			continue
+		}
+		if size, ok := im.sizeAt(n); ok {
+			out = append(out, pointImage{id, im, size})
+		}
+	}
+	return out
+}
+
 // sizeAt returns the image's size at point n and whether it existed.
 // Called with g.mu held.
 func (im *image) sizeAt(n uint64) (uint64, bool) {
@@ -234,7 +258,9 @@ func (g *group) openPoint(point, imageName string) (*pointReader, error) {
 func (pr *pointReader) Size() int64  { return pr.size }
 func (pr *pointReader) Close() error { return nil }
 
-// ReadAt implements io.ReaderAt. It is safe for concurrent use.
+// ReadAt implements io.ReaderAt; whole aligned blocks are read straight into
+// p, only a partial first or last block goes through a block-sized buffer.
+// It is safe for concurrent use.
 func (pr *pointReader) ReadAt(p []byte, off int64) (int, error) {
 	if off < 0 {
 		return 0, errors.New("negative offset")
@@ -246,18 +272,28 @@ func (pr *pointReader) ReadAt(p []byte, off int64) (int, error) {
 	if int64(want) > pr.size-off {
 		p = p[:pr.size-off]
 	}
-	const chunk = 256 * format.BlockSize
-	buf := make([]byte, min(chunk, (len(p)/format.BlockSize+2)*format.BlockSize))
+	const chunk = 256 // blocks per group lock hold
+	var tmp []byte
 	done := 0
 	for done < len(p) {
 		o := off + int64(done)
-		b0 := uint64(o / format.BlockSize)
+		b := uint64(o / format.BlockSize)
 		skip := int(o % format.BlockSize)
-		nb := min((skip+len(p)-done+format.BlockSize-1)/format.BlockSize, len(buf)/format.BlockSize)
-		if err := pr.read(b0, buf[:nb*format.BlockSize], nil); err != nil {
+		if skip != 0 || len(p)-done < format.BlockSize {
+			if tmp == nil {
+				tmp = make([]byte, format.BlockSize)
+			}
+			if err := pr.read(b, tmp, nil); err != nil {
+				return done, err
+			}
+			done += copy(p[done:], tmp[skip:])
+			continue
+		}
+		n := min((len(p)-done)/format.BlockSize, chunk)
+		if err := pr.read(b, p[done:done+n*format.BlockSize], nil); err != nil {
 			return done, err
 		}
-		done += copy(p[done:], buf[skip:nb*format.BlockSize])
+		done += n * format.BlockSize
 	}
 	if done < want {
 		return done, io.EOF
@@ -363,12 +399,7 @@ func (r *Replica) VerifyPoint(ctx context.Context, groupName, point string) (Ver
 	var prs []*pointReader
 	if err == nil {
 		rep.Point = pointID(p.N)
-		ids := make([]string, 0, len(p.Seqs))
-		for id := range p.Seqs {
-			ids = append(ids, id)
-		}
-		slices.Sort(ids)
-		for _, id := range ids {
+		for _, id := range slices.Sorted(maps.Keys(p.Seqs)) {
 			pr, e := g.openPoint(rep.Point, id)
 			if e != nil {
 				err = e

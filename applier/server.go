@@ -128,6 +128,15 @@ func (s *Server) pair(w http.ResponseWriter, r *http.Request) {
 	s.reply(w, r, wire.PairReply{Cert: cert, CA: ca, PrimaryID: p.ID}, nil)
 }
 
+// checkAllowed refuses image name of group unless the primary's allow-list
+// patterns admit it.
+func checkAllowed(p pki.Primary, group, name string) error {
+	if p.Allowed(group, name) {
+		return nil
+	}
+	return fail(http.StatusForbidden, "forbidden", "primary %s may not send image %s/%s (allowed: %s)", p.Name, group, name, p.Pattern)
+}
+
 type authedFunc func(w http.ResponseWriter, r *http.Request, p pki.Primary)
 
 // authed admits only paired, non-revoked primaries (mutual TLS) and checks
@@ -232,8 +241,8 @@ func (s *Server) upload(w http.ResponseWriter, r *http.Request, p pki.Primary) {
 		return
 	}
 	name := r.URL.Query().Get("name")
-	if !p.Allowed(group, name) {
-		s.reply(w, r, nil, fail(http.StatusForbidden, "forbidden", "primary %s may not send image %s/%s (allowed: %s)", p.Name, group, name, p.Pattern))
+	if err := checkAllowed(p, group, name); err != nil {
+		s.reply(w, r, nil, err)
 		return
 	}
 	off, err1 := strconv.ParseInt(r.URL.Query().Get("offset"), 10, 64)
@@ -446,8 +455,8 @@ func (s *Server) seedExpect(w http.ResponseWriter, r *http.Request, p pki.Primar
 		return
 	}
 	for _, im := range req.Images {
-		if !p.Allowed(group, im.Name) {
-			s.reply(w, r, nil, fail(http.StatusForbidden, "forbidden", "primary %s may not send image %s/%s (allowed: %s)", p.Name, group, im.Name, p.Pattern))
+		if err := checkAllowed(p, group, im.Name); err != nil {
+			s.reply(w, r, nil, err)
 			return
 		}
 	}

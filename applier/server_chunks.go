@@ -28,8 +28,8 @@ func (s *Server) imageQuery(r *http.Request, p pki.Primary) (group, id string, n
 		return "", "", 0, fmt.Errorf("image id %q: %w", r.PathValue("id"), ErrBadName)
 	}
 	name := r.URL.Query().Get("name")
-	if !p.Allowed(group, name) {
-		return "", "", 0, fail(http.StatusForbidden, "forbidden", "primary %s may not send image %s/%s (allowed: %s)", p.Name, group, name, p.Pattern)
+	if err := checkAllowed(p, group, name); err != nil {
+		return "", "", 0, err
 	}
 	nblocks, err = strconv.ParseUint(r.URL.Query().Get("blocks"), 10, 64)
 	if err != nil || nblocks == 0 || nblocks > 1<<40 {
@@ -111,9 +111,8 @@ func (s *Server) discard(w http.ResponseWriter, r *http.Request, p pki.Primary) 
 		s.reply(w, r, nil, err)
 		return
 	}
-	name := r.URL.Query().Get("name")
-	if !p.Allowed(group, name) {
-		s.reply(w, r, nil, fail(http.StatusForbidden, "forbidden", "primary %s may not send image %s/%s (allowed: %s)", p.Name, group, name, p.Pattern))
+	if err := checkAllowed(p, group, r.URL.Query().Get("name")); err != nil {
+		s.reply(w, r, nil, err)
 		return
 	}
 	defer s.lock(path)()

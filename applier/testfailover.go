@@ -182,21 +182,8 @@ func (r *Replica) PlanTest(groupName, point string) (TestFailover, error) {
 	}
 	names := g.fileNames()
 	tf := TestFailover{Group: groupName, Point: p.ID, PointTime: p.Time}
-	ids := make([]string, 0, len(p.Seqs))
-	for id := range p.Seqs {
-		ids = append(ids, id)
-	}
-	slices.Sort(ids)
-	for _, id := range ids {
-		im := g.images[id]
-		if im == nil {
-			continue
-		}
-		size, ok := im.sizeAt(n)
-		if !ok {
-			continue
-		}
-		tf.Images = append(tf.Images, TestImageInfo{ID: id, File: names[id], Size: int64(size)})
+	for _, x := range g.imagesAt(n, p.Seqs) {
+		tf.Images = append(tf.Images, TestImageInfo{ID: x.id, File: names[x.id], Size: int64(x.size)})
 	}
 	if len(tf.Images) == 0 {
 		return TestFailover{}, fmt.Errorf("point %s of group %s has no image: %w", p.ID, groupName, ErrNoImage)
@@ -627,7 +614,7 @@ func (ti *TestImage) ReadAt(p []byte, off int64) (int, error) {
 		if set {
 			err = readFullAt(ti.delta, seg, pos)
 		} else {
-			_, err = ti.src.readInto(seg, pos)
+			_, err = ti.src.ReadAt(seg, pos)
 		}
 		if err != nil && !errors.Is(err, io.EOF) {
 			return int(pos - off), err
@@ -707,7 +694,7 @@ func (ti *TestImage) modify(off, n int64, data []byte) (int, error) {
 			}
 		} else {
 			blk := ti.tmp[:bEnd-bStart]
-			if _, err := ti.src.readInto(blk, bStart); err != nil && !errors.Is(err, io.EOF) {
+			if _, err := ti.src.ReadAt(blk, bStart); err != nil && !errors.Is(err, io.EOF) {
 				return int(pos - off), err
 			}
 			copy(blk[pos-bStart:], part)

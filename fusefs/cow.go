@@ -207,7 +207,7 @@ func (n *cowFile) Read(ctx context.Context, f fs.FileHandle, dest []byte, off in
 	k, err := n.img.ReadAt(dest, off)
 	if err != nil && !errors.Is(err, io.EOF) {
 		n.log.Error("test mount: read", "file", n.name, "off", off, "err", err)
-		return nil, errnoOf(err)
+		return nil, toErrno(err)
 	}
 	return fuse.ReadResultData(dest[:k]), 0
 }
@@ -222,7 +222,7 @@ func (n *cowFile) Write(ctx context.Context, f fs.FileHandle, data []byte, off i
 	k, err := n.img.WriteAt(data, off)
 	if err != nil {
 		n.log.Error("test mount: write", "file", n.name, "off", off, "err", err)
-		return uint32(k), errnoOf(err)
+		return uint32(k), toErrno(err)
 	}
 	n.mu.Lock()
 	n.mtime = time.Now()
@@ -243,7 +243,7 @@ func (n *cowFile) Allocate(ctx context.Context, f fs.FileHandle, off, size uint6
 		return 0
 	}
 	if err := n.img.Zero(int64(off), end-int64(off)); err != nil {
-		return errnoOf(err)
+		return toErrno(err)
 	}
 	return 0
 }

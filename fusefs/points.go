@@ -21,7 +21,6 @@ import (
 	"hash/fnv"
 	"io"
 	"log/slog"
-	"os"
 	"strings"
 	"syscall"
 	"time"
@@ -99,19 +98,6 @@ func inoOf(s string) uint64 {
 	return h.Sum64() | 1<<63 // never 1 (the root)
 }
 
-// errnoOf maps a source error to an errno.
-func errnoOf(err error) syscall.Errno {
-	var e syscall.Errno
-	switch {
-	case err == nil:
-		return 0
-	case errors.As(err, &e):
-		return e
-	case errors.Is(err, os.ErrNotExist):
-		return syscall.ENOENT
-	}
-	return syscall.EIO
-}
 
 const (
 	dirMode  = syscall.S_IFDIR | 0o555
@@ -153,7 +139,7 @@ func (r *ptRoot) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
 	gs, err := r.src.Groups()
 	if err != nil {
 		r.log.Error("points mount: list groups", "err", err)
-		return nil, errnoOf(err)
+		return nil, toErrno(err)
 	}
 	es := make([]fuse.DirEntry, 0, len(gs))
 	for _, g := range gs {
@@ -165,7 +151,7 @@ func (r *ptRoot) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
 func (r *ptRoot) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
 	gs, err := r.src.Groups()
 	if err != nil {
-		return nil, errnoOf(err)
+		return nil, toErrno(err)
 	}
 	for _, g := range gs {
 		if g == name {
@@ -198,7 +184,7 @@ func (d *ptGroup) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOu
 func (d *ptGroup) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
 	fs0, err := d.root.src.Files(d.group)
 	if err != nil {
-		return nil, errnoOf(err)
+		return nil, toErrno(err)
 	}
 	es := []fuse.DirEntry{{Name: "latest", Mode: syscall.S_IFDIR, Ino: inoOf("l/" + d.group)}}
 	for _, f := range fs0 {
@@ -219,7 +205,7 @@ func (d *ptGroup) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (
 	}
 	files, err := d.root.src.Files(d.group)
 	if err != nil {
-		return nil, errnoOf(err)
+		return nil, toErrno(err)
 	}
 	for _, f := range files {
 		if f.Name == name {
@@ -249,7 +235,7 @@ func (d *ptLatest) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrO
 func (d *ptLatest) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
 	files, err := d.root.src.Files(d.group)
 	if err != nil {
-		return nil, errnoOf(err)
+		return nil, toErrno(err)
 	}
 	var es []fuse.DirEntry
 	for _, f := range files {
@@ -263,7 +249,7 @@ func (d *ptLatest) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
 func (d *ptLatest) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
 	files, err := d.root.src.Files(d.group)
 	if err != nil {
-		return nil, errnoOf(err)
+		return nil, toErrno(err)
 	}
 	for _, f := range files {
 		if f.Latest && f.Image == name {
@@ -344,7 +330,7 @@ func (n *ptFile) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32,
 	}
 	r, err := n.root.src.Open(n.group, n.f)
 	if err != nil {
-		return nil, 0, errnoOf(err)
+		return nil, 0, toErrno(err)
 	}
 	fl := uint32(fuse.FOPEN_KEEP_CACHE)
 	if flags&syscall.O_DIRECT != 0 {
@@ -361,7 +347,7 @@ func (n *ptFile) Read(ctx context.Context, f fs.FileHandle, dest []byte, off int
 	k, err := h.r.ReadAt(dest, off)
 	if err != nil && !errors.Is(err, io.EOF) {
 		n.root.log.Error("points mount: read", "group", n.group, "file", n.f.Name, "off", off, "err", err)
-		return nil, errnoOf(err)
+		return nil, toErrno(err)
 	}
 	return fuse.ReadResultData(dest[:k]), 0
 }
@@ -399,7 +385,7 @@ func seekData(ds DataSeeker, off int64, whence uint32, size int64) (uint64, sysc
 	}
 	r, err := ds.SeekData(off, whence == seekHole)
 	if err != nil {
-		return 0, errnoOf(err)
+		return 0, toErrno(err)
 	}
 	return uint64(r), 0
 }
