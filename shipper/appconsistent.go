@@ -290,22 +290,18 @@ func (s *Shipper) appPointShipped(r *run, t time.Time) {
 // saveAppState updates the persisted app-consistent state of a group (copy
 // on write, like resyncCut: the run keeps going).
 func (s *Shipper) saveAppState(name string, f func(*AppConsistent)) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	cfg := s.cfg
-	cfg.Groups = append([]Group(nil), cfg.Groups...)
-	x := cfg.Find(name)
-	if x == nil || x.AppConsistent == nil {
-		return
-	}
-	a := *x.AppConsistent
-	f(&a)
-	x.AppConsistent = &a
-	if err := SaveConfig(s.dir, cfg); err != nil {
+	err := s.persist(name, func(x *Group) bool {
+		if x.AppConsistent == nil {
+			return false
+		}
+		a := *x.AppConsistent
+		f(&a)
+		x.AppConsistent = &a
+		return true
+	})
+	if err != nil {
 		s.log.Warn("saving the app-consistent state", "group", name, "err", err)
-		return
 	}
-	s.cfg = cfg
 }
 
 // appStatus adds the app-consistent state to a status. Called with r.mu held.

@@ -58,7 +58,7 @@ func (r *Resync) Due(t time.Time) bool {
 	if err != nil {
 		return true // validated when requested; never block a resync forever
 	}
-	return (&Group{Schedule: []Window{{From: from, To: to, Bandwidth: 1}}}).Rate(t) == 1
+	return Window{From: from, To: to}.Contains(t)
 }
 
 // String describes the request for status output.
@@ -116,18 +116,23 @@ type Window struct {
 
 // Rate returns the bandwidth limit in force at t (0 = unlimited).
 func (g *Group) Rate(t time.Time) int64 {
-	y, m, d := t.Date()
-	since := t.Sub(time.Date(y, m, d, 0, 0, 0, 0, t.Location()))
 	for _, w := range g.Schedule {
-		in := since >= w.From && since < w.To
-		if w.To <= w.From {
-			in = since >= w.From || since < w.To
-		}
-		if in {
+		if w.Contains(t) {
 			return w.Bandwidth
 		}
 	}
 	return g.Bandwidth
+}
+
+// Contains reports whether the time of day of t (its location) is in the
+// window; a window whose end is not after its start wraps midnight.
+func (w Window) Contains(t time.Time) bool {
+	y, m, d := t.Date()
+	since := t.Sub(time.Date(y, m, d, 0, 0, 0, 0, t.Location()))
+	if w.To <= w.From {
+		return since >= w.From || since < w.To
+	}
+	return since >= w.From && since < w.To
 }
 
 var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)

@@ -187,6 +187,26 @@ func (s *Shipper) Update(name string, f func(*Group)) error {
 	return nil
 }
 
+// persist applies f to the named group's configuration and saves it without
+// restarting the group's run (for state the run itself records). The
+// configuration is copied on write: f must replace, not modify, what a
+// pointer field points to. f returns false to change nothing.
+func (s *Shipper) persist(name string, f func(*Group) bool) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	cfg := s.cfg
+	cfg.Groups = append([]Group(nil), cfg.Groups...)
+	x := cfg.Find(name)
+	if x == nil || !f(x) {
+		return nil
+	}
+	if err := SaveConfig(s.dir, cfg); err != nil {
+		return err
+	}
+	s.cfg = cfg
+	return nil
+}
+
 // Disable removes a group. Its unshipped cycle files stay on disk.
 func (s *Shipper) Disable(name string) error {
 	s.mu.Lock()
@@ -407,18 +427,15 @@ func (s *Shipper) seedGate(ctx context.Context, r *run, c *client) (string, erro
 		}
 	}
 	// Persist without restarting this run (Update would cancel it).
-	s.mu.Lock()
-	cfg := s.cfg
-	cfg.Groups = append([]Group(nil), cfg.Groups...)
-	if x := cfg.Find(g.Name); x != nil && x.Seed != nil && x.Seed.GroupCut == g.Seed.GroupCut {
+	err = s.persist(g.Name, func(x *Group) bool {
+		if x.Seed == nil || x.Seed.GroupCut != g.Seed.GroupCut {
+			return false
+		}
 		seed := *x.Seed
 		seed.Imported = true
 		x.Seed = &seed
-		if err = SaveConfig(s.dir, cfg); err == nil {
-			s.cfg = cfg
-		}
-	}
-	s.mu.Unlock()
+		return true
+	})
 	if err != nil {
 		return "", err
 	}

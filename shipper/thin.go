@@ -599,17 +599,13 @@ func (s *Shipper) Resync(name, window string) error {
 // resyncCut records that the requested resync's base cut is staged,
 // without restarting the group's run.
 func (s *Shipper) resyncCut(r *run) error {
-	s.mu.Lock()
-	cfg := s.cfg
-	cfg.Groups = append([]Group(nil), cfg.Groups...)
-	var err error
-	if x := cfg.Find(r.g.Name); x != nil && x.Resync != nil {
-		x.Resync = nil
-		if err = SaveConfig(s.dir, cfg); err == nil {
-			s.cfg = cfg
+	err := s.persist(r.g.Name, func(x *Group) bool {
+		if x.Resync == nil {
+			return false
 		}
-	}
-	s.mu.Unlock()
+		x.Resync = nil
+		return true
+	})
 	if err != nil {
 		return err
 	}
