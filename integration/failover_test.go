@@ -126,7 +126,7 @@ func TestFailoverTestWhileReplicating(t *testing.T) {
 	}
 	edit := func(prefix string, n int) {
 		t.Helper()
-		loopEdit(t, filepath.Join(mnt, "disk.img"), filepath.Join(dir, "pext"), func(root string) { addFiles(t, root, prefix, n, 50000) })
+		extEdit(t, filepath.Join(mnt, "disk.img"), filepath.Join(dir, "pext"), func(root string) { writeFiles(t, root, prefix, n, 50000, uint64(len(prefix)*1000)) })
 	}
 
 	pA := cut("base")
@@ -242,7 +242,7 @@ func TestFailoverTestWhileReplicating(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(extMnt, "b")); !os.IsNotExist(err) {
 		t.Errorf("test image of point %s has directory b written after it: %v", pA, err)
 	}
-	addFiles(t, extMnt, "testonly", 20, 70000)
+	writeFiles(t, extMnt, "testonly", 20, 70000, 8000)
 	mustRun(t, time.Minute, "sync")
 	// Meanwhile the replica applies another cycle.
 	edit("d", 5)

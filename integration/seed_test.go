@@ -43,56 +43,6 @@ type seedImportSummary struct {
 	} `json:"checks"`
 }
 
-// seedTemplate builds a 64 MiB ext4 image holding a file tree (mkfs.ext4 -d,
-// no mount needed) and returns its path.
-func seedTemplate(t *testing.T, dir string) string {
-	t.Helper()
-	tree := filepath.Join(dir, "template-tree")
-	writeTree(t, tree, 120)
-	img := filepath.Join(dir, "template.img")
-	mustRun(t, cmdTimeout, "mkfs.ext4", "-q", "-F", "-E", "root_owner=0:0", "-d", tree, img, "64M")
-	return img
-}
-
-// loopEdit attaches img (a file on the FUSE mount), mounts its ext4, lets f
-// change files, then unmounts and detaches.
-func loopEdit(t *testing.T, img, mnt string, f func(root string)) {
-	t.Helper()
-	dev := strings.TrimSpace(mustRun(t, 30*time.Second, "losetup", "-f", "--show", img))
-	defer execCmd(20*time.Second, nil, "losetup", "-d", dev)
-	if err := os.MkdirAll(mnt, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	mustRun(t, 30*time.Second, "mount", dev, mnt)
-	mounted := true
-	defer func() {
-		if mounted {
-			unmountTimeout(mnt, 0, 30*time.Second)
-		}
-	}()
-	f(mnt)
-	mustRun(t, time.Minute, "sync")
-	if err := unmountTimeout(mnt, 0, time.Minute); err != nil {
-		t.Fatalf("umount %s: %v", mnt, err)
-	}
-	mounted = false
-}
-
-func addFiles(t *testing.T, root, prefix string, n int, size int) {
-	t.Helper()
-	d := filepath.Join(root, prefix)
-	if err := os.MkdirAll(d, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	for i := 0; i < n; i++ {
-		b := make([]byte, size)
-		fillPattern(b, int64(i)<<20, uint64(len(prefix)*1000+i))
-		if err := os.WriteFile(filepath.Join(d, fmt.Sprintf("f%03d", i)), b, 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
-}
-
 // fsckImage runs fsck.ext4 -n -f on a plain image file.
 func fsckImage(t *testing.T, img string) {
 	t.Helper()
@@ -177,12 +127,12 @@ func (e *seedEnv) checkReplica(want map[string]string, what string) {
 
 func TestSeedRoundTrip(t *testing.T) {
 	requireRoot(t)
-	tmpl := seedTemplate(t, testDir(t))
+	tmpl := extTemplate(t, testDir(t))
 	e := newSeedEnv(t, tmpl, "vm1", "vm2", "vm3")
 
 	// Clones diverge a little before the seed (tracked writes through the mount).
-	loopEdit(t, filepath.Join(e.Mnt, "vm2.img"), filepath.Join(e.dir, "ext"), func(root string) { addFiles(t, root, "web", 20, 100000) })
-	loopEdit(t, filepath.Join(e.Mnt, "vm3.img"), filepath.Join(e.dir, "ext"), func(root string) { addFiles(t, root, "db", 10, 300000) })
+	extEdit(t, filepath.Join(e.Mnt, "vm2.img"), filepath.Join(e.dir, "ext"), func(root string) { writeFiles(t, root, "web", 20, 100000, 3000) })
+	extEdit(t, filepath.Join(e.Mnt, "vm3.img"), filepath.Join(e.dir, "ext"), func(root string) { writeFiles(t, root, "db", 10, 300000, 2000) })
 
 	st := replGroupStatus(t, e.PStore, "vm1")
 	if !strings.Contains(strings.Join(st.Reasons, " "), "waiting for the seed export") {
@@ -200,7 +150,7 @@ func TestSeedRoundTrip(t *testing.T) {
 		t.Errorf("unique %d bytes of %d allocated: clones did not dedup", sum.Unique, sum.Allocated)
 	}
 	// Changes after the seed's cut are queued.
-	loopEdit(t, filepath.Join(e.Mnt, "vm1.img"), filepath.Join(e.dir, "ext"), func(root string) { addFiles(t, root, "after", 8, 50000) })
+	extEdit(t, filepath.Join(e.Mnt, "vm1.img"), filepath.Join(e.dir, "ext"), func(root string) { writeFiles(t, root, "after", 8, 50000, 5000) })
 	if h := b3File(t, filepath.Join(e.PStore, "images", "vm1.img")); h == atCut["vm1"] {
 		t.Fatal("edit after the seed changed nothing")
 	}
@@ -265,7 +215,7 @@ func TestSeedRoundTrip(t *testing.T) {
 		t.Errorf("catch-up sent %d bytes, more than a quarter of the allocated %d: the seed was not used as the base", sent, sum.Allocated)
 	}
 	// And later cuts too.
-	loopEdit(t, filepath.Join(e.Mnt, "vm2.img"), filepath.Join(e.dir, "ext"), func(root string) { addFiles(t, root, "later", 5, 70000) })
+	extEdit(t, filepath.Join(e.Mnt, "vm2.img"), filepath.Join(e.dir, "ext"), func(root string) { writeFiles(t, root, "later", 5, 70000, 5000) })
 	mustStandin(t, "replicate", "now", "--store", e.PStore, "--group", "vm2", "--wait", "--timeout", "90s")
 	e.checkReplica(e.primaryHashes(), "later cut")
 	if st := replGroupStatus(t, e.PStore, "vm2"); st.Cycles < 2 || st.LastPoint == "1" {
@@ -295,7 +245,7 @@ func flipFileByte(t *testing.T, path string, off int64) {
 // then imports (encrypted: no image name or file content readable on the media).
 func TestSeedRefused(t *testing.T) {
 	requireRoot(t)
-	tmpl := seedTemplate(t, testDir(t))
+	tmpl := extTemplate(t, testDir(t))
 	e := newSeedEnv(t, tmpl, "vm1")
 	noGroups := func(what string) {
 		t.Helper()
@@ -307,7 +257,7 @@ func TestSeedRefused(t *testing.T) {
 
 	old := filepath.Join(e.dir, "seed-old")
 	e.export(old, "--group", "vm1")
-	loopEdit(t, filepath.Join(e.Mnt, "vm1.img"), filepath.Join(e.dir, "ext"), func(root string) { addFiles(t, root, "x", 3, 40000) })
+	extEdit(t, filepath.Join(e.Mnt, "vm1.img"), filepath.Join(e.dir, "ext"), func(root string) { writeFiles(t, root, "x", 3, 40000, 1000) })
 	newer := filepath.Join(e.dir, "seed-new")
 	e.export(newer, "--group", "vm1")
 	announce()
@@ -430,9 +380,9 @@ func grepTree(t *testing.T, dir string, needles ...[]byte) string {
 // import interrupted the same way continue where they stopped.
 func TestSeedResume(t *testing.T) {
 	requireRoot(t)
-	tmpl := seedTemplate(t, testDir(t))
+	tmpl := extTemplate(t, testDir(t))
 	e := newSeedEnv(t, tmpl, "vm1", "vm2")
-	loopEdit(t, filepath.Join(e.Mnt, "vm2.img"), filepath.Join(e.dir, "ext"), func(root string) { addFiles(t, root, "big", 6, 2<<20) })
+	extEdit(t, filepath.Join(e.Mnt, "vm2.img"), filepath.Join(e.dir, "ext"), func(root string) { writeFiles(t, root, "big", 6, 2<<20, 3000) })
 	seed := filepath.Join(e.dir, "usb")
 
 	interrupt := func(what string, args []string, ready func() bool) {
