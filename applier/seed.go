@@ -22,6 +22,7 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+	"github.com/zeebo/blake3"
 
 	"github.com/standin/standin/internal/format"
 	"github.com/standin/standin/internal/fsutil"
@@ -268,24 +269,40 @@ func (s *SeedSink) Truncate(size int64) error {
 
 // WriteAt writes reconstructed chunks and records their block hashes.
 func (s *SeedSink) WriteAt(p []byte, off int64) (int, error) {
-	if off%format.BlockSize != 0 {
-		return 0, fmt.Errorf("seed import: unaligned write at %d", off)
-	}
-	if _, err := s.img.WriteAt(p, off); err != nil {
-		return 0, err
-	}
 	nb := (len(p) + format.BlockSize - 1) / format.BlockSize
-	if cap(s.hb) < nb*32 {
-		s.hb = make([]byte, nb*32)
-	}
-	hb := s.hb[:nb*32]
-	for i := 0; i < nb; i++ {
+	hs := make([][32]byte, nb)
+	for i := range hs {
 		blk := p[i*format.BlockSize : min(len(p), (i+1)*format.BlockSize)]
 		if len(blk) < format.BlockSize { // the image's last, short block: hashed zero-padded
 			s.pad = append(append(s.pad[:0], blk...), make([]byte, format.BlockSize-len(blk))...)
 			blk = s.pad
 		}
-		h := blockHash(blk)
+		hs[i] = blake3.Sum256(blk)
+	}
+	return s.WriteHashedAt(p, off, hs)
+}
+
+// WriteHashedAt writes reconstructed chunks whose BLAKE3 the importer has
+// computed already (dedup.HashedSink): one hash per block of p.
+func (s *SeedSink) WriteHashedAt(p []byte, off int64, hashes [][32]byte) (int, error) {
+	if off%format.BlockSize != 0 {
+		return 0, fmt.Errorf("seed import: unaligned write at %d", off)
+	}
+	nb := (len(p) + format.BlockSize - 1) / format.BlockSize
+	if len(hashes) != nb {
+		return 0, fmt.Errorf("seed import: %d hashes for %d blocks at %d", len(hashes), nb, off)
+	}
+	if _, err := s.img.WriteAt(p, off); err != nil {
+		return 0, err
+	}
+	if cap(s.hb) < nb*32 {
+		s.hb = make([]byte, nb*32)
+	}
+	hb := s.hb[:nb*32]
+	for i, h := range hashes {
+		if h == zeroBlockBLAKE3 { // recorded as 32 zero bytes, like blockHash
+			h = zeroHash
+		}
 		copy(hb[i*32:], h[:])
 	}
 	if _, err := s.hashes.WriteAt(hb, off/format.BlockSize*32); err != nil {

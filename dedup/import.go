@@ -7,6 +7,8 @@ import (
 	"runtime"
 	"sort"
 	"sync"
+
+	"github.com/zeebo/blake3"
 )
 
 // ImageSink receives one reconstructed image. Import calls Truncate(0) and
@@ -18,6 +20,16 @@ type ImageSink interface {
 	// Sync makes everything written so far durable. Import calls it before
 	// each Checkpoint and at the end of each image.
 	Sync() error
+}
+
+// HashedSink is an ImageSink that keeps the plain BLAKE3-256 of every chunk
+// it stores (the replica's per-block hashes). Import computes them in its
+// parallel verify workers — for a seed without encryption they are the
+// chunk ids it checks anyway — and passes one per 4 KiB chunk of p (the
+// image's short last chunk hashed zero-padded), instead of calling WriteAt.
+type HashedSink interface {
+	ImageSink
+	WriteHashedAt(p []byte, off int64, hashes [][32]byte) (int, error)
 }
 
 // ImportOptions tune Import.
@@ -327,8 +339,11 @@ func (pr *packReader) write(ctx context.Context, m *Manifest, sk ImageSink, todo
 		raw    []byte
 		cached bool
 		ps     []piece
+		hs     [][][32]byte // per piece, for a HashedSink
 		err    error
 	}
+	hsk, hashed := sk.(HashedSink)
+	plainIDs := pr.ss.k == nil // chunk ids are the plain BLAKE3
 	var all []*job
 	for i, p := range todo {
 		if i == 0 || p.pack != todo[i-1].pack || p.frame != todo[i-1].frame {
@@ -376,8 +391,20 @@ func (pr *packReader) write(ctx context.Context, m *Manifest, sk ImageSink, todo
 					base := j.h.frameFirst[j.key.frame]
 					first := pr.packs[j.key.pack].entry.First
 					for _, p := range j.ps {
-						if j.err = j.h.verify(j.key.frame, j.raw, p.gid-first-base, p.n, hash); j.err != nil {
+						var ids [][32]byte
+						if hashed {
+							ids = make([][32]byte, p.n)
+							j.hs = append(j.hs, ids)
+						}
+						at := p.gid - first - base
+						if j.err = j.h.verify(j.key.frame, j.raw, at, p.n, hash, ids); j.err != nil {
 							break
+						}
+						if hashed && !plainIDs {
+							for c := range ids {
+								o := (at + uint64(c)) * chunkSize
+								ids[c] = blake3.Sum256(j.raw[o : o+chunkSize])
+							}
 						}
 					}
 				}
@@ -390,14 +417,20 @@ func (pr *packReader) write(ctx context.Context, m *Manifest, sk ImageSink, todo
 			}
 			ff := j.h.frameFirst[j.key.frame]
 			first := pr.packs[j.key.pack].entry.First
-			for _, p := range j.ps {
+			for k, p := range j.ps {
 				in := p.gid - first - ff
 				data := j.raw[in*chunkSize : (in+p.n)*chunkSize]
 				off := int64(p.idx) * chunkSize
 				if end := off + int64(len(data)); end > m.Size {
 					data = data[:m.Size-off]
 				}
-				if _, err := sk.WriteAt(data, off); err != nil {
+				var err error
+				if hashed {
+					_, err = hsk.WriteHashedAt(data, off, j.hs[k])
+				} else {
+					_, err = sk.WriteAt(data, off)
+				}
+				if err != nil {
 					return fmt.Errorf("dedup: image %q: %w", m.Name, err)
 				}
 				prog.BytesRead += int64(len(data))
@@ -406,7 +439,7 @@ func (pr *packReader) write(ctx context.Context, m *Manifest, sk ImageSink, todo
 			if !j.cached {
 				pr.remember(j.key, j.raw)
 			}
-			j.raw, j.comp, j.ps = nil, nil, nil
+			j.raw, j.comp, j.ps, j.hs = nil, nil, nil, nil
 		}
 		if o.Progress != nil {
 			o.Progress(*prog)

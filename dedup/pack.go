@@ -191,13 +191,16 @@ func (h *packHeader) decodeFrame(i int, comp, buf []byte) ([]byte, error) {
 }
 
 // verify checks n chunks of decoded frame i, from frame-relative chunk at,
-// against their ids.
-func (h *packHeader) verify(i int, raw []byte, at, n uint64, hash func([]byte) [32]byte) error {
+// against their ids. ids, if not nil, receives the n full ids computed.
+func (h *packHeader) verify(i int, raw []byte, at, n uint64, hash func([]byte) [32]byte, ids [][32]byte) error {
 	rel := h.frameFirst[i]
 	for c := at; c < at+n; c++ {
 		id := hash(raw[c*chunkSize : (c+1)*chunkSize])
 		if short(&id) != h.ids[rel+c] {
 			return fmt.Errorf("dedup: pack %d: chunk %d fails its id", h.num, h.first+rel+c)
+		}
+		if ids != nil {
+			ids[c-at] = id
 		}
 	}
 	return nil
@@ -212,7 +215,7 @@ func (h *packHeader) decode(plain []byte, hash func([]byte) [32]byte) ([]byte, e
 		if err != nil {
 			return nil, err
 		}
-		if err := h.verify(i, b, 0, uint64(h.frameCnt[i]), hash); err != nil {
+		if err := h.verify(i, b, 0, uint64(h.frameCnt[i]), hash, nil); err != nil {
 			return nil, err
 		}
 		raw = append(raw, b...)
