@@ -293,6 +293,22 @@ func (l *layout) writeIndex(v *volState, ix *seedIndex) error {
 	return nil
 }
 
+// seal finishes volume v: its index copies, then the label goes (the
+// volume no longer counts as being written), stale shard files with prune,
+// and the directory is synced.
+func (l *layout) seal(v *volState, ix *seedIndex, prune bool) error {
+	if err := l.writeIndex(v, ix); err != nil {
+		return err
+	}
+	os.Remove(filepath.Join(v.dir, labelName))
+	if prune {
+		removeStale(v, ix)
+	}
+	syncDir(v.dir)
+	v.closed = true
+	return nil
+}
+
 // closeSet writes a partial index on every volume of the set and marks them
 // closed.
 func (l *layout) closeSet() error {
@@ -301,12 +317,9 @@ func (l *layout) closeSet() error {
 		if v.closed {
 			continue
 		}
-		if err := l.writeIndex(v, ix); err != nil {
+		if err := l.seal(v, ix, false); err != nil {
 			return err
 		}
-		os.Remove(filepath.Join(v.dir, labelName))
-		syncDir(v.dir)
-		v.closed = true
 		if err := l.e.jf.add(jEntry{kind: 'c', vol: v.n}); err != nil {
 			return err
 		}

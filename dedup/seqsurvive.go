@@ -161,12 +161,9 @@ func (l *layout) closeSeqVolume() error {
 		return err
 	}
 	v := l.set[0]
-	if err := l.writeIndex(v, ix); err != nil {
+	if err := l.seal(v, ix, false); err != nil {
 		return err
 	}
-	os.Remove(filepath.Join(v.dir, labelName))
-	syncDir(v.dir)
-	v.closed = true
 	if err := l.e.jf.add(jEntry{kind: 'c', vol: v.n}); err != nil {
 		return err
 	}
@@ -232,13 +229,9 @@ func (l *layout) finishSeq(data [][]byte, sum [3]int64) error {
 		return err
 	}
 	ix.Images = len(data)
-	if err := l.writeIndex(v, ix); err != nil {
+	if err := l.seal(v, ix, true); err != nil {
 		return err
 	}
-	os.Remove(filepath.Join(v.dir, labelName))
-	removeStale(v, ix)
-	syncDir(v.dir)
-	v.closed = true
 	fin := *ix
 	fin.Volume = v.n
 	if err := writeFileAtomic(filepath.Join(l.e.state, finalIdxName), fin.encode(l.e.k)); err != nil {
@@ -292,13 +285,9 @@ func (l *layout) writeParityVolumes(ix *seedIndex, from int) error {
 			v.used += s.Len
 			l.e.seedBytes.Add(s.Len)
 		}
-		if err := l.writeIndex(v, ix); err != nil {
+		if err := l.seal(v, ix, true); err != nil {
 			return err
 		}
-		os.Remove(filepath.Join(v.dir, labelName))
-		removeStale(v, ix)
-		syncDir(v.dir)
-		v.closed = true
 		if err := l.e.jf.add(jEntry{kind: 'c', vol: n}); err != nil {
 			return err
 		}
