@@ -98,7 +98,6 @@ func inoOf(s string) uint64 {
 	return h.Sum64() | 1<<63 // never 1 (the root)
 }
 
-
 const (
 	dirMode  = syscall.S_IFDIR | 0o555
 	fileMode = syscall.S_IFREG | 0o444
