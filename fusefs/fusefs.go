@@ -39,6 +39,18 @@ type Image interface {
 	Sync() error
 }
 
+// openCounter is implemented by images that count the handles open through
+// the mount (tracker.Image): Opened after every successful open of a regular
+// file, Closed once when its handle is released.
+type openCounter interface {
+	Opened(write bool)
+	Closed(write bool)
+}
+
+// fencer is implemented by images that can be fenced (tracker.Image): a
+// fenced image refuses opens for writing with EROFS; reads stay possible.
+type fencer interface{ Fenced() bool }
+
 // Options configure a mount.
 type Options struct {
 	// AllowOther lets other users (QEMU run by libvirt) use the mount; the
@@ -215,11 +227,19 @@ func (n *node) open(rel string, flags uint32) (fs.FileHandle, uint32, syscall.Er
 	if errno != 0 {
 		return nil, 0, errno
 	}
+	write := flags&syscall.O_ACCMODE != syscall.O_RDONLY
+	if fc, ok := img.(fencer); ok && (write || flags&syscall.O_TRUNC != 0) && fc.Fenced() {
+		return nil, 0, syscall.EROFS
+	}
 	f, err := os.OpenFile(p, int(flags)|syscall.O_NOFOLLOW, 0)
 	if err != nil {
 		return nil, 0, fs.ToErrno(err)
 	}
-	h := &handle{f: f, path: p, img: img, direct: flags&syscall.O_DIRECT != 0, afterWrite: n.o.AfterWrite}
+	h := &handle{f: f, path: p, img: img, direct: flags&syscall.O_DIRECT != 0, afterWrite: n.o.AfterWrite, writable: write}
+	if oc, ok := img.(openCounter); ok {
+		oc.Opened(write)
+		h.counter = oc
+	}
 	if h.direct {
 		return h, fuse.FOPEN_DIRECT_IO | fuse.FOPEN_PARALLEL_DIRECT_WRITES, 0
 	}
@@ -231,7 +251,8 @@ func (n *node) Create(ctx context.Context, name string, flags uint32, mode uint3
 	if errno != 0 {
 		return nil, nil, 0, errno
 	}
-	// Reopen as a tracked handle; the file exists now.
+	// Reopen as a tracked handle; the file exists now. The loopback handle
+	// released here was never counted (openCounter); the reopen is.
 	if r, ok := fh.(fs.FileReleaser); ok {
 		r.Release(ctx)
 	}

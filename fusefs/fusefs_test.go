@@ -7,16 +7,21 @@ package fusefs
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/standin/standin/tracker"
 )
 
 type call struct {
@@ -280,4 +285,182 @@ assert os.pread(fd, 1000, 100) == b"z" * 1000
 	if !bytes.Equal(got[100:1100], bytes.Repeat([]byte("z"), 1000)) {
 		t.Fatal("unaligned direct write lost")
 	}
+}
+
+// storeTracker makes a real *tracker.Store a Tracker (as the daemon's adapter does).
+type storeTracker struct{ s *tracker.Store }
+
+func (a storeTracker) Image(rel string) (Image, error) {
+	im, err := a.s.Image(rel)
+	if err != nil {
+		return nil, err
+	}
+	return im, nil
+}
+func (a storeTracker) Unlinking(rel string) func(bool) { return a.s.Unlinking(rel) }
+func (a storeTracker) Renamed(o, n string)             { a.s.Renamed(o, n) }
+
+// mountStore mounts a real tracker store; the cleanups unmount first, then
+// close the store.
+func mountStore(t *testing.T) (s *tracker.Store, mnt string) {
+	requireFUSE(t)
+	base, err := os.MkdirTemp("/var/tmp", "fusefs-test-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(base) })
+	s, err = tracker.Open(filepath.Join(base, "store"), tracker.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	mnt = filepath.Join(base, "mnt")
+	os.MkdirAll(mnt, 0o700)
+	srv, err := Mount(s.ImagesDir(), mnt, storeTracker{s}, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := srv.Unmount(); err != nil {
+			t.Errorf("unmount: %v", err)
+			unix.Unmount(mnt, unix.MNT_DETACH)
+		}
+		done := make(chan struct{})
+		go func() { srv.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			t.Errorf("server did not stop")
+		}
+	})
+	return s, mnt
+}
+
+func TestFencedErrnoIsEROFS(t *testing.T) {
+	if got := toErrno(tracker.ErrFenced); got != syscall.EROFS {
+		t.Fatalf("toErrno(ErrFenced) = %v, want EROFS", got)
+	}
+	if got := toErrno(fmt.Errorf("wrapped: %w", tracker.ErrFenced)); got != syscall.EROFS {
+		t.Fatalf("toErrno(wrapped ErrFenced) = %v, want EROFS", got)
+	}
+}
+
+// TestFencedImageThroughMount: write handles are counted; a fence refuses
+// writes, truncation and opens for writing with EROFS, while reads go on.
+func TestFencedImageThroughMount(t *testing.T) {
+	s, mnt := mountStore(t)
+	content := bytes.Repeat([]byte("fence me"), 4096/8)
+	if err := os.WriteFile(filepath.Join(s.ImagesDir(), "a.img"), content, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	im, err := s.Image("a.img")
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitOpens := func(want int) {
+		t.Helper()
+		deadline := time.Now().Add(5 * time.Second)
+		for im.WriteOpens() != want {
+			if time.Now().After(deadline) {
+				t.Fatalf("WriteOpens = %d, want %d", im.WriteOpens(), want)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+
+	// A child holds a.img open O_RDWR (and one O_RDONLY) until told to go on.
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "python3", "-c", `
+import os, sys, errno
+M = sys.argv[1]
+fd = os.open(M + "/a.img", os.O_RDWR)
+ro = os.open(M + "/a.img", os.O_RDONLY)
+assert os.pwrite(fd, b"before", 0) == 6
+print("opened", flush=True)
+sys.stdin.readline()
+def attempt(what, f):
+    try:
+        f(); print(what, "ok", flush=True)
+    except OSError as e:
+        print(what, errno.errorcode[e.errno], flush=True)
+attempt("write", lambda: os.pwrite(fd, b"after", 0))
+attempt("ftruncate", lambda: os.ftruncate(fd, 0))
+attempt("truncate", lambda: os.truncate(M + "/a.img", 0))
+attempt("open-rdwr", lambda: os.open(M + "/a.img", os.O_RDWR))
+attempt("open-wronly", lambda: os.open(M + "/a.img", os.O_WRONLY))
+attempt("open-trunc", lambda: os.open(M + "/a.img", os.O_WRONLY | os.O_TRUNC))
+r = os.open(M + "/a.img", os.O_RDONLY)
+print("read", os.pread(r, 16, 0).decode(), flush=True)
+os.close(r)
+os.close(ro)
+os.close(fd)
+`, mnt)
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out bytes.Buffer
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stdout, cmd.Stderr = pw, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	pw.Close()
+	exited := false
+	defer func() {
+		if !exited {
+			stdin.Close()
+			cmd.Process.Kill()
+			cmd.Wait()
+		}
+	}()
+	first := make([]byte, len("opened\n"))
+	if _, err := io.ReadFull(pr, first); err != nil || string(first) != "opened\n" {
+		t.Fatalf("child: %q %v; stderr: %s", first, err, out.String())
+	}
+	waitOpens(1)
+	if err := s.Fence([]string{"a.img"}, "test", false); !errors.Is(err, tracker.ErrOpenForWrite) {
+		t.Fatalf("fence while open for writing: %v", err)
+	}
+	if im.Fenced() {
+		t.Fatal("refused fence fenced the image")
+	}
+	if err := s.Fence([]string{"a.img"}, "test", true); err != nil {
+		t.Fatal(err)
+	}
+	stdin.Close()
+	rest, _ := io.ReadAll(pr)
+	err = cmd.Wait()
+	exited = true
+	if err != nil {
+		t.Fatalf("child: %v\n%s%s", err, rest, out.String())
+	}
+	got := string(rest)
+	for _, want := range []string{
+		"write EROFS", "ftruncate EROFS", "truncate EROFS",
+		"open-rdwr EROFS", "open-wronly EROFS", "open-trunc EROFS",
+		"read beforemefence me",
+	} {
+		if !strings.Contains(got, want+"\n") {
+			t.Errorf("want %q in the child's output:\n%s", want, got)
+		}
+	}
+	waitOpens(0)
+	b, _ := os.ReadFile(filepath.Join(s.ImagesDir(), "a.img"))
+	if !bytes.Equal(b[6:], content[6:]) || string(b[:6]) != "before" {
+		t.Fatal("the fenced image changed")
+	}
+
+	// Create reopens through open: the counts stay balanced.
+	py(t, mnt, `fd = os.open(M + "/new.img", os.O_CREAT | os.O_RDWR, 0o600); os.write(fd, b"x"); os.close(fd)`)
+	im, err = s.Image("new.img")
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(100 * time.Millisecond) // release is asynchronous
+	waitOpens(0)
 }

@@ -20,9 +20,11 @@ type handle struct {
 	img        Image
 	direct     bool
 	afterWrite func()
+	writable   bool // opened for writing (O_WRONLY or O_RDWR)
 
-	mu sync.Mutex
-	fb *os.File // lazily opened buffered twin for unaligned I/O on a direct handle
+	mu      sync.Mutex
+	fb      *os.File    // lazily opened buffered twin for unaligned I/O on a direct handle
+	counter openCounter // told Closed once, on Release; nil after
 }
 
 var (
@@ -180,6 +182,10 @@ func (h *handle) Release(ctx context.Context) syscall.Errno {
 	if h.fb != nil {
 		h.fb.Close()
 		h.fb = nil
+	}
+	if h.counter != nil {
+		h.counter.Closed(h.writable)
+		h.counter = nil
 	}
 	return fs.ToErrno(h.f.Close())
 }

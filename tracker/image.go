@@ -73,7 +73,12 @@ type Image struct {
 	lastErr     error
 	removed     bool
 	activeFile  *os.File
-	activeWords int // words currently written in activeFile
+	activeWords int    // words currently written in activeFile
+	fenceReason string // why the image is fenced (failover.go)
+	released    bool   // handed over by Release: no checkpoints any more
+
+	fenced     atomic.Bool  // set under the exclusive barrier: Begin* refuse (ErrFenced)
+	writeOpens atomic.Int64 // write handles open through the mount
 
 	writes, punches, zeroes, allocs, copies, resizes atomic.Uint64
 	metaBytes                                        atomic.Int64 // bytes written for tracking state
@@ -117,6 +122,10 @@ func (im *Image) extentBlocks() uint64 { return uint64(im.s.opts.ExtentBlocks) }
 // can reach the backing file (I1).
 func (im *Image) Begin(op Op, off, n int64) (end func(), err error) {
 	im.barrier.RLock()
+	if im.fenced.Load() {
+		im.barrier.RUnlock()
+		return nil, ErrFenced
+	}
 	if err := im.mark(off, n); err != nil {
 		im.barrier.RUnlock()
 		return nil, err
@@ -142,6 +151,10 @@ func (im *Image) Begin(op Op, off, n int64) (end func(), err error) {
 // sides). The cycle header carries the size at the cut.
 func (im *Image) BeginResize(newSize int64) (end func(), err error) {
 	im.barrier.RLock()
+	if im.fenced.Load() {
+		im.barrier.RUnlock()
+		return nil, ErrFenced
+	}
 	st, err := im.f.Stat()
 	if err != nil {
 		im.barrier.RUnlock()
@@ -290,6 +303,10 @@ func (im *Image) Checkpoint() error {
 
 func (im *Image) checkpointLocked() error {
 	im.mu.Lock()
+	if im.released {
+		im.mu.Unlock()
+		return nil
+	}
 	snap := im.dirty.Clone()
 	if im.frozen != nil {
 		snap.Or(im.frozen)
@@ -425,6 +442,8 @@ type Status struct {
 	UncleanRecovery bool        `json:"unclean_recovery"`
 	RecoveredBlocks uint64      `json:"recovered_blocks"`
 	Removed         bool        `json:"removed,omitempty"`
+	Fenced          bool        `json:"fenced"`
+	FencedReason    string      `json:"fenced_reason,omitempty"`
 	Health          string      `json:"health"`
 	Reasons         []string    `json:"reasons,omitempty"`
 	DirtyRanges     [][2]uint64 `json:"dirty_ranges,omitempty"`
@@ -451,6 +470,7 @@ func (im *Image) Status(ranges bool) Status {
 		ActiveExtents: im.active.count(), IntentCommits: im.intentCommits.Load(),
 		TrackingBytes: im.metaBytes.Load(), MemoryBytes: im.dirty.GetSizeInBytes(),
 		UncleanRecovery: im.unclean, RecoveredBlocks: im.recovered, Removed: im.removed,
+		Fenced: im.fenced.Load(), FencedReason: im.fenceReason,
 		Health: "ok",
 	}
 	st.DirtyBytes = st.DirtyBlocks * BlockSize

@@ -251,6 +251,9 @@ func (im *Image) recover(rel string, size int64) error {
 		return err
 	}
 	im.meta.Name = rel
+	if err := im.loadFence(); err != nil {
+		return err
+	}
 	var err error
 	im.activeFile, err = os.OpenFile(filepath.Join(im.dir, "active"), os.O_CREATE|os.O_RDWR, 0o600)
 	if err != nil {
