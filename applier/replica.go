@@ -190,6 +190,9 @@ type group struct {
 	needRecover bool
 	pendingErr  error // guarded by mu: why the last recovery failed
 	loadErr     error // guarded by mu: the group's files could not be loaded
+	// fo is GROUP/failover.json (failover.go): the group was promoted on
+	// this host and takes no replication. Guarded by mu; changed with wmu held.
+	fo *FailoverState
 }
 
 func (g *group) setPending(err error) {
@@ -376,6 +379,10 @@ func (r *Replica) loadGroup(g *group) error {
 	if pts.Next == 0 {
 		return fmt.Errorf("points.json: next point number is 0")
 	}
+	fo, err := readFailover(g.dir)
+	if err != nil {
+		return err
+	}
 	images := map[string]*image{}
 	fail := func(err error) error {
 		for _, im := range images {
@@ -415,7 +422,7 @@ func (r *Replica) loadGroup(g *group) error {
 	}
 	g.mu.Lock()
 	old := g.images
-	g.meta, g.pts, g.images = meta, pts, images
+	g.meta, g.pts, g.images, g.fo = meta, pts, images, fo
 	g.mu.Unlock()
 	for _, im := range old {
 		im.close()
@@ -521,6 +528,11 @@ func (r *Replica) recoverGroup(g *group, override map[string]string) error {
 	g.mu.Unlock()
 	if err := r.finishSeed(g); err != nil {
 		err = fmt.Errorf("%w: completing the seed import: %v", ErrPending, err)
+		g.setPending(err)
+		return err
+	}
+	if err := r.finishAdopt(g); err != nil {
+		err = fmt.Errorf("%w: completing the adopt: %v", ErrPending, err)
 		g.setPending(err)
 		return err
 	}
@@ -794,6 +806,13 @@ func (r *Replica) applyGroup(ctx context.Context, groupName string, paths []stri
 		if err := r.recoverGroup(g, override); err != nil {
 			return res, err
 		}
+	}
+	// A group promoted on this host takes no replication (failover.go).
+	g.mu.RLock()
+	foErr := g.failedOver()
+	g.mu.RUnlock()
+	if foErr != nil {
+		return res, foErr
 	}
 
 	// Plan.

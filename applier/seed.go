@@ -352,6 +352,11 @@ func (r *Replica) CommitSeed(group string, imgs []SeedImage, ret Retention) (App
 	if len(imgs) == 0 {
 		return res, errors.New("seed commit: no images")
 	}
+	if st, ok, err := r.Failover(group); err != nil {
+		return res, err
+	} else if ok {
+		return res, &FailedOverError{Group: group, State: st}
+	}
 	for _, c := range r.CheckSeed(imgs) {
 		switch c.Action {
 		case "skip":
@@ -374,6 +379,12 @@ func (r *Replica) CommitSeed(group string, imgs []SeedImage, ret Retention) (App
 		if err := r.recoverGroup(g, nil); err != nil {
 			return res, err
 		}
+	}
+	g.mu.RLock()
+	foErr := g.failedOver()
+	g.mu.RUnlock()
+	if foErr != nil {
+		return res, foErr
 	}
 	N := g.pts.Next
 	t := imgs[0].CutTime

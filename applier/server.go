@@ -40,6 +40,8 @@ type Server struct {
 	// Metrics, if set, is told about bytes received and applies.
 	OnReceive func(group string, n int64)
 	OnApply   func(group string, res ApplyResult, err error)
+	// OnFailover, if set, serves failover requests (server_failover.go).
+	OnFailover FailoverFunc
 }
 
 // NewServer serves rep with auth; uploads are kept in inbox until applied.
@@ -54,14 +56,15 @@ func NewServer(rep *Replica, auth *pki.Authority, inbox string, log *slog.Logger
 func (s *Server) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST "+wire.Prefix+"/pair", s.pair)
-	mux.HandleFunc("GET "+wire.Prefix+"/groups/{group}/uploads/{id}/{gen}/{seq}", s.authed(s.uploadState))
-	mux.HandleFunc("PUT "+wire.Prefix+"/groups/{group}/uploads/{id}/{gen}/{seq}", s.authed(s.upload))
-	mux.HandleFunc("POST "+wire.Prefix+"/groups/{group}/commit", s.authed(s.commit))
+	mux.HandleFunc("GET "+wire.Prefix+"/groups/{group}/uploads/{id}/{gen}/{seq}", s.authed(s.replicating(s.uploadState)))
+	mux.HandleFunc("PUT "+wire.Prefix+"/groups/{group}/uploads/{id}/{gen}/{seq}", s.authed(s.replicating(s.upload)))
+	mux.HandleFunc("POST "+wire.Prefix+"/groups/{group}/commit", s.authed(s.replicating(s.commit)))
 	mux.HandleFunc("GET "+wire.Prefix+"/groups/{group}", s.authed(s.groupState))
-	mux.HandleFunc("POST "+wire.Prefix+"/groups/{group}/seed", s.authed(s.seedExpect))
-	mux.HandleFunc("DELETE "+wire.Prefix+"/groups/{group}/uploads/{id}/{gen}/{seq}", s.authed(s.discard))
-	mux.HandleFunc("POST "+wire.Prefix+"/groups/{group}/images/{id}/held", s.authed(s.held))
-	mux.HandleFunc("GET "+wire.Prefix+"/groups/{group}/images/{id}/regions", s.authed(s.regions))
+	mux.HandleFunc("POST "+wire.Prefix+"/groups/{group}/seed", s.authed(s.replicating(s.seedExpect)))
+	mux.HandleFunc("DELETE "+wire.Prefix+"/groups/{group}/uploads/{id}/{gen}/{seq}", s.authed(s.replicating(s.discard)))
+	mux.HandleFunc("POST "+wire.Prefix+"/groups/{group}/images/{id}/held", s.authed(s.replicating(s.held)))
+	mux.HandleFunc("GET "+wire.Prefix+"/groups/{group}/images/{id}/regions", s.authed(s.replicating(s.regions)))
+	mux.HandleFunc("POST "+wire.Prefix+"/groups/{group}/failover", s.authed(s.failover))
 	return mux
 }
 
@@ -107,6 +110,8 @@ func classify(err error) *httpErr {
 		return &httpErr{http.StatusUnprocessableEntity, "corrupt", err}
 	case errors.Is(err, ErrMissingChunks):
 		return &httpErr{http.StatusConflict, "missing_chunks", err}
+	case errors.Is(err, ErrFailedOver):
+		return &httpErr{http.StatusConflict, "failed_over", err}
 	case errors.Is(err, ErrForeign), errors.Is(err, ErrGap), errors.Is(err, ErrReplay), errors.Is(err, ErrNoBase), errors.Is(err, ErrBadName):
 		return &httpErr{http.StatusConflict, "refused", err}
 	}
@@ -138,6 +143,22 @@ func checkAllowed(p pki.Primary, group, name string) error {
 }
 
 type authedFunc func(w http.ResponseWriter, r *http.Request, p pki.Primary)
+
+// replicating refuses replication requests for a group that failed over to
+// this host (409, code "failed_over"; see Replica.Promote).
+func (s *Server) replicating(h authedFunc) authedFunc {
+	return func(w http.ResponseWriter, r *http.Request, p pki.Primary) {
+		group := r.PathValue("group")
+		if st, ok, err := s.rep.Failover(group); err != nil {
+			s.reply(w, r, nil, err)
+			return
+		} else if ok {
+			s.reply(w, r, nil, &FailedOverError{Group: group, State: st})
+			return
+		}
+		h(w, r, p)
+	}
+}
 
 // authed admits only paired, non-revoked primaries (mutual TLS) and checks
 // the group name before anything touches the disk.
@@ -526,7 +547,12 @@ func (s *Server) Health() ([]GroupHealth, error) {
 			interval = h.interval
 			gh.Interval = interval.String()
 		}
-		if g.Latest != nil {
+		if g.FailedOver != nil {
+			// Not replicating on purpose: no lag is measured.
+			gh.Health = "Warning"
+			gh.Reasons = append(gh.Reasons, fmt.Sprintf("failed over to this host at point %s (%s, %s); replication from the old primary is refused",
+				g.FailedOver.Point, g.FailedOver.Kind, g.FailedOver.Time.UTC().Format(time.RFC3339)))
+		} else if g.Latest != nil {
 			lag := time.Since(g.Latest.Time)
 			gh.LagSeconds = lag.Seconds()
 			switch {

@@ -17,6 +17,9 @@ type GroupStatus struct {
 	Retention Retention     `json:"retention"`
 	// Pending is set when an interrupted apply could not be completed yet.
 	Pending string `json:"pending,omitempty"`
+	// FailedOver is set while the group is failed over to this host
+	// (GROUP/failover.json, see Promote): it takes no replication.
+	FailedOver *FailoverState `json:"failed_over,omitempty"`
 }
 
 // ImageStatus is the replica's state of one image.
@@ -56,6 +59,9 @@ func (r *Replica) Status() ([]GroupStatus, error) {
 		gs.Retention = g.meta.Retention.withDefaults()
 		if g.pendingErr != nil {
 			gs.Pending = g.pendingErr.Error()
+		}
+		if g.fo != nil {
+			gs.FailedOver = g.fo.clone()
 		}
 		for _, im := range g.images {
 			if !im.st.Present {

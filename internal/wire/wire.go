@@ -102,7 +102,7 @@ type GroupState struct {
 // Error is the body of every non-2xx reply.
 type Error struct {
 	Error string `json:"error"`
-	Code  string `json:"code"` // "unpaired", "revoked", "forbidden", "corrupt", "refused", "conflict", "bad_request", "failure", "missing_chunks", "variant", "no_image"
+	Code  string `json:"code"` // "unpaired", "revoked", "forbidden", "corrupt", "refused", "conflict", "bad_request", "failure", "missing_chunks", "variant", "no_image", "failed_over"
 	// Missing lists, with code "missing_chunks", the ref blocks of a commit
 	// that the replica could not resolve (nothing was applied).
 	Missing []MissingBlocks `json:"missing,omitempty"`
