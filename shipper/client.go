@@ -125,6 +125,8 @@ func (e *RemoteError) Unwrap() error {
 	switch e.Code {
 	case "refused", "forbidden", "corrupt":
 		return ErrRefused
+	case "failed_over":
+		return ErrFailedOver
 	}
 	return nil
 }

@@ -38,6 +38,9 @@ type Group struct {
 	// AppConsistent configures app-consistent points: freeze and thaw
 	// commands run around some cuts (appconsistent.go).
 	AppConsistent *AppConsistent `json:"app_consistent,omitempty"`
+	// Reconcile is a pending failback hash check (failback.go): the first
+	// round sends only the candidate blocks that differ on the replica.
+	Reconcile *Reconcile `json:"reconcile,omitempty"`
 }
 
 // Resync is a requested hash-compare resync.

@@ -44,6 +44,8 @@ type run struct {
 	hist   []time.Time // successful cycle times (last 12 h)
 	fails  []time.Time // failed rounds (last 12 h)
 	app    appRun      // app-consistent points (appconsistent.go)
+	// lastErr is the last round's error (guarded by mu).
+	lastErr error
 }
 
 // GroupStatus is the health of one relationship, Hyper-V style.
@@ -349,6 +351,9 @@ func (s *Shipper) round(ctx context.Context, r *run, forced bool) (err error) {
 		}
 		return err
 	}
+	if err := s.reconcile(ctx, r, c); err != nil {
+		return err
+	}
 	pending, err := s.pending(ids)
 	if err != nil {
 		return err
@@ -534,6 +539,7 @@ func (r *run) finish(g Group, err error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	now := time.Now()
+	r.lastErr = err
 	if err != nil {
 		r.st.LastError = err.Error()
 		r.fails = append(r.fails, now)
@@ -564,6 +570,9 @@ func (r *run) status() GroupStatus {
 		st.LagSeconds = lag.Seconds()
 	}
 	switch {
+	case errors.Is(r.lastErr, ErrFailedOver):
+		st.Health = "Critical"
+		st.Reasons = append(st.Reasons, "split brain avoided: the replica took over this group (failover); this primary is stale and nothing it sends is applied: "+st.LastError)
 	case st.Waiting != "" && st.LastError == "":
 		st.Health = "Warning"
 		st.Reasons = append(st.Reasons, st.Waiting)

@@ -21,8 +21,8 @@ func failoverCommand() *cli.Command {
 	all := &cli.BoolFlag{Name: "all", Usage: "every group"}
 	return &cli.Command{
 		Name:  "failover",
-		Usage: "failover operations on the replica (needs its daemon)",
-		Subcommands: []*cli.Command{
+		Usage: "test, planned and unplanned failover, failback (needs the daemons)",
+		Subcommands: append(failoverRoleCommands(), []*cli.Command{
 			{
 				Name:  "test",
 				Usage: "start a test failover: writable copy-on-write images over a recovery point, replication continues",
@@ -68,7 +68,7 @@ the test failover for inspection. Test failovers survive a daemon restart (re-mo
 					},
 				},
 			},
-		},
+		}...),
 	}
 }
 

@@ -27,6 +27,7 @@ enterprise PKI instead.`,
 			&cli.StringFlag{Name: "client-ca", Usage: "CA bundle `PEM` that signs primaries' client certificates (enterprise PKI)"},
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error"},
 			&cli.StringFlag{Name: "points-mount", Usage: "expose every recovery point read-only through FUSE at `DIR` (see 'standin points mount')"},
+			&cli.StringFlag{Name: "primary-store", Usage: "this host's primary store `DIR`: a failover promotes groups into it (its 'standin mount' daemon must run)"},
 		},
 		OnUsageError: onUsageError,
 		Action: func(c *cli.Context) error {
@@ -43,10 +44,17 @@ enterprise PKI instead.`,
 					return err
 				}
 			}
+			primaryStore := c.String("primary-store")
+			if primaryStore != "" {
+				var err error
+				if primaryStore, err = absPath(primaryStore); err != nil {
+					return err
+				}
+			}
 			return daemon.RunReplica(context.Background(), daemon.ReplicaOptions{
 				Store: c.String("store"), Listen: c.String("listen"), Metrics: c.String("metrics"), Version: version,
 				CertFile: c.String("cert"), KeyFile: c.String("key"), ClientCAFile: c.String("client-ca"), Logger: log,
-				PointsMount: pointsMount,
+				PointsMount: pointsMount, PrimaryStore: primaryStore,
 			}, func() {
 				fmt.Printf("standin: replica %s listening on %s (pid %d)\n", c.String("store"), c.String("listen"), os.Getpid())
 			})

@@ -212,6 +212,7 @@ func newControl(st *tracker.Store, sh *shipper.Shipper, mnt, version string, log
 	})
 	replicationControl(mux, sh)
 	seedControl(mux, st, sh)
+	failoverControl(mux, st, sh, log)
 	mux.HandleFunc("POST /cut", func(w http.ResponseWriter, r *http.Request) {
 		var req CutRequest
 		if err := json.NewDecoder(r.Body).Decode(&req); err != nil {

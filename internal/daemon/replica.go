@@ -32,6 +32,9 @@ type ReplicaOptions struct {
 	// PointsMount, if set, is where every recovery point is exposed
 	// read-only through FUSE (failover.go).
 	PointsMount string
+	// PrimaryStore is this host's primary store (its mount daemon tracks
+	// images promoted by a failover); "" = this host cannot take over.
+	PrimaryStore string
 }
 
 // OpenAuthority opens the replica's PKI state in STORE/pki.
@@ -76,6 +79,8 @@ func RunReplica(ctx context.Context, o ReplicaOptions, ready func()) error {
 	}
 	m := newReplicaMetrics()
 	srv.OnReceive = func(group string, n int64) { m.received.WithLabelValues(group).Add(float64(n)) }
+	rf := &replicaFailover{rep: rep, primaryStore: o.PrimaryStore, log: log}
+	srv.OnFailover = rf.handle
 	srv.OnApply = func(group string, res applier.ApplyResult, err error) {
 		if err != nil {
 			m.failures.WithLabelValues(group).Inc()
@@ -120,7 +125,9 @@ func RunReplica(ctx context.Context, o ReplicaOptions, ready func()) error {
 		return fmt.Errorf("control socket %s: %w", sock, err)
 	}
 	os.Chmod(sock, 0o600)
-	cs := &http.Server{Handler: fm.handler(replicaControl(rep, srv, auth, o, ln.Addr().String()))}
+	cmux := replicaControl(rep, srv, auth, o, ln.Addr().String())
+	rf.control(cmux)
+	cs := &http.Server{Handler: fm.handler(cmux)}
 	go cs.Serve(cln)
 	defer func() { cs.Close(); os.Remove(sock) }()
 
@@ -176,7 +183,7 @@ type ReplicaStatus struct {
 	Primaries []pki.Primary         `json:"primaries"`
 }
 
-func replicaControl(rep *applier.Replica, srv *applier.Server, auth *pki.Authority, o ReplicaOptions, listen string) http.Handler {
+func replicaControl(rep *applier.Replica, srv *applier.Server, auth *pki.Authority, o ReplicaOptions, listen string) *http.ServeMux {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /status", func(w http.ResponseWriter, r *http.Request) {
 		gs, err := srv.Health()

@@ -1,0 +1,315 @@
+package integration
+
+// Planned and unplanned failover, reverse replication and failback (issue 5,
+// items 3, 4 and 7), end to end between two "hosts" on 127.0.0.1. Each host
+// runs both daemons: a mount daemon over its primary store and a replica
+// daemon over its replica store (serve --primary-store), so either can take
+// either role. Every step is checked by BLAKE3 of whole images, and the bytes
+// each direction ships are compared with the blocks written.
+
+import (
+	"encoding/json"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+type host struct {
+	Name   string
+	PStore string
+	Mnt    string
+	RStore string
+	Rep    *replicaProc
+	Pri    *Daemon
+}
+
+// newHost starts a host's replica daemon (promoting into its primary store)
+// and its mount daemon. Images put into PSTORE/images before are served.
+func newHost(t *testing.T, dir, name string) *host {
+	t.Helper()
+	h := &host{Name: name, PStore: filepath.Join(dir, name, "pstore"), Mnt: filepath.Join(dir, name, "mnt"), RStore: filepath.Join(dir, name, "rstore")}
+	if err := os.MkdirAll(filepath.Join(h.PStore, "images"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	h.Rep = startReplica(t, h.RStore, "--primary-store", h.PStore)
+	h.Pri = startDaemon(t, h.PStore, h.Mnt)
+	return h
+}
+
+func (h *host) image(name string) string { return filepath.Join(h.PStore, "images", name) }
+
+// env returns a replEnv for the group as replicated from h to the replica
+// store rstore (served by rep).
+func (h *host) env(t *testing.T, group string, names []string, rep *replicaProc, base *replEnv) *replEnv {
+	e := &replEnv{t: t, PStore: h.PStore, Mnt: h.Mnt, RStore: rep.Store, Rep: rep, Pri: h.Pri, Group: group, Names: names, Sizes: base.Sizes, rng: base.rng}
+	return e
+}
+
+type failoverStepJSON struct {
+	Step    string  `json:"step"`
+	Seconds float64 `json:"seconds"`
+	Bytes   int64   `json:"bytes"`
+	Detail  string  `json:"detail"`
+}
+
+type failoverResultJSON struct {
+	Group  string             `json:"group"`
+	Kind   string             `json:"kind"`
+	Plan   []string           `json:"plan"`
+	Steps  []failoverStepJSON `json:"steps"`
+	Point  string             `json:"point"`
+	Error  string             `json:"error"`
+	Images []struct {
+		Name       string `json:"name"`
+		Generation uint64 `json:"generation"`
+		Seq        uint64 `json:"seq"`
+		Root       string `json:"root"`
+	} `json:"images"`
+}
+
+func (r failoverResultJSON) step(name string) failoverStepJSON {
+	for _, s := range r.Steps {
+		if strings.HasPrefix(s.Step, name) {
+			return s
+		}
+	}
+	return failoverStepJSON{}
+}
+
+// failoverCmd runs a failover command with --json and returns its one result.
+func failoverCmd(t *testing.T, args ...string) failoverResultJSON {
+	t.Helper()
+	r := standin(3*time.Minute, append(append([]string{"failover"}, args...), "--json")...)
+	var out []failoverResultJSON
+	if err := json.Unmarshal([]byte(r.Stdout), &out); err != nil || len(out) != 1 {
+		t.Fatalf("failover %v: exit %d, %v\n%s", args, r.Code, err, r)
+	}
+	if r.Code != 0 || out[0].Error != "" {
+		t.Fatalf("failover %v failed: %s", args, r)
+	}
+	t.Logf("failover %s %s: steps %+v", args[0], out[0].Group, out[0].Steps)
+	return out[0]
+}
+
+// history exports every point of group on rstore.
+func history(t *testing.T, rstore, group string) map[string]map[string]string {
+	t.Helper()
+	out := map[string]map[string]string{}
+	for _, p := range listPoints(t, rstore, group) {
+		out[p.Point] = exportHashes(t, rstore, group, p.Point)
+	}
+	return out
+}
+
+// checkHistory fails unless every point of old still exports the same.
+func checkHistory(t *testing.T, rstore, group string, old map[string]map[string]string, what string) {
+	t.Helper()
+	for p, want := range old {
+		got := exportHashes(t, rstore, group, p)
+		for n, h := range want {
+			if got[n] != h {
+				t.Errorf("%s: point %s image %s changed: %.16s, was %.16s", what, p, n, got[n], h)
+			}
+		}
+	}
+}
+
+func TestFailoverPlannedRoundTrip(t *testing.T) {
+	requireRoot(t)
+	dir := testDir(t)
+	const size = 64 << 20
+	base := &replEnv{t: t, Sizes: map[string]int64{"disk.img": size}, rng: rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 5))}
+	if err := os.MkdirAll(filepath.Join(dir, "a", "pstore", "images"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	prefill(t, filepath.Join(dir, "a", "pstore", "images", "disk.img"), size, base.rng)
+	a, b := newHost(t, dir, "a"), newHost(t, dir, "b")
+	names := []string{"disk.img"}
+
+	// A replicates to B.
+	ab := a.env(t, "vm1", names, b.Rep, base)
+	ab.pair("vm1/*", b.Rep.Addr)
+	ab.enable(b.Rep.Addr, "--interval", "1h", "--any-point-window", "1h")
+	ab.now()
+	ab.writeRandom("disk.img", 50, 8, 0, size)
+	ab.now()
+	histB := history(t, b.RStore, "vm1")
+
+	// Dry run: a plan, nothing changes.
+	r := standin(cmdTimeout, "failover", "planned", "--store", a.PStore, "--replica-store", a.RStore, "--group", "vm1", "--dry-run")
+	if r.Code != 0 || !strings.Contains(r.Stdout, "fence disk.img") || !strings.Contains(r.Stdout, "final cycle") {
+		t.Fatalf("dry run: %s", r)
+	}
+	// Writes right before the failover travel with the final cycle.
+	wA := ab.writeRandom("disk.img", 40, 4, 0, size)
+	want := b3File(t, a.image("disk.img"))
+	res := failoverCmd(t, "planned", "--store", a.PStore, "--replica-store", a.RStore, "--group", "vm1")
+	if fc := res.step("final cycle"); fc.Bytes > int64(len(wA))*blockSize*11/10+64<<10 {
+		t.Errorf("final cycle sent %d bytes for %d blocks written (%d bytes)", fc.Bytes, len(wA), len(wA)*blockSize)
+	}
+	if _, err := os.Stat(a.image("disk.img")); !os.IsNotExist(err) {
+		t.Errorf("the old primary still serves the image after the failover: %v", err)
+	}
+	if got := b3File(t, b.image("disk.img")); got != want {
+		t.Fatalf("promoted image %.16s, primary had %.16s", got, want)
+	}
+	if got := b3File(t, filepath.Join(b.Mnt, "disk.img")); got != want {
+		t.Fatalf("promoted image through B's mount %.16s, want %.16s", got, want)
+	}
+	checkHistory(t, b.RStore, "vm1", histB, "B's recovery points after the failover")
+	// A's replica store starts with its own image, adopted (B's first,
+	// empty cycle may have arrived already).
+	if ps := listPoints(t, a.RStore, "vm1"); len(ps) < 1 || len(ps) > 2 {
+		t.Errorf("A's replica store has points %v, want the adopted one (and B's first cycle)", pointIDs(ps))
+	} else if got := exportHashes(t, a.RStore, "vm1", ps[0].Point)["disk.img"]; got != want {
+		t.Errorf("A's adopted replica copy %.16s, want %.16s", got, want)
+	}
+
+	// B runs the VM and replicates back to A: only what B writes travels.
+	ba := b.env(t, "vm1", names, a.Rep, base)
+	wB := ba.writeRandom("disk.img", 60, 8, 0, size)
+	ba.now()
+	if sent := ba.status().BytesSent; sent > int64(len(wB))*blockSize*11/10+64<<10 {
+		t.Errorf("reverse replication sent %d bytes for %d blocks written (%d bytes)", sent, len(wB), len(wB)*blockSize)
+	} else {
+		t.Logf("reverse replication: %d bytes sent for %d blocks (%d bytes) written on the new primary", sent, len(wB), len(wB)*blockSize)
+	}
+	wantB := b3File(t, b.image("disk.img"))
+	if got := exportHashes(t, a.RStore, "vm1", "latest")["disk.img"]; got != wantB {
+		t.Fatalf("A's replica after reverse replication %.16s, B has %.16s", got, wantB)
+	}
+	histA := history(t, a.RStore, "vm1")
+	histB = history(t, b.RStore, "vm1")
+
+	// Planned failover back to A.
+	wB2 := ba.writeRandom("disk.img", 20, 4, 0, size)
+	wantB = b3File(t, b.image("disk.img"))
+	res = failoverCmd(t, "planned", "--store", b.PStore, "--replica-store", b.RStore, "--group", "vm1")
+	if fc := res.step("final cycle"); fc.Bytes > int64(len(wB2))*blockSize*11/10+64<<10 {
+		t.Errorf("final cycle back sent %d bytes for %d blocks written", fc.Bytes, len(wB2))
+	}
+	if got := b3File(t, a.image("disk.img")); got != wantB {
+		t.Fatalf("A after failing back %.16s, B had %.16s", got, wantB)
+	}
+	checkHistory(t, a.RStore, "vm1", histA, "A's recovery points after failing back")
+	checkHistory(t, b.RStore, "vm1", histB, "B's recovery points after failing back")
+	if got := exportHashes(t, b.RStore, "vm1", "latest")["disk.img"]; got != wantB {
+		t.Errorf("B's replica copy after failing back %.16s, want %.16s", got, wantB)
+	}
+
+	// A replicates to B again, deltas only.
+	ab.Pri = a.Pri
+	s0 := ab.status().BytesSent
+	wA2 := ab.writeRandom("disk.img", 30, 8, 0, size)
+	ab.now()
+	if sent := ab.status().BytesSent - s0; sent > int64(len(wA2))*blockSize*11/10+64<<10 {
+		t.Errorf("after failing back, A sent %d bytes for %d blocks written", sent, len(wA2))
+	}
+	if got, want := exportHashes(t, b.RStore, "vm1", "latest")["disk.img"], b3File(t, a.image("disk.img")); got != want {
+		t.Errorf("B's replica after the round trip %.16s, A has %.16s", got, want)
+	}
+	checkHistory(t, b.RStore, "vm1", histB, "B's older recovery points after replication resumed")
+	verifyPoint(t, b.RStore, "vm1", "latest")
+	verifyPoint(t, a.RStore, "vm1", "latest")
+}
+
+func TestFailoverUnplannedFailback(t *testing.T) {
+	requireRoot(t)
+	dir := testDir(t)
+	const size = 64 << 20
+	base := &replEnv{t: t, Sizes: map[string]int64{"disk.img": size}, rng: rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 5))}
+	if err := os.MkdirAll(filepath.Join(dir, "a", "pstore", "images"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	prefill(t, filepath.Join(dir, "a", "pstore", "images", "disk.img"), size, base.rng)
+	a, b := newHost(t, dir, "a"), newHost(t, dir, "b")
+	names := []string{"disk.img"}
+	ab := a.env(t, "vm1", names, b.Rep, base)
+	ab.pair("vm1/*", b.Rep.Addr)
+	ab.enable(b.Rep.Addr, "--interval", "1h", "--any-point-window", "1h")
+	ab.now()
+	ab.writeRandom("disk.img", 30, 8, 0, size)
+	ab.now()
+
+	// A cycle in flight: 8 MiB of new data throttled to 1 Mbit/s, and the
+	// primary dies (kill -9) during the upload.
+	ab.enable(b.Rep.Addr, "--interval", "1h", "--bandwidth", "1Mbit")
+	ab.writeSeq("disk.img", 16<<20, 8<<20)
+	mustStandin(t, "replicate", "now", "--store", a.PStore, "--group", "vm1")
+	if !waitFor(60*time.Second, 100*time.Millisecond, func() bool { _, n := inboxFiles(b.RStore, "vm1", ".part"); return n > 0 }) {
+		t.Fatal("no upload in flight")
+	}
+	a.Pri.Kill()
+	if err := teardownMount(a.Mnt); err != nil {
+		t.Fatal(err)
+	}
+	before := listPoints(t, b.RStore, "vm1")
+	latest := exportHashes(t, b.RStore, "vm1", "latest")["disk.img"]
+
+	// Unplanned failover on B to the latest point.
+	r := standin(cmdTimeout, "failover", "unplanned", "--store", b.RStore, "--group", "vm1", "--dry-run")
+	if r.Code != 0 || !strings.Contains(r.Stdout, "failed over") {
+		t.Fatalf("unplanned dry run: %s", r)
+	}
+	failoverCmd(t, "unplanned", "--store", b.RStore, "--group", "vm1")
+	if got := b3File(t, b.image("disk.img")); got != latest {
+		t.Fatalf("promoted image %.16s, latest point %.16s", got, latest)
+	}
+	ba := b.env(t, "vm1", names, a.Rep, base)
+	wB := ba.writeRandom("disk.img", 40, 8, 0, size)
+	afterB := b3File(t, b.image("disk.img"))
+
+	// The stale primary comes back and pushes its in-flight cycle: refused,
+	// nothing on B changes; its status says why.
+	a.Pri = startDaemon(t, a.PStore, a.Mnt)
+	ab.Pri = a.Pri
+	ab.enable(b.Rep.Addr, "--interval", "1h", "--any-point-window", "1h") // unthrottled again (the failback inherits the settings)
+	if !waitFor(60*time.Second, 200*time.Millisecond, func() bool {
+		st := ab.status()
+		return st.Health == "Critical" && strings.Contains(strings.Join(st.Reasons, " "), "split brain")
+	}) {
+		t.Fatalf("the stale primary does not report the refusal: %+v", ab.status())
+	}
+	if got := pointIDs(listPoints(t, b.RStore, "vm1")); strings.Join(got, ",") != strings.Join(pointIDs(before), ",") {
+		t.Errorf("B's points changed after the stale push: %v, were %v", got, pointIDs(before))
+	}
+	if got := b3File(t, b.image("disk.img")); got != afterB {
+		t.Errorf("B's image changed after the stale push")
+	}
+	// The old VM ran on A for a while too.
+	wA := ab.writeRandom("disk.img", 20, 8, 0, size)
+	staleA := b3File(t, a.image("disk.img"))
+	differ := int64(len(diffBlocks(t, a.image("disk.img"), b.image("disk.img"))))
+	t.Logf("blocks differing between the old and the new primary: %d (%d written on B, %d on A after its return, 2048 in flight)", differ, len(wB), len(wA))
+
+	// Failback: A becomes B's replica, only differing blocks travel.
+	failoverCmd(t, "reverse", "--store", a.PStore, "--replica-store", a.RStore, "--group", "vm1")
+	ba.now()
+	sent := ba.status().BytesSent
+	t.Logf("failback sent %d bytes for %d differing blocks (%d bytes)", sent, differ, differ*blockSize)
+	if sent > differ*blockSize*11/10 {
+		t.Errorf("failback sent %d bytes, more than 1.1× the %d differing blocks (%d bytes)", sent, differ, differ*blockSize)
+	}
+	wantB := b3File(t, b.image("disk.img"))
+	if got := exportHashes(t, a.RStore, "vm1", "latest")["disk.img"]; got != wantB {
+		t.Fatalf("A's replica after failback %.16s, B has %.16s", got, wantB)
+	}
+	// What only A had stays recoverable as a point on A.
+	ps := listPoints(t, a.RStore, "vm1")
+	if len(ps) < 2 {
+		t.Fatalf("A's replica store has points %v, want the adopted state and the failback", pointIDs(ps))
+	}
+	if got := exportHashes(t, a.RStore, "vm1", ps[0].Point)["disk.img"]; got != staleA {
+		t.Errorf("A's own last state is not kept as a point: %.16s, want %.16s", got, staleA)
+	}
+	verifyPoint(t, a.RStore, "vm1", "latest")
+
+	// And back to A, planned.
+	failoverCmd(t, "planned", "--store", b.PStore, "--replica-store", b.RStore, "--group", "vm1")
+	if got := b3File(t, a.image("disk.img")); got != wantB {
+		t.Fatalf("A after the planned failover back %.16s, want %.16s", got, wantB)
+	}
+}
