@@ -313,3 +313,97 @@ func TestFailoverUnplannedFailback(t *testing.T) {
 		t.Fatalf("A after the planned failover back %.16s, want %.16s", got, wantB)
 	}
 }
+
+// TestFailoverPlannedCrash kills (-9) each side in the middle of a planned
+// failover, right after the replica promoted its copy: the old primary's
+// images stay fenced (no split brain), and running the same command again
+// finishes the failover.
+func TestFailoverPlannedCrash(t *testing.T) {
+	requireRoot(t)
+	dir := testDir(t)
+	const size = 32 << 20
+	base := &replEnv{t: t, Sizes: map[string]int64{"disk.img": size}, rng: rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 9))}
+	if err := os.MkdirAll(filepath.Join(dir, "a", "pstore", "images"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	prefill(t, filepath.Join(dir, "a", "pstore", "images", "disk.img"), size, base.rng)
+	a, b := newHost(t, dir, "a"), newHost(t, dir, "b")
+	names := []string{"disk.img"}
+	ab := a.env(t, "vm1", names, b.Rep, base)
+	ab.pair("vm1/*", b.Rep.Addr)
+	ab.enable(b.Rep.Addr, "--interval", "1h", "--any-point-window", "1h")
+	ab.now()
+	writeFails := func(what string) {
+		t.Helper()
+		f, err := os.OpenFile(filepath.Join(a.Mnt, "disk.img"), os.O_RDWR, 0)
+		if err == nil {
+			f.Close()
+			t.Fatalf("%s: the old primary's image opens for writing: not fenced", what)
+		}
+		if !strings.Contains(err.Error(), "read-only") {
+			t.Fatalf("%s: open for writing: %v, want EROFS", what, err)
+		}
+	}
+
+	// 1. The replica daemon dies right after it promoted its copy.
+	ab.writeRandom("disk.img", 30, 4, 0, size)
+	want := b3File(t, a.image("disk.img"))
+	b.Rep.Stop()
+	b.Rep.Env = []string{"STANDIN_TEST_FAILOVER_CRASH=replica-after-promote"}
+	b.Rep.start()
+	r := standin(2*time.Minute, "failover", "planned", "--store", a.PStore, "--replica-store", a.RStore, "--group", "vm1")
+	if r.Code == 0 {
+		t.Fatalf("failover planned succeeded although the replica daemon died: %s", r)
+	}
+	writeFails("replica killed during the promotion")
+	if got := b3File(t, a.image("disk.img")); got != want {
+		t.Fatalf("the old primary's image changed")
+	}
+	b.Rep.Env = nil
+	b.Rep.Restart()
+	failoverCmd(t, "planned", "--store", a.PStore, "--replica-store", a.RStore, "--group", "vm1")
+	if got := b3File(t, b.image("disk.img")); got != want {
+		t.Fatalf("promoted image after the repeated failover %.16s, want %.16s", got, want)
+	}
+
+	// 2. Back to A; this time A's mount daemon dies right after B promoted.
+	ba := b.env(t, "vm1", names, a.Rep, base)
+	ba.writeRandom("disk.img", 30, 4, 0, size)
+	ba.now()
+	failoverCmd(t, "planned", "--store", b.PStore, "--replica-store", b.RStore, "--group", "vm1")
+	if err := a.Pri.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	a.Pri = startDaemon(t, a.PStore, a.Mnt, "STANDIN_TEST_FAILOVER_CRASH=after-promote")
+	ab.Pri = a.Pri
+	ab.writeRandom("disk.img", 30, 4, 0, size)
+	want = b3File(t, a.image("disk.img"))
+	r = standin(2*time.Minute, "failover", "planned", "--store", a.PStore, "--replica-store", a.RStore, "--group", "vm1")
+	if r.Code == 0 {
+		t.Fatalf("failover planned succeeded although the daemon was killed: %s", r)
+	}
+	if !a.Pri.Wait(10 * time.Second) {
+		t.Fatal("the crash hook did not kill the daemon")
+	}
+	if err := teardownMount(a.Mnt); err != nil {
+		t.Fatal(err)
+	}
+	a.Pri = startDaemon(t, a.PStore, a.Mnt)
+	ab.Pri = a.Pri
+	writeFails("after kill -9 and restart")
+	if got := b3File(t, b.image("disk.img")); got != want {
+		t.Fatalf("B's promoted image %.16s, want %.16s", got, want)
+	}
+	failoverCmd(t, "planned", "--store", a.PStore, "--replica-store", a.RStore, "--group", "vm1")
+	if _, err := os.Stat(a.image("disk.img")); !os.IsNotExist(err) {
+		t.Fatalf("A still serves the image after the repeated failover: %v", err)
+	}
+	if got := exportHashes(t, a.RStore, "vm1", "latest")["disk.img"]; got != want {
+		t.Fatalf("A's replica copy %.16s, want %.16s", got, want)
+	}
+	ba.writeRandom("disk.img", 10, 4, 0, size)
+	ba.now()
+	if got, want := exportHashes(t, a.RStore, "vm1", "latest")["disk.img"], b3File(t, b.image("disk.img")); got != want {
+		t.Fatalf("replication back after the crash: A %.16s, B %.16s", got, want)
+	}
+}

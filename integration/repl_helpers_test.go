@@ -39,6 +39,7 @@ type replicaProc struct {
 	done   chan struct{}
 	logAll lockedBuffer // output of every incarnation
 	Args   []string     // extra arguments of standin serve
+	Env    []string     // extra environment of standin serve
 }
 
 func freeAddr(t testing.TB) string {
@@ -74,6 +75,7 @@ func (r *replicaProc) start() {
 	r.out = &lockedBuffer{}
 	r.done = make(chan struct{})
 	r.cmd = exec.Command(standinBin, append([]string{"serve", "--store", r.Store, "--listen", r.Addr}, r.Args...)...)
+	r.cmd.Env = append(os.Environ(), r.Env...)
 	w := io.MultiWriter(r.out, &r.logAll)
 	r.cmd.Stdout, r.cmd.Stderr = w, w
 	r.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}

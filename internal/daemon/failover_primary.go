@@ -17,6 +17,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"syscall"
 	"time"
 
 	"github.com/RoaringBitmap/roaring/v2"
@@ -281,6 +282,13 @@ func (pf *primaryFailover) planned(ctx context.Context, name string, req Failove
 	if err := step(res, "final cycle", func(s *FailoverStep) error {
 		var err error
 		s.Bytes, err = pf.sh.FinalCut(ctx, name)
+		if errors.Is(err, shipper.ErrFailedOver) {
+			// An earlier attempt got as far as the promotion (then this
+			// daemon was interrupted): the roots decide whether it may
+			// finish.
+			s.Detail = "the replica took over already (a repeated failover)"
+			return nil
+		}
 		return err
 	}); err != nil {
 		return unfence(fmt.Errorf("final cycle: %w", err))
@@ -309,13 +317,29 @@ func (pf *primaryFailover) planned(ctx context.Context, name string, req Failove
 		return err
 	}); err != nil {
 		var re *shipper.RemoteError
-		if errors.As(err, &re) && re.Status/100 == 4 {
+		if errors.As(err, &re) && re.Status/100 == 4 && !errors.Is(err, shipper.ErrFailedOver) {
 			return unfence(err) // refused: the replica promoted nothing
+		}
+		if errors.Is(err, shipper.ErrFailedOver) {
+			return fmt.Errorf("%w — the replica is the primary now and this host's images differ from it: they stay fenced; make this host its replica with 'standin failover reverse --group %s'", err, name)
 		}
 		return fmt.Errorf("%w — the replica may or may not have taken over; the images stay fenced: run the same 'standin failover planned' again (it is idempotent)", err)
 	}
 	res.Point, res.Images = rep.Point, rep.Images
+	if crashHook("after-promote") {
+		return nil
+	}
 	return pf.demote(ctx, g, ims, rep, dir, req, res)
+}
+
+// crashHook kills the daemon at a named step of a failover when
+// STANDIN_TEST_FAILOVER_CRASH names it (tests of kill -9 mid-failover).
+func crashHook(at string) bool {
+	if os.Getenv("STANDIN_TEST_FAILOVER_CRASH") == at {
+		syscall.Kill(os.Getpid(), syscall.SIGKILL)
+		select {}
+	}
+	return false
 }
 
 // demote moves the group's images out of this primary store into this host's

@@ -243,9 +243,10 @@ func (rf *replicaFailover) handle(ctx context.Context, group string, p pki.Prima
 		}
 		for _, im := range req.Images {
 			if promoted {
-				i := slices.IndexFunc(fs.Images, func(x applier.FailoverImage) bool { return x.ID == im.ID })
-				if i < 0 || fs.Images[i].FromGeneration != im.Generation || fs.Images[i].Seq != im.Seq {
-					return rep, applier.Refuse("group %s already failed over to this host (%s, point %s) from another state than image %s generation %d cut %d", group, fs.Kind, fs.Point, im.Name, im.Generation, im.Seq)
+				// A repeated request (the old primary was interrupted, maybe
+				// killed, and may have cut again): the roots decide below.
+				if !slices.ContainsFunc(fs.Images, func(x applier.FailoverImage) bool { return x.ID == im.ID }) {
+					return rep, fmt.Errorf("image %s is not part of the failover: %w", im.Name, &applier.FailedOverError{Group: group, State: fs})
 				}
 				continue
 			}
@@ -265,6 +266,7 @@ func (rf *replicaFailover) handle(ctx context.Context, group string, p pki.Prima
 		if err != nil {
 			return rep, err
 		}
+		crashHook("replica-after-promote")
 		want := map[string]wire.FailoverImage{}
 		for _, im := range req.Images {
 			want[im.ID] = im
@@ -274,6 +276,10 @@ func (rf *replicaFailover) handle(ctx context.Context, group string, p pki.Prima
 			if w.Root != wire.RootHex(pi.Root) {
 				for _, x := range pimgs {
 					os.Remove(x.Path)
+				}
+				if promoted {
+					// Promoted by an earlier request and maybe in use: keep it.
+					return rep, fmt.Errorf("image %s differs from the copy this host promoted (root %s here, %s on the old primary): %w", pi.Name, wire.RootHex(pi.Root), w.Root, &applier.FailedOverError{Group: group, State: fs})
 				}
 				if uerr := rf.rep.Unpromote(group); uerr != nil {
 					return rep, fmt.Errorf("verification failed for image %s and the failover mark could not be removed: %w", pi.Name, uerr)
