@@ -26,6 +26,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -377,9 +378,26 @@ func writePoint(ctx context.Context, group, point string, pr *pointReader, f *os
 	buf := make([]byte, promoteRun*format.BlockSize)
 	rec := make([]byte, promoteRun*32)
 	got := make([]byte, promoteRun*32)
-	for b := uint64(0); b < nb; b += promoteRun {
+	zeros := make([]byte, promoteRun*32)
+	for b := uint64(0); b < nb; {
 		if err := ctx.Err(); err != nil {
 			return [32]byte{}, err
+		}
+		// Skip holes: blocks before the next data (SEEK_DATA of the point,
+		// a superset of its non-zero blocks) read as zeros, hash as zero
+		// and are not written.
+		d, err := pr.seekData(int64(b)*format.BlockSize, false)
+		if errors.Is(err, syscall.ENXIO) {
+			d = size
+		} else if err != nil {
+			return [32]byte{}, err
+		}
+		if skip := min(uint64(d/format.BlockSize), nb) - b; d > int64(b)*format.BlockSize && skip > 0 {
+			for k := uint64(0); k < skip; k += promoteRun {
+				rt.Add(zeros[:min(promoteRun, skip-k)*32])
+			}
+			b += skip
+			continue
 		}
 		n := min(promoteRun, nb-b)
 		if err := pr.read(b, buf[:n*format.BlockSize], rec[:n*32]); err != nil {
@@ -412,6 +430,7 @@ func writePoint(ctx context.Context, group, point string, pr *pointReader, f *os
 			i = j
 		}
 		rt.Add(got[:n*32])
+		b += n
 	}
 	return rt.Sum(), nil
 }
@@ -766,7 +785,7 @@ func (r *Replica) adoptUndo(im *image, N uint64, newHashes string, newSize uint6
 				return nil, err
 			}
 		}
-		read := false
+		readTo := uint64(0) // blocks [.., readTo) of this chunk are in buf
 		for i := uint64(0); i < n; i++ {
 			o, x := oh[i*32:(i+1)*32], nhb[i*32:(i+1)*32]
 			if string(o) == string(x) {
@@ -779,13 +798,18 @@ func (r *Replica) adoptUndo(im *image, N uint64, newHashes string, newSize uint6
 				}
 				continue
 			}
-			if !read {
-				k := min(n, oldBlocks-b)
-				if err := readFullAt(im.img, buf[:k*format.BlockSize], int64(b)*format.BlockSize); err != nil {
+			if i >= readTo {
+				// Read the run of differing blocks starting here (only
+				// what changed: the changes are usually small and sparse).
+				j := i + 1
+				for j < min(n, oldBlocks-b) && string(oh[j*32:(j+1)*32]) != string(nhb[j*32:(j+1)*32]) {
+					j++
+				}
+				if err := readFullAt(im.img, buf[i*format.BlockSize:j*format.BlockSize], int64(b+i)*format.BlockSize); err != nil {
 					w.abort()
 					return nil, err
 				}
-				read = true
+				readTo = j
 			}
 			blk := buf[i*format.BlockSize : (i+1)*format.BlockSize]
 			var data []byte

@@ -138,6 +138,13 @@ func TestFailoverPlannedRoundTrip(t *testing.T) {
 	ab.now()
 	histB := history(t, b.RStore, "vm1")
 
+	// Failback of a group that did not fail over: refused, nothing fenced.
+	r0 := standin(cmdTimeout, "failover", "reverse", "--store", a.PStore, "--replica-store", a.RStore, "--group", "vm1")
+	if r0.Code == 0 || !strings.Contains(r0.Stderr+r0.Stdout, "not failed over") {
+		t.Fatalf("failover reverse of a live relationship: %s", r0)
+	}
+	ab.writeRandom("disk.img", 2, 1, 0, size) // still writable
+
 	// Dry run: a plan, nothing changes.
 	r := standin(cmdTimeout, "failover", "planned", "--store", a.PStore, "--replica-store", a.RStore, "--group", "vm1", "--dry-run")
 	if r.Code != 0 || !strings.Contains(r.Stdout, "fence disk.img") || !strings.Contains(r.Stdout, "final cycle") {

@@ -404,21 +404,23 @@ func (pf *primaryFailover) reverse(ctx context.Context, name string, req Failove
 		return err
 	}
 	names := slices.Clone(g.Images)
+	// Ask first (a dry run on the other side): nothing is fenced unless the
+	// other host did take the group over.
+	fr := pf.request(g, "reverse", nil)
+	fr.DryRun = true
+	for _, im := range ims {
+		fr.Images = append(fr.Images, wire.FailoverImage{ID: im.ID().String(), Name: im.Name(), Generation: im.Generation(), Seq: im.NextSeq() - 1})
+	}
+	plan, err := shipper.RequestFailover(ctx, pf.st.Dir(), g.Replica, name, fr)
+	if err != nil {
+		return fmt.Errorf("%w (nothing changed here)", err)
+	}
 	if req.DryRun {
 		for _, im := range ims {
 			s := im.Status(false)
 			res.Plan = append(res.Plan, fmt.Sprintf("fence %s (open for writing: %d; its %d changed blocks not replicated stay recoverable as a point in %s)", s.Name, im.WriteOpens(), s.DirtyBlocks, req.ReplicaStore))
 		}
-		fr := pf.request(g, "reverse", nil)
-		fr.DryRun = true
-		for _, im := range ims {
-			fr.Images = append(fr.Images, wire.FailoverImage{ID: im.ID().String(), Name: im.Name(), Generation: im.Generation(), Seq: im.NextSeq() - 1})
-		}
-		rep, err := shipper.RequestFailover(ctx, pf.st.Dir(), g.Replica, name, fr)
-		if err != nil {
-			return err
-		}
-		res.Plan = append(res.Plan, rep.Plan...)
+		res.Plan = append(res.Plan, plan.Plan...)
 		return nil
 	}
 	if err := step(res, "fence", func(*FailoverStep) error {
@@ -456,7 +458,7 @@ func (pf *primaryFailover) reverse(ctx context.Context, name string, req Failove
 			return err
 		}
 	}
-	fr := pf.request(g, "reverse", imgs)
+	fr = pf.request(g, "reverse", imgs)
 	fr.Token = tok
 	var rep wire.FailoverReply
 	if err := step(res, "new primary pairs back", func(s *FailoverStep) error {
