@@ -39,11 +39,18 @@ bench: build
 	bash bench/run.sh
 	bash bench/repl.sh
 	bash bench/seed.sh
+	bash bench/failover.sh
 
 # make bench-seed: only the seed benchmark (bench/seed.sh; DS=, BENCH_REPS=, BENCH_TOOLS= there).
 .PHONY: bench-seed
 bench-seed: build
 	bash bench/seed.sh
+
+# make bench-failover: test/planned/unplanned failover and failback on a 4 GiB image with
+# 100 MiB changed (bench/failover.sh, ~5 min; uses the dataset's vm1.img when present).
+.PHONY: bench-failover
+bench-failover: build
+	bash bench/failover.sh
 
 demo: build
 	bash scripts/demo.sh
