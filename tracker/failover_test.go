@@ -470,3 +470,41 @@ func TestAdoptRefuses(t *testing.T) {
 		t.Fatal(fmt.Sprint("status has ", n, " images"))
 	}
 }
+
+// TestMarkDirty: blocks a failback found different are durably dirty (they
+// survive a crash before the next cut) and the next cut carries them;
+// Changed reports the dirty map.
+func TestMarkDirty(t *testing.T) {
+	s, dir := newStore(t, Options{})
+	p := filepath.Join(dir, "images", "a.img")
+	if err := os.WriteFile(p, bytes.Repeat([]byte{1}, 1<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	im := mustImage(t, s, "a.img")
+	if _, err := s.Cut(context.Background(), []string{"a.img"}); err != nil {
+		t.Fatal(err)
+	}
+	if c := im.Changed(); !c.IsEmpty() {
+		t.Fatalf("changed after a cut: %v", c.ToArray())
+	}
+	want := roaring.BitmapOf(3, 4, 200)
+	if err := im.MarkDirty(want); err != nil {
+		t.Fatal(err)
+	}
+	if c := im.Changed(); !c.Equals(want) {
+		t.Fatalf("changed %v, want %v", c.ToArray(), want.ToArray())
+	}
+	s.crashForTest()
+	s = reopen(t, s, dir)
+	im = mustImage(t, s, "a.img")
+	if c := im.Changed(); !c.Contains(3) || !c.Contains(4) || !c.Contains(200) {
+		t.Fatalf("marked blocks lost by a crash: %v", c.ToArray())
+	}
+	infos, err := s.Cut(context.Background(), []string{"a.img"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if infos[0].DataBlocks < 3 {
+		t.Fatalf("the cut after MarkDirty carries %d data blocks, want the 3 marked", infos[0].DataBlocks)
+	}
+}
