@@ -111,8 +111,14 @@ func ApplyFiles(target string, paths []string) ([]Result, error) {
 			plan[i] = true
 		case h.Seq < sim.Seq:
 			return nil, fmt.Errorf("%s: %w: cycle %d, target is at cycle %d", c.path, ErrReplay, h.Seq, sim.Seq)
-		case h.Seq > sim.Seq+1 || sim.Applying:
-			return nil, fmt.Errorf("%s: %w: cycle %d, target is at cycle %d (missing %d)", c.path, ErrGap, h.Seq, sim.Seq, sim.Seq+1)
+		case sim.Applying:
+			return nil, fmt.Errorf("%s: %w: cycle %d, target is at cycle %d and its apply was interrupted (re-apply cycle %d first)", c.path, ErrGap, h.Seq, sim.Seq, sim.Seq)
+		case h.Base():
+			plan[i] = true // a later base of the same generation needs no parent
+		case h.Parent != sim.Seq:
+			// A delta applies on its parent (seq-1, or an earlier cycle for
+			// a merged delta of extended replication).
+			return nil, fmt.Errorf("%s: %w: cycle %d applies on cycle %d, target is at cycle %d (missing %d..%d)", c.path, ErrGap, h.Seq, h.Parent, sim.Seq, sim.Seq+1, h.Parent)
 		default:
 			plan[i] = true
 		}

@@ -842,8 +842,14 @@ func (r *Replica) applyGroup(ctx context.Context, groupName string, paths []stri
 			rr.Skipped = true
 		case h.Seq < im.st.Seq:
 			return res, fmt.Errorf("%s: %w: cycle %d, replica of image %s is at cycle %d", c.path, ErrReplay, h.Seq, id, im.st.Seq)
-		case h.Seq > im.st.Seq+1:
-			return res, fmt.Errorf("%s: %w: cycle %d, replica of image %s is at cycle %d (missing %d)", c.path, ErrGap, h.Seq, id, im.st.Seq, im.st.Seq+1)
+		case h.Base():
+			// A later base of the held generation defines the whole image:
+			// it needs no parent (a forwarded base after the forward state
+			// was lost).
+		case h.Parent != im.st.Seq:
+			// A delta applies on its parent: normally seq-1; a merged
+			// delta forwarded by extended replication names an earlier one.
+			return res, fmt.Errorf("%s: %w: cycle %d applies on cycle %d, replica of image %s is at cycle %d (missing %d..%d)", c.path, ErrGap, h.Seq, h.Parent, id, im.st.Seq, im.st.Seq+1, h.Parent)
 		}
 		res.Images = append(res.Images, rr)
 		if !rr.Skipped {

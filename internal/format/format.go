@@ -66,7 +66,7 @@ type Header struct {
 	ImageID    [16]byte
 	Generation uint64
 	Seq        uint64
-	Parent     uint64 // Seq-1, or NoParent (base cycles only)
+	Parent     uint64 // the cycle this delta applies on: Seq-1, an earlier seq (a merged delta, forwarded by extended replication), or NoParent (base cycles only)
 	CutTime    time.Time
 	ImageSize  uint64 // bytes; need not be a multiple of BlockSize
 	GroupCut   [16]byte
@@ -240,8 +240,11 @@ func validateHeader(h *Header) error {
 			return fmt.Errorf("base cycle %d has parent %d (want NoParent or seq-1)", h.Seq, h.Parent)
 		}
 	} else {
-		if h.Seq == 0 || h.Parent != h.Seq-1 {
-			return fmt.Errorf("cycle %d has parent %s (want seq-1; only base cycles may have no parent)", h.Seq, parentString(h.Parent))
+		// A delta applies on cycle Parent: normally Seq-1; a merged delta
+		// (extended replication forwards several cycles as one) names an
+		// earlier cycle.
+		if h.Seq == 0 || h.Parent >= h.Seq {
+			return fmt.Errorf("cycle %d has parent %s (want an earlier cycle, normally seq-1; only base cycles may have no parent)", h.Seq, parentString(h.Parent))
 		}
 	}
 	return nil

@@ -249,7 +249,8 @@ func TestWriterErrors(t *testing.T) {
 func TestHeaderValidation(t *testing.T) {
 	bad := map[string]func(h *Header){
 		"non-base without parent": func(h *Header) { h.Parent = NoParent },
-		"wrong parent":            func(h *Header) { h.Parent = 7 },
+		"parent = seq":            func(h *Header) { h.Parent = h.Seq },
+		"parent after seq":        func(h *Header) { h.Parent = h.Seq + 1 },
 		"seq 0 non-base":          func(h *Header) { h.Seq, h.Parent = 0, NoParent },
 		"unknown flag":            func(h *Header) { h.Flags = 4 },
 		"long name":               func(h *Header) { h.Name = strings.Repeat("x", MaxNameLen+1) },
@@ -273,6 +274,7 @@ func TestHeaderValidation(t *testing.T) {
 		"pre-epoch time":    func(h *Header) { h.CutTime = time.Date(1900, 1, 1, 0, 0, 0, 0, time.UTC) },
 		"zero size image":   func(h *Header) { h.ImageSize = 0 },
 		"max uint64 parent": func(h *Header) { h.Seq, h.Parent = NoParent, NoParent-1 },
+		"merged delta":      func(h *Header) { h.Parent = 7 },
 	}
 	for name, f := range good {
 		h := testHeader(BlockSize)
