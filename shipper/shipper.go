@@ -503,8 +503,9 @@ func (s *Shipper) ship(ctx context.Context, r *run, c *client, lim *limiter, pen
 	return nil
 }
 
-// pending returns the staged, unshipped cycle files of the images, grouped by
-// cut, oldest first. Shipped files are deleted, so every file is pending.
+// pending returns the staged, unshipped cycle files of the images (ids; nil
+// = every image), grouped by cut, oldest first. Shipped files are deleted, so
+// every file is pending.
 func (s *Shipper) pending(ids map[string]bool) ([][]tracker.CycleInfo, error) {
 	all, err := tracker.Cycles(s.dir, "")
 	if err != nil {
@@ -513,7 +514,7 @@ func (s *Shipper) pending(ids map[string]bool) ([][]tracker.CycleInfo, error) {
 	byCut := map[string][]tracker.CycleInfo{}
 	var order []string
 	for _, ci := range all {
-		if !ids[ci.ID] {
+		if ids != nil && !ids[ci.ID] {
 			continue
 		}
 		if _, ok := byCut[ci.GroupCut]; !ok {

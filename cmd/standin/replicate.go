@@ -162,6 +162,7 @@ func replicateCommand() *cli.Command {
 					return nil
 				},
 			},
+			extendCommand(),
 			{
 				Name:         "list",
 				Usage:        "list replication groups with their health",

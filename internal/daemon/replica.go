@@ -127,6 +127,13 @@ func RunReplica(ctx context.Context, o ReplicaOptions, ready func()) error {
 	os.Chmod(sock, 0o600)
 	cmux := replicaControl(rep, srv, auth, o, ln.Addr().String())
 	rf.control(cmux)
+	// Extended replication: forwards of groups to third hosts (forward.go).
+	fw, err := startForwarder(ctx, rep, srv, o.Store, log)
+	if err != nil {
+		return err
+	}
+	defer fw.stop()
+	fw.control(cmux)
 	cs := &http.Server{Handler: fm.handler(cmux)}
 	go cs.Serve(cln)
 	defer func() { cs.Close(); os.Remove(sock) }()
