@@ -184,12 +184,40 @@ func TestExtendedReplication(t *testing.T) {
 	ba := b.env(t, "vm1", names, a.Rep, base)
 	ba.writeRandom("disk.img", 60, 8, 0, size)
 	ba.now()
+
+	// The chain follows the failover at the middle host: A, now B's replica,
+	// forwards to C as well (set up on both hosts, whichever is the replica
+	// forwards). Its first forward is a base thinned against C's copy.
+	r = mustStandin(t, "pair", "token", "--store", c.RStore, "--images", "vm1/*", "--json")
+	var tok2 map[string]string
+	if err := json.Unmarshal([]byte(r.Stdout), &tok2); err != nil || tok2["token"] == "" {
+		t.Fatalf("pair token --json: %v: %s", err, r.Stdout)
+	}
+	mustStandin(t, "replicate", "extend", "--store", a.RStore, "--group", "vm1", "--to", c.Rep.Addr, "--token", tok2["token"],
+		"--interval", "1h", "--any-point-window", "1h")
+	r = mustStandin(t, "replicate", "extend", "now", "--store", a.RStore, "--group", "vm1", "--wait", "--timeout", "90s", "--json")
+	var fa []forwardNowJSON
+	if err := json.Unmarshal([]byte(r.Stdout), &fa); err != nil || len(fa) != 1 || fa[0].Error != "" {
+		t.Fatalf("replicate extend now on A: %v %s", err, r)
+	}
+	if got, want := exportHashes(t, c.RStore, "vm1", "latest")["disk.img"], b3File(t, b.image("disk.img")); got != want {
+		t.Fatalf("C after A forwarded the new primary's data: %.16s, B has %.16s", got, want)
+	}
+	// (enabling forwards at once, so 'now' may find it done)
+	if fl := forwardList(t, a.RStore); len(fl) != 1 || !fl[0].LastBase || fl[0].BytesSent > size/4 {
+		t.Errorf("A's first forward (%+v): want a thinned base of at most 25%% of the image", fl)
+	} else {
+		t.Logf("A's first forward after the failover at the middle host (thinned base): %d bytes", fl[0].BytesSent)
+	}
 	ba.writeRandom("disk.img", 20, 4, 0, size)
 
 	// 5. Planned failover back to A: B is a replica again and forwards again.
 	// The generation changed twice, so the forward is a base, thinned
 	// against what C holds.
 	failoverCmd(t, "planned", "--store", b.PStore, "--replica-store", b.RStore, "--group", "vm1")
+	if fl := forwardList(t, a.RStore); len(fl) != 1 || !fl[0].FailedOver {
+		t.Errorf("A's forward while A is the primary again: %+v", fl)
+	}
 	fw = extendNow()
 	checkC("after failing over and back")
 	s3 := sent()
