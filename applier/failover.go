@@ -582,19 +582,8 @@ func (r *Replica) Adopt(groupName string, imgs []AdoptImage, ret Retention) (res
 		it := adoptItem{ID: in.ID, Name: in.Name, Generation: in.Generation, Seq: in.Seq, Size: in.Size,
 			New: existing[i] == nil, Source: in.Path, Dev: uint64(srcs[i].Dev), Ino: srcs[i].Ino}
 		if it.New {
-			udir := filepath.Join(idir, "undo")
-			if err := os.MkdirAll(udir, 0o700); err != nil {
-				return res, err
-			}
-			w, err := createUndo(udir, N, N, true, 0)
-			if err != nil {
-				return res, err
-			}
-			if _, err := w.finish(r.hook); err != nil {
-				return res, err
-			}
 			st := imageState{ID: in.ID, Generation: in.Generation, Name: in.Name, Seq: in.Seq, Size: uint64(in.Size), Present: true}
-			if err := fsutil.WriteJSON(filepath.Join(idir, "state.json"), st); err != nil {
+			if err := r.initImageDir(idir, N, st); err != nil {
 				return res, err
 			}
 		} else {

@@ -461,23 +461,5 @@ func (r *Replica) UnpinForward(groupName, owner string) error {
 // pinReplace is pinDurable that also drops every other pin of owner, in one
 // durable write of pins.json.
 func (r *Replica) pinReplace(g *group, point, owner string) (pointRec, error) {
-	gp := r.pins.get(g)
-	gp.mu.Lock()
-	defer gp.mu.Unlock()
-	if err := gp.load(); err != nil {
-		return pointRec{}, err
-	}
-	g.mu.RLock()
-	p, err := g.findPoint(point)
-	g.mu.RUnlock()
-	if err != nil {
-		return pointRec{}, err
-	}
-	pins := slices.DeleteFunc(slices.Clone(gp.durable), func(x PinRecord) bool { return x.Owner == owner })
-	pins = append(pins, PinRecord{Owner: owner, Point: p.N, Time: time.Now().UTC()})
-	if err := fsutil.WriteJSON(gp.path, pinsFile{Pins: pins}); err != nil {
-		return pointRec{}, err
-	}
-	gp.durable = pins
-	return p, nil
+	return r.pinWith(g, point, owner, true)
 }

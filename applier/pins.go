@@ -172,6 +172,12 @@ func (r *Replica) PinPoint(groupName, point string) (*Pin, error) {
 // pinDurable records a durable pin of point for owner (pins.json is durable
 // when it returns) and returns the point.
 func (r *Replica) pinDurable(g *group, point, owner string) (pointRec, error) {
+	return r.pinWith(g, point, owner, false)
+}
+
+// pinWith records a durable pin of point for owner; with replace, the
+// owner's other pins go in the same write.
+func (r *Replica) pinWith(g *group, point, owner string, replace bool) (pointRec, error) {
 	gp := r.pins.get(g)
 	gp.mu.Lock()
 	defer gp.mu.Unlock()
@@ -184,7 +190,11 @@ func (r *Replica) pinDurable(g *group, point, owner string) (pointRec, error) {
 	if err != nil {
 		return pointRec{}, err
 	}
-	pins := append(slices.Clone(gp.durable), PinRecord{Owner: owner, Point: p.N, Time: time.Now().UTC()})
+	pins := slices.Clone(gp.durable)
+	if replace {
+		pins = slices.DeleteFunc(pins, func(x PinRecord) bool { return x.Owner == owner })
+	}
+	pins = append(pins, PinRecord{Owner: owner, Point: p.N, Time: time.Now().UTC()})
 	if err := fsutil.WriteJSON(gp.path, pinsFile{Pins: pins}); err != nil {
 		return pointRec{}, err
 	}

@@ -394,20 +394,9 @@ func (r *Replica) CommitSeed(group string, imgs []SeedImage, ret Retention) (App
 		if _, err := os.Stat(filepath.Join(dir, "latest.img")); err != nil {
 			return res, fmt.Errorf("seed commit: image %s was not staged: %w", im.Name, err)
 		}
-		udir := filepath.Join(dir, "undo")
-		os.RemoveAll(udir)
-		if err := os.MkdirAll(udir, 0o700); err != nil {
-			return res, err
-		}
-		w, err := createUndo(udir, N, N, true, 0)
-		if err != nil {
-			return res, err
-		}
-		if _, err := w.finish(r.hook); err != nil {
-			return res, err
-		}
+		os.RemoveAll(filepath.Join(dir, "undo"))
 		st := imageState{ID: im.ID, Generation: im.Generation, Name: im.Name, Seq: im.Seq, Size: uint64(im.Size), Present: true}
-		if err := fsutil.WriteJSON(filepath.Join(dir, "state.json"), st); err != nil {
+		if err := r.initImageDir(dir, N, st); err != nil {
 			return res, err
 		}
 		os.Remove(filepath.Join(dir, "progress.json"))
@@ -430,6 +419,24 @@ func (r *Replica) CommitSeed(group string, imgs []SeedImage, ret Retention) (App
 	}
 	res.Point, res.Time = pointID(N), t
 	return res, nil
+}
+
+// initImageDir makes dir (holding latest.img and hashes.bin) the directory of
+// an image that first appears at point N: an "absent" undo log for N (the
+// image did not exist before) and its state.
+func (r *Replica) initImageDir(dir string, N uint64, st imageState) error {
+	udir := filepath.Join(dir, "undo")
+	if err := os.MkdirAll(udir, 0o700); err != nil {
+		return err
+	}
+	w, err := createUndo(udir, N, N, true, 0)
+	if err != nil {
+		return err
+	}
+	if _, err := w.finish(r.hook); err != nil {
+		return err
+	}
+	return fsutil.WriteJSON(filepath.Join(dir, "state.json"), st)
 }
 
 // finishSeed completes a committed seed import (GROUP/seed.json): moves the

@@ -7,9 +7,7 @@ package integration
 
 import (
 	"encoding/json"
-	"math/rand/v2"
 	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -55,20 +53,10 @@ func forwardList(t *testing.T, rstore string) []forwardStatusJSON {
 func TestExtendedReplication(t *testing.T) {
 	requireRoot(t)
 	start := time.Now()
-	dir := testDir(t)
 	const size = 64 << 20
-	base := &replEnv{t: t, Sizes: map[string]int64{"disk.img": size}, rng: rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 15))}
-	if err := os.MkdirAll(filepath.Join(dir, "a", "pstore", "images"), 0o700); err != nil {
-		t.Fatal(err)
-	}
-	prefill(t, filepath.Join(dir, "a", "pstore", "images", "disk.img"), size, base.rng)
-	a, b, c := newHost(t, dir, "a"), newHost(t, dir, "b"), newHost(t, dir, "c")
-	names := []string{"disk.img"}
-
-	// A replicates to B.
-	ab := a.env(t, "vm1", names, b.Rep, base)
-	ab.pair("vm1/*", b.Rep.Addr)
-	ab.enable(b.Rep.Addr, "--interval", "1h", "--any-point-window", "1h")
+	ab, base, hs := twoHosts(t, size, 15, "a", "b", "c")
+	a, b, c := hs[0], hs[1], hs[2]
+	names := ab.Names
 	ab.now()
 
 	// B forwards to C, paired with a token of C's replica store.

@@ -41,6 +41,28 @@ func newHost(t *testing.T, dir, name string) *host {
 
 func (h *host) image(name string) string { return filepath.Join(h.PStore, "images", name) }
 
+// twoHosts starts the named hosts (the first two become A and B) with a
+// prefilled disk.img of size bytes in A's primary store, pairs A with B's
+// replica store and enables replication of group vm1 (interval 1h, points
+// kept for 1h). It returns A's environment, the shared one (sizes, random
+// source) and the hosts.
+func twoHosts(t *testing.T, size int64, seed uint64, names ...string) (ab, base *replEnv, hs []*host) {
+	t.Helper()
+	dir := testDir(t)
+	base = &replEnv{t: t, Sizes: map[string]int64{"disk.img": size}, rng: rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), seed))}
+	if err := os.MkdirAll(filepath.Join(dir, names[0], "pstore", "images"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	prefill(t, filepath.Join(dir, names[0], "pstore", "images", "disk.img"), size, base.rng)
+	for _, n := range names {
+		hs = append(hs, newHost(t, dir, n))
+	}
+	ab = hs[0].env(t, "vm1", []string{"disk.img"}, hs[1].Rep, base)
+	ab.pair("vm1/*", hs[1].Rep.Addr)
+	ab.enable(hs[1].Rep.Addr, "--interval", "1h", "--any-point-window", "1h")
+	return ab, base, hs
+}
+
 // env returns a replEnv for the group as replicated from h to the replica
 // store rstore (served by rep).
 func (h *host) env(t *testing.T, group string, names []string, rep *replicaProc, base *replEnv) *replEnv {
@@ -119,20 +141,10 @@ func checkHistory(t *testing.T, rstore, group string, old map[string]map[string]
 
 func TestFailoverPlannedRoundTrip(t *testing.T) {
 	requireRoot(t)
-	dir := testDir(t)
 	const size = 64 << 20
-	base := &replEnv{t: t, Sizes: map[string]int64{"disk.img": size}, rng: rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 5))}
-	if err := os.MkdirAll(filepath.Join(dir, "a", "pstore", "images"), 0o700); err != nil {
-		t.Fatal(err)
-	}
-	prefill(t, filepath.Join(dir, "a", "pstore", "images", "disk.img"), size, base.rng)
-	a, b := newHost(t, dir, "a"), newHost(t, dir, "b")
-	names := []string{"disk.img"}
-
-	// A replicates to B.
-	ab := a.env(t, "vm1", names, b.Rep, base)
-	ab.pair("vm1/*", b.Rep.Addr)
-	ab.enable(b.Rep.Addr, "--interval", "1h", "--any-point-window", "1h")
+	ab, base, hs := twoHosts(t, size, 5, "a", "b")
+	a, b := hs[0], hs[1]
+	names := ab.Names
 	ab.now()
 	ab.writeRandom("disk.img", 50, 8, 0, size)
 	ab.now()
@@ -225,18 +237,10 @@ func TestFailoverPlannedRoundTrip(t *testing.T) {
 
 func TestFailoverUnplannedFailback(t *testing.T) {
 	requireRoot(t)
-	dir := testDir(t)
 	const size = 64 << 20
-	base := &replEnv{t: t, Sizes: map[string]int64{"disk.img": size}, rng: rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 5))}
-	if err := os.MkdirAll(filepath.Join(dir, "a", "pstore", "images"), 0o700); err != nil {
-		t.Fatal(err)
-	}
-	prefill(t, filepath.Join(dir, "a", "pstore", "images", "disk.img"), size, base.rng)
-	a, b := newHost(t, dir, "a"), newHost(t, dir, "b")
-	names := []string{"disk.img"}
-	ab := a.env(t, "vm1", names, b.Rep, base)
-	ab.pair("vm1/*", b.Rep.Addr)
-	ab.enable(b.Rep.Addr, "--interval", "1h", "--any-point-window", "1h")
+	ab, base, hs := twoHosts(t, size, 5, "a", "b")
+	a, b := hs[0], hs[1]
+	names := ab.Names
 	ab.now()
 	ab.writeRandom("disk.img", 30, 8, 0, size)
 	ab.now()
@@ -327,18 +331,10 @@ func TestFailoverUnplannedFailback(t *testing.T) {
 // finishes the failover.
 func TestFailoverPlannedCrash(t *testing.T) {
 	requireRoot(t)
-	dir := testDir(t)
 	const size = 32 << 20
-	base := &replEnv{t: t, Sizes: map[string]int64{"disk.img": size}, rng: rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 9))}
-	if err := os.MkdirAll(filepath.Join(dir, "a", "pstore", "images"), 0o700); err != nil {
-		t.Fatal(err)
-	}
-	prefill(t, filepath.Join(dir, "a", "pstore", "images", "disk.img"), size, base.rng)
-	a, b := newHost(t, dir, "a"), newHost(t, dir, "b")
-	names := []string{"disk.img"}
-	ab := a.env(t, "vm1", names, b.Rep, base)
-	ab.pair("vm1/*", b.Rep.Addr)
-	ab.enable(b.Rep.Addr, "--interval", "1h", "--any-point-window", "1h")
+	ab, base, hs := twoHosts(t, size, 9, "a", "b")
+	a, b := hs[0], hs[1]
+	names := ab.Names
 	ab.now()
 	writeFails := func(what string) {
 		t.Helper()
