@@ -55,6 +55,7 @@ cleanup() {
 	if [[ ${BENCH_KEEP:-0} != 1 && $rc == 0 ]]; then rm -rf "$W"; else echo "failover bench: scratch kept in $W" >&2; fi
 }
 trap cleanup EXIT
+trap 'echo "failover bench: failed at line $LINENO: $BASH_COMMAND" >&2' ERR
 
 rm -rf "$W"
 mkdir -p "$W" "$RESULTS"
@@ -199,7 +200,7 @@ FB_BYTES=$(sent b)
 
 m() { median "$@"; }
 CH=$((CHANGE_MIB << 20))
-out=$RESULTS/failover-$(date +%Y%m%d-%H%M)$([[ $QUICK == 1 ]] && echo -quick).txt
+out=$RESULTS/failover-$(date +%Y%m%d-%H%M)$([[ $QUICK == 1 ]] && echo -quick || true).txt
 {
 	echo "standin failover benchmark — $(date -u +%FT%TZ), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)"
 	echo "image: $SRC, 4 GiB, $((ALLOC >> 20)) MiB allocated; $CHANGE_MIB MiB changed per operation; medians of $REPS run(s) (planned: $((2 * REPS)) legs)"
