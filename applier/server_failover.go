@@ -34,7 +34,7 @@ func (s *Server) failover(w http.ResponseWriter, r *http.Request, p pki.Primary)
 		}
 	}
 	if s.OnFailover == nil {
-		s.reply(w, r, nil, fail(http.StatusNotImplemented, "refused", "this replica daemon cannot take over group %s: it was started without --primary-store (the primary store of this host that the promoted images go to)", group))
+		s.reply(w, r, nil, Refuse("this replica daemon cannot take over group %s: it was started without --primary-store (the primary store of this host that the promoted images go to)", group))
 		return
 	}
 	s.log.Info("failover requested", "group", group, "kind", req.Kind, "primary", p.Name, "dry_run", req.DryRun)

@@ -116,6 +116,30 @@ func failoverCmd(t *testing.T, args ...string) failoverResultJSON {
 	return out[0]
 }
 
+// listFailedOver reports whether the replica store shows group as failed
+// over (points list still works; the status says so).
+func listFailedOver(t *testing.T, rstore, group string) (string, bool) {
+	t.Helper()
+	r := mustStandin(t, "status", "--store", rstore, "--json")
+	var st struct {
+		Groups []struct {
+			Group      string `json:"group"`
+			FailedOver *struct {
+				Point string `json:"point"`
+			} `json:"failed_over"`
+		} `json:"groups"`
+	}
+	if err := json.Unmarshal([]byte(r.Stdout), &st); err != nil {
+		t.Fatalf("status --json: %v\n%s", err, r.Stdout)
+	}
+	for _, g := range st.Groups {
+		if g.Group == group && g.FailedOver != nil {
+			return g.FailedOver.Point, true
+		}
+	}
+	return "", false
+}
+
 // history exports every point of group on rstore.
 func history(t *testing.T, rstore, group string) map[string]map[string]string {
 	t.Helper()
@@ -179,6 +203,9 @@ func TestFailoverPlannedRoundTrip(t *testing.T) {
 		t.Fatalf("promoted image through B's mount %.16s, want %.16s", got, want)
 	}
 	checkHistory(t, b.RStore, "vm1", histB, "B's recovery points after the failover")
+	if _, ok := listFailedOver(t, b.RStore, "vm1"); !ok {
+		t.Error("B's replica store does not show the group as failed over")
+	}
 	// A's replica store starts with its own image, adopted (B's first,
 	// empty cycle may have arrived already).
 	if ps := listPoints(t, a.RStore, "vm1"); len(ps) < 1 || len(ps) > 2 {
@@ -348,13 +375,32 @@ func TestFailoverPlannedCrash(t *testing.T) {
 		}
 	}
 
+	// 0. The replica host's mount daemon is not running: refused before
+	// anything is promoted; the images are writable again and replication
+	// goes on.
+	if err := b.Pri.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	r := standin(2*time.Minute, "failover", "planned", "--store", a.PStore, "--replica-store", a.RStore, "--group", "vm1")
+	if r.Code == 0 || !strings.Contains(r.Stdout+r.Stderr, "cannot take the group") || !strings.Contains(r.Stdout+r.Stderr, "writable again") {
+		t.Fatalf("failover planned without the replica host's mount daemon: %s", r)
+	}
+	ab.writeRandom("disk.img", 5, 2, 0, size)
+	if st := ab.status(); st.Paused {
+		t.Errorf("replication stays paused after a refused failover: %+v", st)
+	}
+	if _, promoted := listFailedOver(t, b.RStore, "vm1"); promoted {
+		t.Error("the replica marked the group failed over although it refused")
+	}
+	b.Pri = startDaemon(t, b.PStore, b.Mnt)
+
 	// 1. The replica daemon dies right after it promoted its copy.
 	ab.writeRandom("disk.img", 30, 4, 0, size)
 	want := b3File(t, a.image("disk.img"))
 	b.Rep.Stop()
 	b.Rep.Env = []string{"STANDIN_TEST_FAILOVER_CRASH=replica-after-promote"}
 	b.Rep.start()
-	r := standin(2*time.Minute, "failover", "planned", "--store", a.PStore, "--replica-store", a.RStore, "--group", "vm1")
+	r = standin(2*time.Minute, "failover", "planned", "--store", a.PStore, "--replica-store", a.RStore, "--group", "vm1")
 	if r.Code == 0 {
 		t.Fatalf("failover planned succeeded although the replica daemon died: %s", r)
 	}

@@ -277,7 +277,12 @@ func (pf *primaryFailover) planned(ctx context.Context, name string, req Failove
 		if uerr := pf.st.Unfence(names); uerr != nil {
 			return errors.Join(why, fmt.Errorf("and unfencing failed (images stay read-only): %w", uerr))
 		}
-		return fmt.Errorf("%w (nothing failed over: the images are writable again; replication stays paused — 'standin replicate resume --group %s')", why, name)
+		if !g.Paused { // FinalCut paused the schedule
+			if uerr := pf.sh.Update(name, func(x *shipper.Group) { x.Paused = false }); uerr != nil {
+				return errors.Join(why, fmt.Errorf("the images are writable again, but resuming replication failed ('standin replicate resume --group %s'): %w", name, uerr))
+			}
+		}
+		return fmt.Errorf("%w (nothing failed over: the images are writable again and replication goes on)", why)
 	}
 	if err := step(res, "final cycle", func(s *FailoverStep) error {
 		var err error

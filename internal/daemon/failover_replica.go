@@ -76,13 +76,19 @@ func (rf *replicaFailover) control(mux *http.ServeMux) {
 	})
 }
 
-func (rf *replicaFailover) primary(override string) (string, error) {
+// primary returns this host's primary store, after checking that its mount
+// daemon runs (it tracks what a promotion materialises): nothing is promoted
+// when it cannot be.
+func (rf *replicaFailover) primary(ctx context.Context, override string) (string, error) {
 	p := override
 	if p == "" {
 		p = rf.primaryStore
 	}
 	if p == "" {
 		return "", errors.New("no primary store on this host to promote into: start the replica daemon with --primary-store DIR (or pass --primary-store), and run 'standin mount --store DIR MOUNTPOINT' for it")
+	}
+	if _, err := NewClient(p).Status(ctx, false); err != nil {
+		return "", fmt.Errorf("this host's primary store %s cannot take the group: %w", p, err)
 	}
 	return p, nil
 }
@@ -148,7 +154,7 @@ func (rf *replicaFailover) unplanned(ctx context.Context, req UnplannedRequest) 
 }
 
 func (rf *replicaFailover) unplannedGroup(ctx context.Context, group string, req UnplannedRequest, res *FailoverResult) error {
-	pstore, err := rf.primary(req.PrimaryStore)
+	pstore, err := rf.primary(ctx, req.PrimaryStore)
 	if err != nil {
 		return err
 	}
@@ -203,7 +209,7 @@ func (rf *replicaFailover) unplannedGroup(ctx context.Context, group string, req
 // handle serves a failover request of the group's (old) primary.
 func (rf *replicaFailover) handle(ctx context.Context, group string, p pki.Primary, req wire.FailoverRequest) (wire.FailoverReply, error) {
 	var rep wire.FailoverReply
-	pstore, err := rf.primary("")
+	pstore, err := rf.primary(ctx, "")
 	if err != nil {
 		return rep, applier.Refuse("%v", err)
 	}
