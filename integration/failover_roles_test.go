@@ -456,3 +456,46 @@ func TestFailoverPlannedCrash(t *testing.T) {
 		t.Fatalf("replication back after the crash: A %.16s, B %.16s", got, want)
 	}
 }
+
+// TestFailoverUnplannedOlderPoint promotes a point older than the latest:
+// the changes the replica applied after it (shipped by the old primary, so
+// not in its tracker state) must still travel back at failback.
+func TestFailoverUnplannedOlderPoint(t *testing.T) {
+	requireRoot(t)
+	const size = 32 << 20
+	ab, base, hs := twoHosts(t, size, 11, "a", "b")
+	a, b := hs[0], hs[1]
+	ab.now()
+	ab.writeRandom("disk.img", 20, 8, 0, size)
+	ab.now()
+	ps := listPoints(t, b.RStore, "vm1")
+	older := ps[len(ps)-1].Point
+	want := exportHashes(t, b.RStore, "vm1", older)["disk.img"]
+	w2 := ab.writeRandom("disk.img", 30, 8, 0, size) // shipped and applied after the older point
+	ab.now()
+	if err := a.Pri.Stop(); err != nil { // the primary is gone
+		t.Fatal(err)
+	}
+	res := failoverCmd(t, "unplanned", "--store", b.RStore, "--group", "vm1", "--point", older)
+	if res.Point != older {
+		t.Errorf("promoted point %s, asked for %s", res.Point, older)
+	}
+	if got := b3File(t, b.image("disk.img")); got != want {
+		t.Fatalf("promoted image %.16s, point %s was %.16s", got, older, want)
+	}
+	ba := b.env(t, "vm1", ab.Names, a.Rep, base)
+	ba.writeRandom("disk.img", 10, 4, 0, size)
+
+	a.Pri = startDaemon(t, a.PStore, a.Mnt)
+	differ := int64(len(diffBlocks(t, a.image("disk.img"), b.image("disk.img"))))
+	failoverCmd(t, "reverse", "--store", a.PStore, "--replica-store", a.RStore, "--group", "vm1")
+	ba.now()
+	if got, want := exportHashes(t, a.RStore, "vm1", "latest")["disk.img"], b3File(t, b.image("disk.img")); got != want {
+		t.Fatalf("A after failback from an older point %.16s, B %.16s", got, want)
+	}
+	sent := ba.status().BytesSent
+	t.Logf("failback from an older point: %d bytes for %d differing blocks (%d written on A after the point)", sent, differ, len(w2))
+	if sent > differ*blockSize*11/10+64<<10 {
+		t.Errorf("failback sent %d bytes for %d differing blocks", sent, differ)
+	}
+}
