@@ -284,7 +284,26 @@ func (pf *primaryFailover) planned(ctx context.Context, name string, req Failove
 		}
 		return fmt.Errorf("%w (nothing failed over: the images are writable again and replication goes on)", why)
 	}
-	if err := step(res, "final cycle", func(s *FailoverStep) error {
+	// The images are fenced, so their content is final: hash them while the
+	// final cycle is staged and shipped.
+	dir := filepath.Join(pf.st.Dir(), "failover", name)
+	type hashed struct {
+		imgs []wire.FailoverImage
+		step FailoverStep
+		err  error
+	}
+	hc := make(chan hashed, 1)
+	go func() {
+		t := time.Now()
+		imgs, err := pf.hashImages(ctx, dir, ims)
+		h := hashed{imgs: imgs, err: err, step: FailoverStep{Step: "hash primary (during the final cycle)"}}
+		for _, im := range imgs {
+			h.step.Bytes += im.Size
+		}
+		h.step.Seconds = time.Since(t).Seconds()
+		hc <- h
+	}()
+	ferr := step(res, "final cycle", func(s *FailoverStep) error {
 		var err error
 		s.Bytes, err = pf.sh.FinalCut(ctx, name)
 		if errors.Is(err, shipper.ErrFailedOver) {
@@ -295,19 +314,18 @@ func (pf *primaryFailover) planned(ctx context.Context, name string, req Failove
 			return nil
 		}
 		return err
-	}); err != nil {
-		return unfence(fmt.Errorf("final cycle: %w", err))
+	})
+	h := <-hc
+	res.Steps = append(res.Steps, h.step)
+	if ferr != nil {
+		return unfence(fmt.Errorf("final cycle: %w", ferr))
 	}
-	dir := filepath.Join(pf.st.Dir(), "failover", name)
-	var imgs []wire.FailoverImage
-	if err := step(res, "hash primary", func(s *FailoverStep) error {
-		imgs, err = pf.hashImages(ctx, dir, ims)
-		for _, im := range imgs {
-			s.Bytes += im.Size
-		}
-		return err
-	}); err != nil {
-		return unfence(err)
+	if h.err != nil {
+		return unfence(h.err)
+	}
+	imgs := h.imgs
+	for i, im := range ims {
+		imgs[i].Seq = im.NextSeq() - 1 // the final cut
 	}
 	tok, err := token(ctx, req.ReplicaStore, req.ReplicaAddr, name)
 	if err != nil {
