@@ -149,6 +149,9 @@ type PromotedImage struct {
 	Size       int64    `json:"size"`       // bytes
 	Path       string   `json:"path"`       // the materialised file
 	Root       [32]byte `json:"root"`       // wire root of the bytes written (wire.RootOfHashes)
+	// Prepared: brought forward from a copy made by PreparePromote (only
+	// the blocks changed since were copied).
+	Prepared bool `json:"prepared,omitempty"`
 }
 
 // Promote marks the group failed over (failover.json, durable, before
@@ -329,6 +332,9 @@ func (r *Replica) materialise(ctx context.Context, g *group, st FailoverState, d
 			}
 		}
 	}()
+	if out, ok := r.fromPrepared(ctx, g, st, prs, dstDir); ok {
+		return out, nil
+	}
 	for i, im := range st.Images {
 		pr := prs[i]
 		f, err := os.CreateTemp(dstDir, "."+im.ID+".img.tmp-*")
@@ -336,7 +342,7 @@ func (r *Replica) materialise(ctx context.Context, g *group, st FailoverState, d
 			return nil, err
 		}
 		tmps = append(tmps, f.Name())
-		root, err := writePoint(ctx, g.name, st.Point, pr, f)
+		root, err := writePoint(ctx, g.name, st.Point, pr, f, nil)
 		if err == nil {
 			err = f.Chmod(0o600)
 		}
@@ -368,7 +374,7 @@ const promoteRun = 256 // blocks per read
 // writePoint copies one image of a point into f (already empty), sparsely,
 // checking every block against its recorded hash, and returns the root of
 // what it wrote.
-func writePoint(ctx context.Context, group, point string, pr *pointReader, f *os.File) ([32]byte, error) {
+func writePoint(ctx context.Context, group, point string, pr *pointReader, f *os.File, hw io.Writer) ([32]byte, error) {
 	size := pr.size
 	if err := f.Truncate(size); err != nil {
 		return [32]byte{}, err
@@ -395,6 +401,11 @@ func writePoint(ctx context.Context, group, point string, pr *pointReader, f *os
 		if skip := min(uint64(d/format.BlockSize), nb) - b; d > int64(b)*format.BlockSize && skip > 0 {
 			for k := uint64(0); k < skip; k += promoteRun {
 				rt.Add(zeros[:min(promoteRun, skip-k)*32])
+				if hw != nil {
+					if _, err := hw.Write(zeros[:min(promoteRun, skip-k)*32]); err != nil {
+						return [32]byte{}, err
+					}
+				}
 			}
 			b += skip
 			continue
@@ -430,6 +441,11 @@ func writePoint(ctx context.Context, group, point string, pr *pointReader, f *os
 			i = j
 		}
 		rt.Add(got[:n*32])
+		if hw != nil {
+			if _, err := hw.Write(got[:n*32]); err != nil {
+				return [32]byte{}, err
+			}
+		}
 		b += n
 	}
 	return rt.Sum(), nil

@@ -23,8 +23,10 @@ func (s *Server) failover(w http.ResponseWriter, r *http.Request, p pki.Primary)
 		s.reply(w, r, nil, fail(http.StatusBadRequest, "bad_request", "failover request: %v (want a JSON body with images)", err))
 		return
 	}
-	if req.Kind != "planned" && req.Kind != "reverse" {
-		s.reply(w, r, nil, fail(http.StatusBadRequest, "bad_request", "failover kind %q: want planned or reverse", req.Kind))
+	switch req.Kind {
+	case "planned", "reverse", "prepare", "cancel":
+	default:
+		s.reply(w, r, nil, fail(http.StatusBadRequest, "bad_request", "failover kind %q: want planned, reverse, prepare or cancel", req.Kind))
 		return
 	}
 	for _, im := range req.Images {

@@ -190,6 +190,9 @@ func TestFailoverPlannedRoundTrip(t *testing.T) {
 	wA := ab.writeRandom("disk.img", 40, 4, 0, size)
 	want := b3File(t, a.image("disk.img"))
 	res := failoverCmd(t, "planned", "--store", a.PStore, "--replica-store", a.RStore, "--group", "vm1")
+	if d := res.step("promote").Detail; !strings.Contains(d, "brought forward from the prepared copy") {
+		t.Errorf("the promotion did not use the copy prepared while the VM ran: %q", d)
+	}
 	if fc := res.step("final cycle"); fc.Bytes > int64(len(wA))*blockSize*11/10+64<<10 {
 		t.Errorf("final cycle sent %d bytes for %d blocks written (%d bytes)", fc.Bytes, len(wA), len(wA)*blockSize)
 	}

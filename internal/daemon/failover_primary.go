@@ -265,15 +265,40 @@ func (pf *primaryFailover) planned(ctx context.Context, name string, req Failove
 			fmt.Sprintf("move the images into this host's replica store %s and replicate back from %s (no full copy)", req.ReplicaStore, g.Replica))
 		return nil
 	}
+	// While the VM still runs: the replica copies its latest point, so the
+	// promotion after the final cycle only brings that copy forward.
+	step(res, "prepare on replica (VM still running)", func(s *FailoverStep) error {
+		fr := pf.request(g, "prepare", nil)
+		for _, im := range ims {
+			fr.Images = append(fr.Images, wire.FailoverImage{ID: im.ID().String(), Name: im.Name()})
+		}
+		rep, err := shipper.RequestFailover(ctx, pf.st.Dir(), g.Replica, name, fr)
+		if err != nil {
+			// Not needed for correctness: the promotion then copies in full.
+			s.Detail = "not prepared (" + err.Error() + "); the promotion copies the whole image"
+			pf.log.Warn("replica could not prepare the promotion", "group", name, "err", err)
+			return nil
+		}
+		s.Detail = rep.Message
+		return nil
+	})
+	cancel := func() {
+		fr := pf.request(g, "cancel", []wire.FailoverImage{{ID: ims[0].ID().String(), Name: ims[0].Name()}})
+		if _, err := shipper.RequestFailover(ctx, pf.st.Dir(), g.Replica, name, fr); err != nil {
+			pf.log.Warn("dropping the replica's prepared copy", "group", name, "err", err)
+		}
+	}
 	if err := step(res, "fence", func(*FailoverStep) error {
 		return pf.st.Fence(names, "planned failover of group "+name+" to "+g.Replica, req.Force)
 	}); err != nil {
+		cancel()
 		if errors.Is(err, tracker.ErrOpenForWrite) {
 			return fmt.Errorf("%w: stop the VM first, or pass --force (writes then fail with EROFS)", err)
 		}
 		return err
 	}
 	unfence := func(why error) error {
+		cancel()
 		if uerr := pf.st.Unfence(names); uerr != nil {
 			return errors.Join(why, fmt.Errorf("and unfencing failed (images stay read-only): %w", uerr))
 		}

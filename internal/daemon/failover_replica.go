@@ -209,6 +209,12 @@ func (rf *replicaFailover) unplannedGroup(ctx context.Context, group string, req
 // handle serves a failover request of the group's (old) primary.
 func (rf *replicaFailover) handle(ctx context.Context, group string, p pki.Primary, req wire.FailoverRequest) (wire.FailoverReply, error) {
 	var rep wire.FailoverReply
+	if req.Kind == "cancel" { // also when this host's mount daemon is down
+		if rf.primaryStore == "" {
+			return rep, nil
+		}
+		return rep, rf.rep.CancelPrepared(group, filepath.Join(rf.primaryStore, "failover", group))
+	}
 	pstore, err := rf.primary(ctx, "")
 	if err != nil {
 		return rep, applier.Refuse("%v", err)
@@ -225,7 +231,7 @@ func (rf *replicaFailover) handle(ctx context.Context, group string, p pki.Prima
 		}
 		addr = tok.Addr
 	}
-	if !req.DryRun && (req.Token == "" || addr == "") {
+	if !req.DryRun && (req.Token == "" || addr == "") && (req.Kind == "planned" || req.Kind == "reverse") {
 		return rep, applier.Refuse("a failover request needs a pairing token for the old primary's replica store")
 	}
 	host, _ := os.Hostname()
@@ -235,6 +241,18 @@ func (rf *replicaFailover) handle(ctx context.Context, group string, p pki.Prima
 		grp.Interval = 5 * time.Minute
 	}
 	switch req.Kind {
+	case "prepare":
+		if promoted {
+			return rep, applier.Refuse("group %s is failed over to this host already", group)
+		}
+		t := time.Now()
+		pt, err := rf.rep.PreparePromote(ctx, group, filepath.Join(pstore, "failover", group))
+		if err != nil {
+			return rep, err
+		}
+		rep.Point = pt
+		rep.Message = fmt.Sprintf("point %s copied into %s in %.1f s", pt, pstore, time.Since(t).Seconds())
+		return rep, nil
 	case "planned":
 		held, err := rf.rep.GroupImages(group)
 		if err != nil {
@@ -301,7 +319,11 @@ func (rf *replicaFailover) handle(ctx context.Context, group string, p pki.Prima
 			return rep, err
 		}
 		fs, _, _ = rf.rep.Failover(group)
-		rep.Message = fmt.Sprintf("%s is the primary of %s now; replicating back to %s", host, group, addr)
+		how := "copied in full"
+		if len(pimgs) > 0 && pimgs[0].Prepared {
+			how = "brought forward from the prepared copy"
+		}
+		rep.Message = fmt.Sprintf("%s is the primary of %s now (%s); replicating back to %s", host, group, how, addr)
 	case "reverse":
 		if !promoted {
 			return rep, applier.Refuse("group %s is not failed over on this host: nothing to reverse (for a planned failover use 'standin failover planned')", group)

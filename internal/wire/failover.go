@@ -21,6 +21,11 @@ import (
 //     fenced its images and becomes the replica: the new primary joins with
 //     Token and starts a hash-compare resync, so only differing blocks travel.
 //
+//   - Kind "prepare": before a planned failover (the VM still runs), the
+//     replica copies its latest point into its host's primary store, so the
+//     promotion only brings that copy forward by the blocks changed since.
+//     "cancel" drops such a copy (a failover that was given up).
+//
 // Both are idempotent: a repeated request finds the promotion done and only
 // (re)does what is missing.
 type FailoverRequest struct {

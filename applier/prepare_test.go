@@ -1,0 +1,75 @@
+package applier
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"testing"
+)
+
+// TestPreparedPromote: a copy prepared at point 2, then two more points
+// (with size changes), then the promotion brings the copy forward to point 4
+// — equal to the export of point 4, same root as a full copy — and drops the
+// prepared files and the pin. A prepared copy newer than the promoted point
+// is not used.
+func TestPreparedPromote(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	s, a, b, rng := foStore(t, ReplicaOptions{}, 5)
+	dst := t.TempDir()
+	pt, err := s.rep.PreparePromote(ctx, s.group, dst)
+	if err != nil || pt != "4" {
+		t.Fatalf("prepare: %q %v", pt, err)
+	}
+	if pins, _ := s.rep.Pins(s.group); len(pins) != 1 {
+		t.Fatalf("prepared point not pinned: %+v", pins)
+	}
+	for i := 4; i < 6; i++ {
+		a, b = foApply(t, s, rng, i, a, b, cycOpt{nOps: 24, resize: true}, cycOpt{nOps: 24, resize: true})
+	}
+	before := exports(t, s.rep, s.group)
+	ps, err := s.rep.Points(s.group)
+	if err != nil {
+		t.Fatal(err)
+	}
+	latest := ps[len(ps)-1].ID
+	out, err := s.rep.Promote(ctx, s.group, "", "planned", "hostA", dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(out) != 2 {
+		t.Fatalf("%d images", len(out))
+	}
+	for _, pi := range out {
+		checkPromoted(t, pi, before[latest][pi.ID]) // content and root of the bytes
+		if !pi.Prepared {
+			t.Errorf("image %s was copied in full, not brought forward from the prepared copy", pi.ID)
+		}
+	}
+	for _, f := range []string{preparedFile, a.idString() + ".img.pre", a.idString() + ".hashes.pre"} {
+		if _, err := os.Stat(filepath.Join(dst, f)); !os.IsNotExist(err) {
+			t.Errorf("%s left after the promotion: %v", f, err)
+		}
+	}
+	if pins, _ := s.rep.Pins(s.group); len(pins) != 0 {
+		t.Fatalf("pins left: %+v", pins)
+	}
+	s.check(true, true)
+
+	// Prepared at the latest point, promoted at an older one: a full copy.
+	s2, _, _, _ := foStore(t, ReplicaOptions{}, 6)
+	dst2 := t.TempDir()
+	if _, err := s2.rep.PreparePromote(ctx, s2.group, dst2); err != nil {
+		t.Fatal(err)
+	}
+	out, err = s2.rep.Promote(ctx, s2.group, "2", "unplanned", "", dst2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, pi := range out {
+		checkPromoted(t, pi, s2.points["2"][pi.ID])
+		if pi.Prepared {
+			t.Errorf("image %s brought forward from a copy prepared at a newer point", pi.ID)
+		}
+	}
+}
