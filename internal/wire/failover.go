@@ -16,6 +16,7 @@ import (
 //     writes), joins the requester's replica store with Token and starts
 //     replicating back. The old primary then adopts its images as that
 //     replica store's copy: nothing is copied over the network.
+//
 //   - Kind "reverse": failback after an unplanned failover. The replica was
 //     promoted already (standin failover unplanned); the old primary has
 //     fenced its images and becomes the replica: the new primary joins with
