@@ -126,7 +126,7 @@ done
 log "test failover creation: ${TF[*]} s"
 
 # 2. planned failover A->B, B->A (each a sample), anchors interleaved.
-declare -a P_DOWN P_TOTAL P_FINAL P_FINAL_B P_HASH P_PROMOTE P_ADOPT A_NOW A_B3 REV_BYTES REV_MIB
+declare -a P_PREP P_DOWN P_TOTAL P_FINAL P_FINAL_B P_HASH P_PROMOTE P_ADOPT A_NOW A_B3 REV_BYTES REV_MIB
 from=a to=b
 for r in $(seq $((REPS))); do
 	for leg in 1 2; do
@@ -149,8 +149,9 @@ for r in $(seq $((REPS))); do
 		P_FINAL_B+=("$(jq -r '.[0].steps[] | select(.step=="final cycle") | .bytes' <<<"$j")")
 		P_HASH+=("$(jq -r '.[0].steps[] | select(.step|startswith("hash primary")) | .seconds' <<<"$j")")
 		P_PROMOTE+=("$(jq -r '.[0].steps[] | select(.step|startswith("promote")) | .seconds' <<<"$j")")
+		P_PREP+=("$(jq -r '.[0].steps[] | select(.step|startswith("prepare")) | .seconds' <<<"$j")")
 		P_ADOPT+=("$(jq -r '.[0].steps[] | select(.step|startswith("adopt")) | .seconds' <<<"$j")")
-		P_DOWN+=("$(python3 -c "print(f'{$(secs "$t0" "$t1") - $(jq -r '.[0].steps[] | select(.step|startswith("adopt")) | .seconds' <<<"$j"):.3f}')")")
+		P_DOWN+=("$(python3 -c "print(f'{$(secs "$t0" "$t1") - $(jq -r '[.[0].steps[] | select((.step|startswith("adopt")) or (.step|startswith("prepare"))) | .seconds] | add' <<<"$j"):.3f}')")")
 		[[ $(b3sum --no-names "$W/$to/pstore/images/$IMG") == $(b3sum --no-names "$W/$from/rstore/groups/vm1/images/"*/latest.img) ]] ||
 			{ echo "failover bench: images differ after the planned failover" >&2; exit 1; }
 		log "planned failover $from->$to: $(jq -c '[.[0].steps[] | {(.step): .seconds}] | add' <<<"$j")"
@@ -208,10 +209,11 @@ out=$RESULTS/failover-$(date +%Y%m%d-%H%M)$([[ $QUICK == 1 ]] && echo -quick || 
 	printf '%-58s %12s %s\n' "operation" "median" "detail / target"
 	printf '%-58s %10s s %s\n' "test failover creation (daemon side)" "$(m "${TF[@]}")" "all: ${TF[*]}; target < 1 s"
 	printf '%-58s %10s s %s\n' "planned failover, total (CLI)" "$(m "${P_TOTAL[@]}")" "all: ${P_TOTAL[*]}"
-	printf '%-58s %10s s %s\n' "  of which the VM is down: fence .. promoted + tracked" "$(m "${P_DOWN[@]}")" "all: ${P_DOWN[*]}"
+	printf '%-58s %10s s %s\n' "  prepare: replica copies its latest point (VM running)" "$(m "${P_PREP[@]}")" ""
+	printf '%-58s %10s s %s\n' "  VM down: fence .. promoted + tracked" "$(m "${P_DOWN[@]}")" "all: ${P_DOWN[*]}"
 	printf '%-58s %10s s %s\n' "  fence + final cycle ($CHANGE_MIB MiB changed)" "$(m "${P_FINAL[@]}")" "bytes: $(m "${P_FINAL_B[@]}" | cut -d. -f1)"
 	printf '%-58s %10s s %s\n' "  hash the primary image (root), during the final cycle" "$(m "${P_HASH[@]}")" ""
-	printf '%-58s %10s s %s\n' "  promote on the replica (copy + verify root + track)" "$(m "${P_PROMOTE[@]}")" ""
+	printf '%-58s %10s s %s\n' "  promote: bring the prepared copy forward, root, track" "$(m "${P_PROMOTE[@]}")" ""
 	printf '%-58s %10s s %s\n' "  adopt the old primary's image as replica copy" "$(m "${P_ADOPT[@]}")" ""
 	printf '%-58s %10s s %s\n' "anchor: replicate now of $CHANGE_MIB MiB changed" "$(m "${A_NOW[@]}")" ""
 	printf '%-58s %10s s %s\n' "anchor: b3sum of the image, cold cache" "$(m "${A_B3[@]}")" ""
