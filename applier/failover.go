@@ -210,10 +210,8 @@ func (r *Replica) Promote(ctx context.Context, groupName, point, kind, peer, dst
 // markPromoted writes failover.json for point (unless it exists for the same
 // point and kind) and pins the point. Called with g.wmu held.
 func (r *Replica) markPromoted(g *group, point, kind, peer string) (st FailoverState, pin *Pin, created bool, err error) {
-	if g.needRecover {
-		if err := r.recoverGroup(g, nil); err != nil {
-			return st, nil, false, err
-		}
+	if err := r.recoverIfNeeded(g); err != nil {
+		return st, nil, false, err
 	}
 	g.mu.RLock()
 	p, err := g.findPoint(point)
@@ -550,13 +548,11 @@ func (r *Replica) Adopt(groupName string, imgs []AdoptImage, ret Retention) (res
 	if err != nil {
 		return res, err
 	}
-	g.wmu.Lock()
-	defer g.wmu.Unlock()
-	if g.needRecover {
-		if err := r.recoverGroup(g, nil); err != nil {
-			return res, err
-		}
+	unlock, err := r.lockForWrite(g)
+	if err != nil {
+		return res, err
 	}
+	defer unlock()
 	// Refusals, before anything is written.
 	existing := make([]*image, len(imgs))
 	g.mu.RLock()

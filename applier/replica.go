@@ -313,6 +313,26 @@ func (r *Replica) group(name string) (*group, error) {
 	return g, nil
 }
 
+// recoverIfNeeded finishes an operation on g that stopped half-way (crash
+// hook or I/O error) before the next one starts. Called with g.wmu held.
+func (r *Replica) recoverIfNeeded(g *group) error {
+	if g.needRecover {
+		return r.recoverGroup(g, nil)
+	}
+	return nil
+}
+
+// lockForWrite takes g's writer lock (one apply, import, adopt or retention
+// at a time) and recovers g first if needed.
+func (r *Replica) lockForWrite(g *group) (unlock func(), err error) {
+	g.wmu.Lock()
+	if err := r.recoverIfNeeded(g); err != nil {
+		g.wmu.Unlock()
+		return nil, err
+	}
+	return g.wmu.Unlock, nil
+}
+
 // EnsureGroup creates the group or updates its retention policy (idempotent).
 // A changed policy applies from the next apply.
 func (r *Replica) EnsureGroup(name string, ret Retention) error {

@@ -373,13 +373,11 @@ func (r *Replica) CommitSeed(group string, imgs []SeedImage, ret Retention) (App
 	if err != nil {
 		return res, err
 	}
-	g.wmu.Lock()
-	defer g.wmu.Unlock()
-	if g.needRecover {
-		if err := r.recoverGroup(g, nil); err != nil {
-			return res, err
-		}
+	unlock, err := r.lockForWrite(g)
+	if err != nil {
+		return res, err
 	}
+	defer unlock()
 	g.mu.RLock()
 	foErr := g.failedOver()
 	g.mu.RUnlock()
