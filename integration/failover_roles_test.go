@@ -443,6 +443,12 @@ func TestFailoverPlannedCrash(t *testing.T) {
 	a.Pri = startDaemon(t, a.PStore, a.Mnt)
 	ab.Pri = a.Pri
 	writeFails("after kill -9 and restart")
+	if im := mustImage(t, getStatus(t, a.PStore, false), "disk.img"); !im.Fenced || im.Health == "ok" || !strings.Contains(strings.Join(im.Reasons, " "), "planned failover") {
+		t.Errorf("status of the fenced image after the restart: %+v", im)
+	}
+	if r := standin(cmdTimeout, "status", "--store", a.PStore); !strings.Contains(r.Stdout, "read-only: planned failover") {
+		t.Errorf("standin status does not say the image is fenced: %s", r)
+	}
 	if got := b3File(t, b.image("disk.img")); got != want {
 		t.Fatalf("B's promoted image %.16s, want %.16s", got, want)
 	}

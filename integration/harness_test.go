@@ -345,6 +345,9 @@ type imageStatus struct {
 	UncleanRecovery bool       `json:"unclean_recovery"`
 	StagingBlocks   int64      `json:"staging_blocks"` // optional: blocks of a cut still being staged
 	DirtyRanges     [][2]int64 `json:"dirty_ranges"`
+	Fenced          bool       `json:"fenced"`
+	Health          string     `json:"health"`
+	Reasons         []string   `json:"reasons"`
 }
 
 type daemonStatus struct {

@@ -482,6 +482,12 @@ func (im *Image) Status(ranges bool) Status {
 		st.Health = "warning"
 		st.Reasons = append(st.Reasons, fmt.Sprintf("recovered after an unclean stop: %d blocks of write-intent extents marked dirty", im.recovered))
 	}
+	if st.Fenced {
+		if st.Health == "ok" {
+			st.Health = "fenced"
+		}
+		st.Reasons = append(st.Reasons, "read-only: "+st.FencedReason+" (finish or repeat the failover command)")
+	}
 	if im.lastErr != nil {
 		st.Health = "critical"
 		st.Reasons = append(st.Reasons, im.lastErr.Error())
