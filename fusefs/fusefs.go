@@ -367,8 +367,26 @@ func (n *node) Symlink(ctx context.Context, target, name string, out *fuse.Entry
 	return nil, syscall.EPERM
 }
 
+// fencedFile reports whether rel is a fenced image (its replication group
+// failed over): it may be read, but not unlinked, renamed or replaced.
+func (n *node) fencedFile(rel string) bool {
+	st, err := os.Lstat(filepath.Join(n.RootData.Path, rel))
+	if err != nil || !st.Mode().IsRegular() {
+		return false
+	}
+	img, errno := n.image(rel)
+	if errno != 0 {
+		return false
+	}
+	f, ok := img.(fencer)
+	return ok && f.Fenced()
+}
+
 func (n *node) Unlink(ctx context.Context, name string) syscall.Errno {
 	rel := filepath.Join(n.rel(), name)
+	if n.fencedFile(rel) {
+		return syscall.EROFS
+	}
 	done := n.t.Unlinking(rel)
 	errno := n.LoopbackNode.Unlink(ctx, name)
 	done(errno == 0)
@@ -382,6 +400,9 @@ func (n *node) Rename(ctx context.Context, name string, newParent fs.InodeEmbedd
 	}
 	oldRel := filepath.Join(n.rel(), name)
 	newRel := filepath.Join(np.rel(), newName)
+	if n.fencedFile(oldRel) || n.fencedFile(newRel) {
+		return syscall.EROFS
+	}
 	done := func(bool) {}
 	if flags&unix.RENAME_EXCHANGE == 0 {
 		if st, err := os.Lstat(filepath.Join(n.RootData.Path, newRel)); err == nil && st.Mode().IsRegular() {

@@ -455,6 +455,21 @@ os.close(fd)
 		t.Fatal("the fenced image changed")
 	}
 
+	// A fenced image cannot be unlinked, renamed or replaced.
+	for _, code := range []string{
+		`os.unlink(M + "/a.img")`,
+		`os.rename(M + "/a.img", M + "/b.img")`,
+		`open(M + "/c.img", "w").close(); os.rename(M + "/c.img", M + "/a.img")`,
+	} {
+		got := py(t, mnt, "import errno\ntry:\n    "+code+"\n    print('ok')\nexcept OSError as e:\n    print(errno.errorcode[e.errno])")
+		if strings.TrimSpace(got) != "EROFS" {
+			t.Errorf("%s on a fenced image: %s, want EROFS", code, got)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(s.ImagesDir(), "a.img")); err != nil {
+		t.Fatalf("fenced image gone: %v", err)
+	}
+
 	// Create reopens through open: the counts stay balanced.
 	py(t, mnt, `fd = os.open(M + "/new.img", os.O_CREAT | os.O_RDWR, 0o600); os.write(fd, b"x"); os.close(fd)`)
 	im, err = s.Image("new.img")
