@@ -508,3 +508,58 @@ func TestFailoverUnplannedOlderPoint(t *testing.T) {
 		t.Errorf("failback sent %d bytes for %d differing blocks", sent, differ)
 	}
 }
+
+// TestFailoverBulk: two VMs (groups) fail over with one command (--all), the
+// dry run lists both and changes nothing, and an unplanned failover takes a
+// list of groups.
+func TestFailoverBulk(t *testing.T) {
+	requireRoot(t)
+	const size = 16 << 20
+	ab, base, hs := twoHosts(t, size, 13, "a", "b")
+	a, b := hs[0], hs[1]
+	// A second VM: its disk created through A's mount, replicated to B too
+	// (paired again: one certificate per replica, allowing both groups).
+	prefill(t, filepath.Join(a.Mnt, "disk2.img"), size, base.rng)
+	mustStandin(t, "pair", "join", "--store", a.PStore, "--token", func() string {
+		r := mustStandin(t, "pair", "token", "--store", b.RStore, "--images", "vm1/*,vm2/*", "--json")
+		var tok map[string]string
+		if err := json.Unmarshal([]byte(r.Stdout), &tok); err != nil {
+			t.Fatal(err)
+		}
+		return tok["token"]
+	}(), "--replica", b.Rep.Addr, "--name", "pri-vm2")
+	mustStandin(t, "replicate", "enable", "--store", a.PStore, "--group", "vm2", "--images", "disk2.img", "--replica", b.Rep.Addr, "--interval", "1h")
+	ab.now()
+	mustStandin(t, "replicate", "now", "--store", a.PStore, "--group", "vm2", "--wait", "--timeout", "90s")
+
+	r := standin(cmdTimeout, "failover", "planned", "--store", a.PStore, "--all", "--dry-run")
+	if r.Code != 0 || !strings.Contains(r.Stdout, "vm1: planned failover plan") || !strings.Contains(r.Stdout, "vm2: planned failover plan") {
+		t.Fatalf("dry run of --all: %s", r)
+	}
+	ab.writeRandom("disk.img", 3, 2, 0, size) // still writable: the dry run fenced nothing
+	want1, want2 := b3File(t, a.image("disk.img")), b3File(t, a.image("disk2.img"))
+	r = standin(3*time.Minute, "failover", "planned", "--store", a.PStore, "--replica-store", a.RStore, "--all", "--json")
+	var out []failoverResultJSON
+	if err := json.Unmarshal([]byte(r.Stdout), &out); err != nil || r.Code != 0 || len(out) != 2 || out[0].Error != "" || out[1].Error != "" {
+		t.Fatalf("failover planned --all: %v %s", err, r)
+	}
+	if b3File(t, b.image("disk.img")) != want1 || b3File(t, b.image("disk2.img")) != want2 {
+		t.Fatal("an image differs after the bulk failover")
+	}
+
+	// Both groups back with an unplanned failover on A (as if B were gone),
+	// naming the groups.
+	for _, g := range []string{"vm1", "vm2"} {
+		mustStandin(t, "replicate", "now", "--store", b.PStore, "--group", g, "--wait", "--timeout", "90s")
+	}
+	if err := b.Pri.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	r = standin(3*time.Minute, "failover", "unplanned", "--store", a.RStore, "--group", "vm1,vm2", "--json")
+	if err := json.Unmarshal([]byte(r.Stdout), &out); err != nil || r.Code != 0 || len(out) != 2 || out[0].Error != "" || out[1].Error != "" {
+		t.Fatalf("failover unplanned --group vm1,vm2: %v %s", err, r)
+	}
+	if b3File(t, a.image("disk.img")) != b3File(t, b.image("disk.img")) || b3File(t, a.image("disk2.img")) != b3File(t, b.image("disk2.img")) {
+		t.Fatal("an image differs after the bulk unplanned failover")
+	}
+}

@@ -13,10 +13,12 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"syscall"
 	"time"
 
@@ -25,6 +27,7 @@ import (
 
 	"github.com/standin/standin/applier"
 	"github.com/standin/standin/internal/format"
+	"github.com/standin/standin/internal/fsutil"
 	"github.com/standin/standin/internal/wire"
 	"github.com/standin/standin/shipper"
 	"github.com/standin/standin/tracker"
@@ -238,14 +241,44 @@ func (pf *primaryFailover) request(g shipper.Group, kind string, imgs []wire.Fai
 }
 
 // token asks this host's replica daemon for a pairing token the new primary
-// uses to replicate the group back.
-func token(ctx context.Context, replicaStore, addr, group string) (string, error) {
+// uses to replicate back. The new primary keeps one certificate per replica,
+// so the token allows every group that may come back from that host: the
+// group failing over, the groups this primary replicates to it, and those
+// that failed over to it earlier (failover/reverse.json).
+func (pf *primaryFailover) token(ctx context.Context, replicaStore, addr string, g shipper.Group) (string, error) {
+	groups := map[string]bool{g.Name: true}
+	for _, x := range pf.sh.Groups() {
+		if x.Replica == g.Replica {
+			groups[x.Name] = true
+		}
+	}
+	var back map[string]string // group → the host it failed over to
+	fsutil.ReadJSON(filepath.Join(pf.st.Dir(), "failover", "reverse.json"), &back)
+	for grp, peer := range back {
+		if peer == g.Replica {
+			groups[grp] = true
+		}
+	}
+	var pats []string
+	for _, grp := range slices.Sorted(maps.Keys(groups)) {
+		pats = append(pats, grp+"/*")
+	}
 	var tok map[string]string
-	err := NewClient(replicaStore).Call(ctx, "/pair/token", TokenRequest{Pattern: group + "/*", TTL: time.Hour, Addr: addr}, &tok)
+	err := NewClient(replicaStore).Call(ctx, "/pair/token", TokenRequest{Pattern: strings.Join(pats, ","), TTL: time.Hour, Addr: addr}, &tok)
 	if err != nil {
 		return "", fmt.Errorf("this host's replica store %s (the reverse direction's target): %w", replicaStore, err)
 	}
 	return tok["token"], nil
+}
+
+// rememberReverse records that group now comes back from peer (for the
+// patterns of later tokens).
+func (pf *primaryFailover) rememberReverse(group, peer string) error {
+	p := filepath.Join(pf.st.Dir(), "failover", "reverse.json")
+	back := map[string]string{}
+	fsutil.ReadJSON(p, &back)
+	back[group] = peer
+	return fsutil.WriteJSON(p, back)
 }
 
 func (pf *primaryFailover) planned(ctx context.Context, name string, req FailoverRequest, res *FailoverResult) error {
@@ -352,7 +385,7 @@ func (pf *primaryFailover) planned(ctx context.Context, name string, req Failove
 	for i, im := range ims {
 		imgs[i].Seq = im.NextSeq() - 1 // the final cut
 	}
-	tok, err := token(ctx, req.ReplicaStore, req.ReplicaAddr, name)
+	tok, err := pf.token(ctx, req.ReplicaStore, req.ReplicaAddr, g)
 	if err != nil {
 		return unfence(err)
 	}
@@ -433,6 +466,9 @@ func (pf *primaryFailover) demote(ctx context.Context, g shipper.Group, ims []*t
 	if err != nil {
 		return fmt.Errorf("%w — the new primary runs; finish with the same command (idempotent) once the cause is fixed", err)
 	}
+	if err := pf.rememberReverse(g.Name, g.Replica); err != nil {
+		return err
+	}
 	if err := pf.sh.Disable(g.Name); err != nil && !errors.Is(err, shipper.ErrNoGroup) {
 		return err
 	}
@@ -493,7 +529,7 @@ func (pf *primaryFailover) reverse(ctx context.Context, name string, req Failove
 	}); err != nil {
 		return err
 	}
-	tok, err := token(ctx, req.ReplicaStore, req.ReplicaAddr, name)
+	tok, err := pf.token(ctx, req.ReplicaStore, req.ReplicaAddr, g)
 	if err != nil {
 		return err
 	}
@@ -582,7 +618,9 @@ func (pf *primaryFailover) adopt(ctx context.Context, req AdoptRequest) error {
 		}
 		pf.log.Info("promoted image is now a tracked primary", "image", ai.Name, "id", id, "generation", ai.Generation, "next_seq", ai.NextSeq)
 	}
-	if req.Join != nil && !shipper.Paired(pf.st.Dir(), req.Join.Replica) {
+	// Always join with a token given: it allows every group that may come
+	// back, and replaces the certificate of an earlier failover.
+	if req.Join != nil {
 		if _, err := shipper.Join(ctx, pf.st.Dir(), req.Join.Replica, req.Join.Token, req.Join.Name); err != nil {
 			return fmt.Errorf("pairing with the old primary's replica store: %w", err)
 		}
