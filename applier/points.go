@@ -315,7 +315,13 @@ func (pr *pointReader) read(b0 uint64, buf, hb []byte) error {
 // Export writes one image at a point to dst as a sparse raw file (zero blocks
 // are holes). dst is replaced atomically.
 func (r *Replica) Export(ctx context.Context, groupName, point, imageName, dst string) (err error) {
-	pr, err := r.OpenPoint(groupName, point, imageName)
+	// Pinned while it is read: retention (a cycle applied meanwhile) keeps it.
+	pin, err := r.PinPoint(groupName, point)
+	if err != nil {
+		return err
+	}
+	defer pin.Release()
+	pr, err := r.OpenPoint(groupName, pin.Point(), imageName)
 	if err != nil {
 		return err
 	}
@@ -394,6 +400,13 @@ func (r *Replica) VerifyPoint(ctx context.Context, groupName, point string) (Ver
 	if err != nil {
 		return rep, err
 	}
+	// Pinned while it is read: retention (a cycle applied meanwhile) keeps it.
+	pin, err := r.PinPoint(groupName, point)
+	if err != nil {
+		return rep, err
+	}
+	defer pin.Release()
+	point = pin.Point()
 	g.mu.RLock()
 	p, err := g.findPoint(point)
 	var prs []*pointReader
