@@ -54,8 +54,19 @@ type preparedImage struct {
 }
 
 // PreparePromote copies the group's latest point into dstDir for a coming
-// planned failover (see the file comment) and returns the point prepared.
-func (r *Replica) PreparePromote(ctx context.Context, groupName, dstDir string) (string, error) {
+// planned failover (see the file comment) and returns the point prepared;
+// refreshed: an existing prepared copy was brought forward.
+//
+// If dstDir holds a prepared copy of the group already (an earlier
+// preparation, or a warm standby kept after every apply), it is brought
+// forward to the latest point instead: only the blocks changed since are
+// copied.
+func (r *Replica) PreparePromote(ctx context.Context, groupName, dstDir string) (point string, refreshed bool, err error) {
+	point, err = r.preparePromote(ctx, groupName, dstDir, &refreshed)
+	return point, refreshed, err
+}
+
+func (r *Replica) preparePromote(ctx context.Context, groupName, dstDir string, refreshed *bool) (string, error) {
 	g, err := r.group(groupName)
 	if err != nil {
 		return "", err
@@ -63,8 +74,16 @@ func (r *Replica) PreparePromote(ctx context.Context, groupName, dstDir string) 
 	if err := g.failedOver(); err != nil {
 		return "", err
 	}
+	r.prepMu.Lock()
+	defer r.prepMu.Unlock()
 	if err := os.MkdirAll(dstDir, 0o700); err != nil {
 		return "", err
+	}
+	if pt, err := r.refreshPrepared(ctx, g, dstDir); err == nil {
+		*refreshed = true
+		return pt, nil
+	} else if !errors.Is(err, errNotPrepared) {
+		r.o.Logger.Info("prepared copy not refreshable; copying the whole point", "group", g.name, "err", err)
 	}
 	os.Remove(filepath.Join(dstDir, preparedFile))
 	p, err := r.pinWith(g, "latest", prepareOwner, true)
@@ -126,12 +145,83 @@ func writePrepared(ctx context.Context, group, point string, pr *pointReader, ds
 	return errors.Join(f.Sync(), hf.Sync())
 }
 
+var errNotPrepared = errors.New("no prepared copy")
+
+// refreshPrepared brings an existing prepared copy in dstDir forward to the
+// group's latest point (called with r.prepMu held). The blocks it rewrites
+// are all in ChangedAfter(the recorded point), so a refresh interrupted
+// before the new record is written is repaired by the next one (or the
+// promotion), which copies at least those blocks again.
+func (r *Replica) refreshPrepared(ctx context.Context, g *group, dstDir string) (string, error) {
+	var rec preparedRec
+	if err := fsutil.ReadJSON(filepath.Join(dstDir, preparedFile), &rec); err != nil {
+		return "", errNotPrepared
+	}
+	pin, err := r.PinPoint(g.name, "latest")
+	if err != nil {
+		return "", err
+	}
+	defer pin.Release()
+	n, _ := parsePointNumber(pin.Point())
+	if n == rec.Point {
+		return pin.Point(), nil
+	}
+	if rec.Group != g.name || n < rec.Point {
+		return "", errors.New("another group, or a newer point")
+	}
+	changed, err := r.ChangedAfter(g.name, pointID(rec.Point))
+	if err != nil {
+		return "", err
+	}
+	next := preparedRec{Group: g.name, Point: n, Time: time.Now().UTC()}
+	var prs []*pointReader
+	g.mu.RLock()
+	p, err := g.findPoint(pin.Point())
+	if err == nil {
+		for _, id := range slices.Sorted(maps.Keys(p.Seqs)) {
+			pr, e := g.openPoint(pin.Point(), id)
+			if e != nil {
+				err = e
+				break
+			}
+			prs = append(prs, pr)
+			next.Images = append(next.Images, preparedImage{ID: id, Generation: g.images[id].st.Generation, Seq: p.Seqs[id], Size: pr.size})
+		}
+	}
+	g.mu.RUnlock()
+	if err != nil {
+		return "", err
+	}
+	if len(next.Images) != len(rec.Images) {
+		return "", errors.New("the group's images changed")
+	}
+	for i, im := range next.Images {
+		if rec.Images[i].ID != im.ID || rec.Images[i].Generation != im.Generation {
+			return "", fmt.Errorf("image %s: another image or generation", im.ID)
+		}
+	}
+	for _, pr := range prs {
+		if _, err := bringImage(ctx, g.name, pin.Point(), pr, dstDir, changed[pr.id]); err != nil {
+			return "", err
+		}
+	}
+	if _, err := r.pinWith(g, pin.Point(), prepareOwner, true); err != nil {
+		return "", err
+	}
+	if err := fsutil.WriteJSON(filepath.Join(dstDir, preparedFile), next); err != nil {
+		return "", err
+	}
+	return pin.Point(), nil
+}
+
 // CancelPrepared drops a prepared copy of group in dstDir and its pin.
 func (r *Replica) CancelPrepared(groupName, dstDir string) error {
 	g, err := r.group(groupName)
 	if err != nil {
 		return err
 	}
+	r.prepMu.Lock()
+	defer r.prepMu.Unlock()
 	r.dropPrepared(g, dstDir)
 	return nil
 }
@@ -154,6 +244,8 @@ func (r *Replica) dropPrepared(g *group, dstDir string) {
 // there is none that fits (the caller copies the whole point). prs are the
 // point's readers in st.Images order.
 func (r *Replica) fromPrepared(ctx context.Context, g *group, st FailoverState, prs []*pointReader, dstDir string) ([]PromotedImage, bool) {
+	r.prepMu.Lock()
+	defer r.prepMu.Unlock()
 	var rec preparedRec
 	if err := fsutil.ReadJSON(filepath.Join(dstDir, preparedFile), &rec); err != nil {
 		return nil, false

@@ -42,6 +42,8 @@ type Replica struct {
 	idxWG   sync.WaitGroup
 
 	pins pinTable // pins.go
+
+	prepMu sync.Mutex // prepared promotion copies (prepare.go)
 }
 
 // ReplicaOptions configure a Replica.

@@ -271,6 +271,10 @@ func TestFailoverUnplannedFailback(t *testing.T) {
 	ab, base, hs := twoHosts(t, size, 5, "a", "b")
 	a, b := hs[0], hs[1]
 	names := ab.Names
+	// B keeps a warm standby copy: the unplanned failover copies nothing.
+	b.Rep.Stop()
+	b.Rep.Args = append(b.Rep.Args, "--warm-standby")
+	b.Rep.Restart()
 	ab.now()
 	ab.writeRandom("disk.img", 30, 8, 0, size)
 	ab.now()
@@ -295,7 +299,10 @@ func TestFailoverUnplannedFailback(t *testing.T) {
 	if r.Code != 0 || !strings.Contains(r.Stdout, "failed over") {
 		t.Fatalf("unplanned dry run: %s", r)
 	}
-	failoverCmd(t, "unplanned", "--store", b.RStore, "--group", "vm1")
+	res := failoverCmd(t, "unplanned", "--store", b.RStore, "--group", "vm1")
+	if d := res.step("promote").Detail; !strings.Contains(d, "warm standby") {
+		t.Errorf("unplanned failover with a warm standby copied the image: %q", d)
+	}
 	if got := b3File(t, b.image("disk.img")); got != latest {
 		t.Fatalf("promoted image %.16s, latest point %.16s", got, latest)
 	}

@@ -16,6 +16,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"sync"
 	"time"
 
 	"github.com/RoaringBitmap/roaring/v2"
@@ -48,6 +49,69 @@ type replicaFailover struct {
 	rep          *applier.Replica
 	primaryStore string
 	log          *slog.Logger
+
+	// Warm standby (serve --warm-standby): after every apply the prepared
+	// promotion copy is brought forward, so a failover copies nothing.
+	warmStandby bool
+	warmCtx     context.Context
+	warmStop    context.CancelFunc
+	warmMu      sync.Mutex
+	warmBusy    map[string]bool // a refresh runs
+	warmAgain   map[string]bool // another apply came meanwhile
+	warmWG      sync.WaitGroup
+}
+
+func newReplicaFailover(rep *applier.Replica, primaryStore string, warm bool, log *slog.Logger) *replicaFailover {
+	rf := &replicaFailover{rep: rep, primaryStore: primaryStore, log: log, warmStandby: warm && primaryStore != "",
+		warmBusy: map[string]bool{}, warmAgain: map[string]bool{}}
+	rf.warmCtx, rf.warmStop = context.WithCancel(context.Background())
+	return rf
+}
+
+// applied is called after every successful apply: with a warm standby, the
+// group's prepared copy is brought forward (in the background, coalesced).
+func (rf *replicaFailover) applied(group string) {
+	if !rf.warmStandby {
+		return
+	}
+	rf.warmMu.Lock()
+	defer rf.warmMu.Unlock()
+	if rf.warmBusy[group] {
+		rf.warmAgain[group] = true
+		return
+	}
+	rf.warmBusy[group] = true
+	rf.warmWG.Add(1)
+	go func() {
+		defer rf.warmWG.Done()
+		dir := filepath.Join(rf.primaryStore, "failover", group)
+		for {
+			t := time.Now()
+			pt, refreshed, err := rf.rep.PreparePromote(rf.warmCtx, group, dir)
+			switch {
+			case errors.Is(err, applier.ErrFailedOver) || rf.warmCtx.Err() != nil:
+			case err != nil:
+				rf.log.Warn("warm standby: preparing the promotion copy failed; a failover copies in full", "group", group, "err", err)
+			default:
+				rf.log.Debug("warm standby: promotion copy at the latest point", "group", group, "point", pt, "incremental", refreshed, "took", time.Since(t))
+			}
+			rf.warmMu.Lock()
+			if !rf.warmAgain[group] || rf.warmCtx.Err() != nil {
+				delete(rf.warmBusy, group)
+				delete(rf.warmAgain, group)
+				rf.warmMu.Unlock()
+				return
+			}
+			rf.warmAgain[group] = false
+			rf.warmMu.Unlock()
+		}
+	}()
+}
+
+// stop ends warm standby refreshes (before the store closes).
+func (rf *replicaFailover) stop() {
+	rf.warmStop()
+	rf.warmWG.Wait()
 }
 
 func (rf *replicaFailover) control(mux *http.ServeMux) {
@@ -187,6 +251,11 @@ func (rf *replicaFailover) unplannedGroup(ctx context.Context, group string, req
 		for _, p := range pimgs {
 			s.Bytes += p.Size
 		}
+		if len(pimgs) > 0 && pimgs[0].Prepared {
+			s.Detail = "brought forward from the prepared (warm standby) copy"
+		} else {
+			s.Detail = "copied in full"
+		}
 		return err
 	}); err != nil {
 		return err
@@ -246,12 +315,16 @@ func (rf *replicaFailover) handle(ctx context.Context, group string, p pki.Prima
 			return rep, applier.Refuse("group %s is failed over to this host already", group)
 		}
 		t := time.Now()
-		pt, err := rf.rep.PreparePromote(ctx, group, filepath.Join(pstore, "failover", group))
+		pt, refreshed, err := rf.rep.PreparePromote(ctx, group, filepath.Join(pstore, "failover", group))
 		if err != nil {
 			return rep, err
 		}
 		rep.Point = pt
-		rep.Message = fmt.Sprintf("point %s copied into %s in %.1f s", pt, pstore, time.Since(t).Seconds())
+		how := "copied"
+		if refreshed {
+			how = "brought forward (warm standby)"
+		}
+		rep.Message = fmt.Sprintf("point %s %s into %s in %.1f s", pt, how, pstore, time.Since(t).Seconds())
 		return rep, nil
 	case "planned":
 		held, err := rf.rep.GroupImages(group)

@@ -35,6 +35,10 @@ type ReplicaOptions struct {
 	// PrimaryStore is this host's primary store (its mount daemon tracks
 	// images promoted by a failover); "" = this host cannot take over.
 	PrimaryStore string
+	// WarmStandby keeps a promotion copy of every group in PrimaryStore,
+	// brought forward after each apply (twice the disk space; a failover
+	// then copies nothing).
+	WarmStandby bool
 }
 
 // OpenAuthority opens the replica's PKI state in STORE/pki.
@@ -79,7 +83,8 @@ func RunReplica(ctx context.Context, o ReplicaOptions, ready func()) error {
 	}
 	m := newReplicaMetrics()
 	srv.OnReceive = func(group string, n int64) { m.received.WithLabelValues(group).Add(float64(n)) }
-	rf := &replicaFailover{rep: rep, primaryStore: o.PrimaryStore, log: log}
+	rf := newReplicaFailover(rep, o.PrimaryStore, o.WarmStandby, log)
+	defer rf.stop()
 	srv.OnFailover = rf.handle
 	srv.OnApply = func(group string, res applier.ApplyResult, err error) {
 		if err != nil {
@@ -87,6 +92,7 @@ func RunReplica(ctx context.Context, o ReplicaOptions, ready func()) error {
 			return
 		}
 		m.applied.WithLabelValues(group).Inc()
+		rf.applied(group)
 		m.lastApply.WithLabelValues(group).SetToCurrentTime()
 	}
 
