@@ -199,6 +199,40 @@ FB_BYTES=$(sent b)
 [[ $(b3sum --no-names "$W/b/pstore/images/$IMG") == $(b3sum --no-names "$W/a/rstore/groups/vm1/images/"*/latest.img) ]] ||
 	{ echo "failover bench: images differ after the failback" >&2; exit 1; }
 
+# 5. unplanned failover with a warm standby: B is the primary now and A its replica; A's
+# replica daemon restarts with --warm-standby, which brings a promotion copy forward after
+# every apply; then B dies (-9) and A takes over.
+pkill -f -- "serve --store $W/a/rstore " || true # rep.pid is the shell running S, not the daemon
+for _ in $(seq 200); do pgrep -f -- "serve --store $W/a/rstore " >/dev/null || break; sleep 0.1; done
+"$BIN" serve --store "$W/a/rstore" --listen "${ADDR[a]}" --primary-store "$W/a/pstore" --warm-standby >>"$W/a/rep.log" 2>&1 &
+echo $! >"$W/a/rep.pid"
+for _ in $(seq 100); do S status --store "$W/a/rstore" >/dev/null 2>&1 && break; sleep 0.1; done
+warm_wait() { # until the prepared copy is at A's latest point
+	local want
+	want=$(S points list --store "$W/a/rstore" --group vm1 --json | jq -r '.[-1].point')
+	for _ in $(seq 600); do
+		[[ $(jq -r '.point' "$W/a/pstore/failover/vm1/prepared.json" 2>/dev/null) == "$want" ]] && return
+		sleep 0.1
+	done
+	echo "failover bench: the warm standby copy did not reach point $want" >&2; exit 1
+}
+change b 50
+S replicate now --store "$W/b/pstore" --group vm1 --wait --timeout 10m >/dev/null
+t0=$(now); warm_wait; t1=$(now)
+W_FIRST=$(secs "$t0" "$t1")
+change b $CHANGE_MIB
+t0=$(now); S replicate now --store "$W/b/pstore" --group vm1 --wait --timeout 10m >/dev/null; warm_wait; t1=$(now)
+W_APPLY=$(secs "$t0" "$t1")
+kill -9 "$(cat "$W/b/pri.pid")"
+sleep 0.5
+umount -l "$W/b/mnt" 2>/dev/null || true
+t0=$(now); j=$(S failover unplanned --store "$W/a/rstore" --group vm1 --json); t1=$(now)
+[[ $(jq -r '.[0].error // ""' <<<"$j") == "" ]] || { echo "$j" >&2; exit 1; }
+W_UNPLANNED=$(secs "$t0" "$t1")
+W_DETAIL=$(jq -r '.[0].steps[] | select(.step|startswith("promote")) | .detail' <<<"$j")
+[[ $(b3sum --no-names "$W/a/pstore/images/$IMG") == $(S points export --store "$W/a/rstore" --group vm1 --point latest --to "$W/warm-export" >/dev/null && b3sum --no-names "$W/warm-export/$IMG") ]] ||
+	{ echo "failover bench: the warm standby promotion differs from the latest point" >&2; exit 1; }
+
 m() { median "$@"; }
 CH=$((CHANGE_MIB << 20))
 out=$RESULTS/failover-$(date +%Y%m%d-%H%M)$([[ $QUICK == 1 ]] && echo -quick || true).txt
@@ -221,7 +255,10 @@ out=$RESULTS/failover-$(date +%Y%m%d-%H%M)$([[ $QUICK == 1 ]] && echo -quick || 
 	printf '%-58s %10s x %s\n' "downtime / (replicate now + b3sum)" "$ratio" "target: final cycle + verify only (~1x)"
 	rb=$(m "${REV_BYTES[@]}" | cut -d. -f1)
 	printf '%-58s %10s B %s\n' "reverse replication: bytes for $CHANGE_MIB MiB written" "$rb" "$(python3 -c "print(f'{$rb/$CH:.3f}')")x of the data written (no full copy)"
-	printf '%-58s %10s s %s\n' "unplanned failover (promote the latest point)" "$U_TIME" ""
+	printf '%-58s %10s s %s\n' "unplanned failover (promote the latest point)" "$U_TIME" "full local copy"
+	printf '%-58s %10s s %s\n' "warm standby: first copy after enabling it" "$W_FIRST" ""
+	printf '%-58s %10s s %s\n' "warm standby: replicate now of $CHANGE_MIB MiB + bring forward" "$W_APPLY" "anchor: replicate now alone above"
+	printf '%-58s %10s s %s\n' "unplanned failover with a warm standby" "$W_UNPLANNED" "$W_DETAIL"
 	printf '%-58s %10s s %s\n' "failover reverse on the returning old primary" "$R_TIME" ""
 	printf '%-58s %10s s %s\n' "failback: first replication back (hash check + delta)" "$FB_TIME" ""
 	printf '%-58s %10s B %s\n' "failback bytes sent" "$FB_BYTES" "differing blocks: $DIFFER = $((DIFFER * 4096)) B -> $(python3 -c "print(f'{$FB_BYTES/($DIFFER*4096):.3f}')")x (target <= 1.1x)"
