@@ -46,6 +46,7 @@ cleanup() {
 		[[ -f $W/$h/pri.pid ]] && kill "$(cat "$W/$h/pri.pid")" 2>/dev/null || true
 		[[ -f $W/$h/rep.pid ]] && kill "$(cat "$W/$h/rep.pid")" 2>/dev/null || true
 	done
+	pkill -f -- "^$W/standin " 2>/dev/null || true # pid files may name the shell that started a daemon
 	sleep 1
 	for h in a b; do
 		for m in "$W/$h/mnt" "$W/$h/rstore/failover-tests"/*/mnt; do
