@@ -183,15 +183,6 @@ func (pf *primaryFailover) group(name string) (shipper.Group, []*tracker.Image, 
 	return g, ims, nil
 }
 
-func (pf *primaryFailover) groupStatus(name string) shipper.GroupStatus {
-	for _, s := range pf.sh.Status() {
-		if s.Group == name {
-			return s
-		}
-	}
-	return shipper.GroupStatus{}
-}
-
 // hashImages computes each image's root and writes its block hashes to
 // DIR/ID.hashes (the replica store adopts them as hashes.bin).
 func (pf *primaryFailover) hashImages(ctx context.Context, dir string, ims []*tracker.Image) ([]wire.FailoverImage, error) {
