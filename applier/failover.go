@@ -148,7 +148,7 @@ type PromotedImage struct {
 	Seq        uint64   `json:"seq"`        // cut of the promoted point
 	Size       int64    `json:"size"`       // bytes
 	Path       string   `json:"path"`       // the materialised file
-	Root       [32]byte `json:"root"`       // wire root of the bytes written (wire.RootOfHashes)
+	Root       [32]byte `json:"root"`       // wire root of the bytes written (wire.Rooter)
 	// Prepared: brought forward from a copy made by PreparePromote (only
 	// the blocks changed since were copied).
 	Prepared bool `json:"prepared,omitempty"`
@@ -544,11 +544,7 @@ func (r *Replica) Adopt(groupName string, imgs []AdoptImage, ret Retention) (res
 	} else if err != nil {
 		return res, err
 	}
-	g, err := r.group(groupName)
-	if err != nil {
-		return res, err
-	}
-	unlock, err := r.lockForWrite(g)
+	g, unlock, err := r.lockedGroup(groupName)
 	if err != nil {
 		return res, err
 	}

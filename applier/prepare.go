@@ -378,12 +378,8 @@ func bringImage(ctx context.Context, group, point string, pr *pointReader, dstDi
 	if _, err := hf.Seek(0, io.SeekStart); err != nil {
 		return [32]byte{}, err
 	}
-	if _, err := io.Copy(rooterWriter{rt}, bufio.NewReaderSize(hf, 1<<20)); err != nil {
+	if _, err := io.Copy(rt, bufio.NewReaderSize(hf, 1<<20)); err != nil {
 		return [32]byte{}, err
 	}
 	return rt.Sum(), nil
 }
-
-type rooterWriter struct{ r *wire.Rooter }
-
-func (w rooterWriter) Write(p []byte) (int, error) { w.r.Add(p); return len(p), nil }

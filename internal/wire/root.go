@@ -54,18 +54,17 @@ func NewRooter(size int64) *Rooter {
 // Add appends block hashes (32 bytes each, in order).
 func (r *Rooter) Add(hashes []byte) { r.h.Write(hashes) }
 
+// Write is Add as an io.Writer (e.g. to io.Copy a hashes.bin file).
+func (r *Rooter) Write(hashes []byte) (int, error) {
+	r.Add(hashes)
+	return len(hashes), nil
+}
+
 // Sum returns the root.
 func (r *Rooter) Sum() [32]byte {
 	var out [32]byte
 	r.h.Sum(out[:0])
 	return out
-}
-
-// RootOfHashes is the root of an image whose hashes.bin content is hashes.
-func RootOfHashes(size int64, hashes []byte) [32]byte {
-	r := NewRooter(size)
-	r.Add(hashes)
-	return r.Sum()
 }
 
 // HashImage reads the first size bytes of f (holes are not read) and returns
