@@ -335,6 +335,20 @@ func (r *Replica) lockForWrite(g *group) (unlock func(), err error) {
 	return g.wmu.Unlock, nil
 }
 
+// lockedGroup returns the named group with its writer lock taken (and
+// recovered if needed).
+func (r *Replica) lockedGroup(name string) (*group, func(), error) {
+	g, err := r.group(name)
+	if err != nil {
+		return nil, nil, err
+	}
+	unlock, err := r.lockForWrite(g)
+	if err != nil {
+		return nil, nil, err
+	}
+	return g, unlock, nil
+}
+
 // EnsureGroup creates the group or updates its retention policy (idempotent).
 // A changed policy applies from the next apply.
 func (r *Replica) EnsureGroup(name string, ret Retention) error {

@@ -369,11 +369,7 @@ func (r *Replica) CommitSeed(group string, imgs []SeedImage, ret Retention) (App
 	if err := r.EnsureGroup(group, ret); err != nil {
 		return res, err
 	}
-	g, err := r.group(group)
-	if err != nil {
-		return res, err
-	}
-	unlock, err := r.lockForWrite(g)
+	g, unlock, err := r.lockedGroup(group)
 	if err != nil {
 		return res, err
 	}
