@@ -84,7 +84,7 @@ func vmHWM() string {
 }
 
 // TestBenchDataset exports and imports the images of the benchmark dataset
-// (../shared/bench/make-dataset.sh). STANDIN_DEDUP_BENCH=DIR (the dataset
+// (cloned Debian VM images). STANDIN_DEDUP_BENCH=DIR (the dataset
 // directory, vm1.img..vm5.img); STANDIN_DEDUP_BENCH_KEY=1 to encrypt;
 // STANDIN_DEDUP_BENCH_SINK=file to import into sparse files (default: a sink
 // that discards).

@@ -1,5 +1,5 @@
 // Package dedup writes and reads standin seeds: the out-of-band copy of a set
-// of images (issue 4, DESIGN.md section 6) that is carried to the replica
+// of images that is carried to the replica
 // site on removable media.
 //
 // A seed is one or more volume directories, each holding:

@@ -1,6 +1,6 @@
 package integration
 
-// Extended replication (issue 5, item 5): host B, the replica of A, forwards
+// Extended replication: host B, the replica of A, forwards
 // the group onward to a third host C from its recovery points, also across a
 // planned failover to B and back. Every step is checked by BLAKE3 of whole
 // images and the bytes each forward sends are bounded.

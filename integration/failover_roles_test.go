@@ -1,7 +1,7 @@
 package integration
 
-// Planned and unplanned failover, reverse replication and failback (issue 5,
-// items 3, 4 and 7), end to end between two "hosts" on 127.0.0.1. Each host
+// Planned and unplanned failover, reverse replication and failback,
+// end to end between two "hosts" on 127.0.0.1. Each host
 // runs both daemons: a mount daemon over its primary store and a replica
 // daemon over its replica store (serve --primary-store), so either can take
 // either role. Every step is checked by BLAKE3 of whole images, and the bytes

@@ -1,6 +1,6 @@
 package integration
 
-// Points as files and test failover on the replica (issue 5, items 1 and 2),
+// Points as files and test failover on the replica,
 // end to end: a primary replicates an ext4 image to a replica daemon over
 // mutual TLS; the replica exposes its points through a FUSE mount and starts
 // a test failover (writable copy-on-write images over an older point) while

@@ -1,7 +1,7 @@
 package integration
 
-// Dedup-aware initial replication and hash-compare resync (issue 4, items 3
-// and 4), with real daemons, real TLS on 127.0.0.1 and real ext4 images:
+// Dedup-aware initial replication and hash-compare resync,
+// with real daemons, real TLS on 127.0.0.1 and real ext4 images:
 //
 //   - TestReplDedupClone: a VM cloned from an already replicated template
 //     ships only what differs (≤ 25% of its allocated bytes on the wire).

@@ -1,6 +1,6 @@
 package integration
 
-// Seeds end to end (issue 4): three VMs cloned from one ext4 template are
+// Seeds end to end: three VMs cloned from one ext4 template are
 // exported to a seed on the primary (through its daemon, at one
 // crash-consistent cut), the seed is damaged within its parity budget,
 // imported on the replica, and replication continues with catch-up cycles;

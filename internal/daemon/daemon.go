@@ -241,7 +241,7 @@ func reply(w http.ResponseWriter, status int, v any) {
 
 // TuneGOMAXPROCS raises GOMAXPROCS to at least 8 unless the environment sets
 // it: FUSE handlers block in syscalls, and more Ps than cores gave 1.2–2× the
-// 4 KiB IOPS on a 2-core box (make bench, notes/io-baselines.md).
+// 4 KiB IOPS on a 2-core box (make bench).
 func TuneGOMAXPROCS() {
 	if os.Getenv("GOMAXPROCS") == "" {
 		runtime.GOMAXPROCS(max(8, runtime.NumCPU()))

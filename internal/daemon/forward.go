@@ -1,6 +1,6 @@
 package daemon
 
-// Extended replication (issue 5, item 5): the replica daemon forwards a group
+// Extended replication: the replica daemon forwards a group
 // it receives onward to a third host, from its recovery points
 // (applier.Replica.ForwardCut), shipped by a shipper.Relay. One goroutine per
 // (group, target); configuration and state in RSTORE/forward.json; the relay
