@@ -280,6 +280,11 @@ func (a *Authority) Join(secret []byte, csrPEM []byte, primaryName string) (cert
 	if !now.Before(tok.Expires) {
 		return nil, nil, Primary{}, fmt.Errorf("%w (expired %s)", ErrTokenExpired, tok.Expires.Format(time.RFC3339))
 	}
+	if ps, err := a.readPrimaries(); err != nil {
+		return nil, nil, Primary{}, err
+	} else if err := nameTaken(ps, primaryName, -1); err != nil {
+		return nil, nil, Primary{}, err // the token is not consumed
+	}
 
 	p = Primary{ID: "p-" + randHex(8), Name: primaryName, Pattern: tok.Pattern, Paired: now.UTC()}
 	tmpl := &x509.Certificate{
@@ -336,11 +341,22 @@ func parseCSR(csrPEM []byte) (*x509.CertificateRequest, error) {
 
 func checkPrimaryName(name string) error {
 	if name == "" || len(name) > 64 {
-		return fmt.Errorf("pki: primary name %q must be 1 to 64 characters", name)
+		return fmt.Errorf("%w: %q must be 1 to 64 characters", ErrBadPrimaryName, name)
 	}
 	for _, c := range name {
 		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || strings.ContainsRune("._-@", c)) {
-			return fmt.Errorf("pki: primary name %q: use letters, digits and . _ - @ only", name)
+			return fmt.Errorf("%w: %q: use letters, digits and . _ - @ only", ErrBadPrimaryName, name)
+		}
+	}
+	return nil
+}
+
+// nameTaken refuses name if a primary of st other than the one at skip
+// (-1: none) that is not revoked already has it.
+func nameTaken(st primariesState, name string, skip int) error {
+	for i, p := range st.Primaries {
+		if i != skip && !p.Revoked && p.Name == name {
+			return fmt.Errorf("%w: %q is primary %s (pattern %s, paired %s)", ErrNameTaken, name, p.ID, p.Pattern, p.Paired.Format(time.RFC3339))
 		}
 	}
 	return nil
@@ -386,8 +402,9 @@ func (a *Authority) Primaries() []Primary {
 	return slices.Clone(a.primaries)
 }
 
-// Revoke revokes the primary with this ID, or else every primary with this
-// name. It is durable and takes effect at once for Authorize (every request,
+// Revoke revokes the primary with this ID, or else the one primary with this
+// name (ErrAmbiguousName if several primaries that are not revoked have it:
+// revoke by ID). It is durable and takes effect at once for Authorize (every request,
 // also on open connections). Revoking a revoked primary is not an error.
 func (a *Authority) Revoke(idOrName string) error {
 	if idOrName == "" {
@@ -406,7 +423,22 @@ func (a *Authority) Revoke(idOrName string) error {
 	}
 	match := func(p Primary) bool { return p.ID == idOrName }
 	if !slices.ContainsFunc(st.Primaries, match) {
-		match = func(p Primary) bool { return p.Name == idOrName }
+		// By name: the one primary of that name that is not revoked (if
+		// every one is, revoking them again changes nothing).
+		var live []string
+		for _, p := range st.Primaries {
+			if p.Name == idOrName && !p.Revoked {
+				live = append(live, p.ID)
+			}
+		}
+		switch {
+		case len(live) > 1:
+			return fmt.Errorf("%w: %q is %s", ErrAmbiguousName, idOrName, strings.Join(live, ", "))
+		case len(live) == 1:
+			match = func(p Primary) bool { return p.ID == live[0] }
+		default:
+			match = func(p Primary) bool { return p.Name == idOrName }
+		}
 	}
 	n := 0
 	for i := range st.Primaries {
@@ -466,6 +498,9 @@ func (a *Authority) AddPrimary(name, pattern, certFingerprintOrCN string) error 
 		}
 		st.Primaries = append(st.Primaries, Primary{ID: id, Fingerprint: fp, Paired: a.now().UTC()})
 		i = len(st.Primaries) - 1
+	}
+	if err := nameTaken(st, name, i); err != nil {
+		return err
 	}
 	st.Primaries[i].Name, st.Primaries[i].Pattern, st.Primaries[i].Revoked = name, pattern, false
 	return a.writePrimaries(st)
@@ -578,6 +613,33 @@ func (p Primary) Allowed(group, image string) bool {
 			return true
 		}
 		if ok, _ := path.Match(g, name); ok {
+			return true
+		}
+	}
+	return false
+}
+
+// AllowedGroup reports whether p may send some image of group GROUP at all:
+// p is not revoked, the group is a plain name, and the group part of one of
+// p's globs matches it ("" and "*" allow every group). A request about a
+// group outside every glob is refused before anything of it is looked up.
+func (p Primary) AllowedGroup(group string) bool {
+	if p.Revoked || !plainName(group) {
+		return false
+	}
+	if strings.TrimSpace(p.Pattern) == "" {
+		return true
+	}
+	for _, g := range strings.Split(p.Pattern, ",") {
+		g = strings.TrimSpace(g)
+		if g == "*" {
+			return true
+		}
+		gp, _, ok := strings.Cut(g, "/")
+		if !ok {
+			continue
+		}
+		if m, _ := path.Match(gp, group); m {
 			return true
 		}
 	}
