@@ -98,6 +98,13 @@ func (r *Replica) ApplyVerifiedAs(ctx context.Context, groupName string, paths [
 // sender gives it ("" = none given).
 type imageClaim struct {
 	id, name string
+	// inbox: name is what the replica recorded for the id before this
+	// request (the header of a complete upload of the cycle in the inbox,
+	// the group's earlier seed announcement). For an id the group does not
+	// hold it must be allowed (another primary's pending upload or seed
+	// announcement is neither read, discarded nor replaced); for a held id
+	// the recorded name decides.
+	inbox bool
 }
 
 // claimsFunc returns the images request r addresses in group, and whether
@@ -139,7 +146,7 @@ func authorizeImages(p pki.Primary, group string, held map[string]string, imgs [
 		if !imageIDOK(c.id) {
 			return fmt.Errorf("image id %q: %w", c.id, ErrBadName)
 		}
-		if c.name == "" {
+		if c.name == "" || c.inbox {
 			continue
 		}
 		if err := checkImageName(c.name); err != nil {
@@ -149,7 +156,7 @@ func authorizeImages(p pki.Primary, group string, held map[string]string, imgs [
 			return fail(http.StatusConflict, "name_taken", "group %s: the request gives the name %q to two images (%s and %s)", group, c.name, other, c.id)
 		}
 		if other, ok := ids[c.id]; ok && other != c.name {
-			return fail(http.StatusConflict, "renamed", "group %s: image %s is named both %q and %q (the replica holds a complete upload of this cycle under the other name; discard it first)", group, c.id, other, c.name)
+			return fail(http.StatusConflict, "renamed", "group %s: the request names image %s both %q and %q", group, c.id, other, c.name)
 		}
 		names[c.name], ids[c.id] = c.id, c.name
 	}
@@ -165,6 +172,12 @@ func authorizeImages(p pki.Primary, group string, held map[string]string, imgs [
 		}
 		if c.name == "" {
 			continue // nothing held, nothing claimed: nothing to reach
+		}
+		if c.inbox {
+			if !p.Allowed(group, c.name) {
+				return fail(http.StatusForbidden, "forbidden", "primary %s (%s) may not touch image %s of group %s: the replica has an upload or seed announcement of it named %q, which its allow-list (%s) does not admit", p.Name, p.ID, c.id, group, c.name, p.Pattern)
+			}
+			continue
 		}
 		if !p.Allowed(group, c.name) {
 			return fail(http.StatusForbidden, "forbidden", "primary %s (%s) may not send image %s/%s (allowed: %s)", p.Name, p.ID, group, c.name, p.Pattern)
@@ -199,7 +212,7 @@ func (s *Server) admit(p pki.Primary, group string) AdmitFunc {
 			if err := checkImageName(h.Name); err != nil {
 				return fail(http.StatusBadRequest, "bad_request", "cycle of image %s: %v", uuid.UUID(h.ImageID), err)
 			}
-			imgs[i] = imageClaim{uuid.UUID(h.ImageID).String(), h.Name}
+			imgs[i] = imageClaim{id: uuid.UUID(h.ImageID).String(), name: h.Name}
 		}
 		return authorizeImages(p, group, held, imgs, false)
 	}
@@ -267,9 +280,9 @@ func uploadClaims(optional bool) claimsFunc {
 				return nil, false, err
 			}
 		}
-		imgs := []imageClaim{{ref.ID, name}}
+		imgs := []imageClaim{{id: ref.ID, name: name}}
 		if n := inboxName(path, ref.ID); n != "" {
-			imgs = append(imgs, imageClaim{ref.ID, n})
+			imgs = append(imgs, imageClaim{ref.ID, n, true})
 		}
 		return imgs, false, nil
 	}
@@ -282,7 +295,7 @@ func queryClaims(s *Server, r *http.Request, _ pki.Primary, group string) ([]ima
 		return nil, false, err
 	}
 	name, err := needName(r)
-	return []imageClaim{{id, name}}, false, err
+	return []imageClaim{{id: id, name: name}}, false, err
 }
 
 // jsonBody reads a JSON request body of at most limit bytes into v and
@@ -310,14 +323,14 @@ func commitClaims(s *Server, r *http.Request, _ pki.Primary, group string) ([]im
 			return nil, false, fmt.Errorf("image id %q: %w", ref.ID, ErrBadName)
 		}
 		path := filepath.Join(s.inbox, group, fmt.Sprintf("%s-g%d-s%d.cyc", ref.ID, ref.Gen, ref.Seq))
-		imgs = append(imgs, imageClaim{ref.ID, inboxName(path, ref.ID)})
+		imgs = append(imgs, imageClaim{id: ref.ID, name: inboxName(path, ref.ID)})
 	}
 	return imgs, false, nil
 }
 
 // seedClaims: the images of a seed announcement. It replaces the group's
 // earlier announcement, so each image of that one must be allowed too.
-func seedClaims(s *Server, r *http.Request, p pki.Primary, group string) ([]imageClaim, bool, error) {
+func seedClaims(s *Server, r *http.Request, _ pki.Primary, group string) ([]imageClaim, bool, error) {
 	var req wire.SeedExpect
 	if ok, err := jsonBody(r, 1<<20, &req); !ok || err != nil {
 		return nil, false, err
@@ -331,9 +344,7 @@ func seedClaims(s *Server, r *http.Request, p pki.Primary, group string) ([]imag
 		return imgs, false, err
 	}
 	for _, im := range old.Images {
-		if !p.Allowed(group, im.Name) {
-			return nil, false, fail(http.StatusForbidden, "forbidden", "primary %s (%s) may not replace the seed announcement of group %s: it names image %q (%s), which its allow-list (%s) does not admit", p.Name, p.ID, group, im.Name, im.ID, p.Pattern)
-		}
+		imgs = append(imgs, imageClaim{id: im.ID, name: im.Name, inbox: true})
 	}
 	return imgs, false, nil
 }
@@ -360,7 +371,7 @@ func bodyClaims(ims []wire.ImageState) ([]imageClaim, error) {
 		if im.Name == "" {
 			return nil, fail(http.StatusBadRequest, "bad_request", "image %q: the name is missing", im.ID)
 		}
-		out[i] = imageClaim{im.ID, im.Name}
+		out[i] = imageClaim{id: im.ID, name: im.Name}
 	}
 	return out, nil
 }
