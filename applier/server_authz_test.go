@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"io/fs"
@@ -13,6 +14,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"reflect"
 	"strings"
@@ -31,6 +33,8 @@ type tenant struct {
 	name string
 	hc   *http.Client
 	base string
+	auth *pki.Authority
+	addr string
 }
 
 type tReply struct {
@@ -72,6 +76,42 @@ func (tn *tenant) put(group, id string, gen, seq uint64, name, path string) tRep
 // pattern through the pairing endpoint.
 func authzServer(t *testing.T, rep *Replica, names, patterns []string) (*Server, []*tenant) {
 	t.Helper()
+	return authzServerIn(t, rep, t.TempDir(), names, patterns)
+}
+
+// pairVia pairs through the pairing endpoint, as standin pair join does.
+func pairVia(t *testing.T, addr, tok, name string) (wire.PairReply, []byte, tReply) {
+	t.Helper()
+	pt, err := pki.ParseToken(tok)
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, csr, err := pki.NewCSR(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hc := &http.Client{Timeout: 20 * time.Second, Transport: &http.Transport{TLSClientConfig: pki.PinnedClientTLS(pt.CAFingerprint, "127.0.0.1")}}
+	b, _ := json.Marshal(wire.PairRequest{Secret: pt.Secret, CSR: csr, Name: name})
+	resp, err := hc.Post("https://"+addr+wire.Prefix+"/pair", "application/json", bytes.NewReader(b))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	r := tReply{status: resp.StatusCode, body: body}
+	var pr wire.PairReply
+	if r.status == http.StatusOK {
+		if err := json.Unmarshal(body, &pr); err != nil {
+			t.Fatal(err)
+		}
+	} else {
+		json.Unmarshal(body, &r.we)
+	}
+	return pr, key, r
+}
+
+func authzServerIn(t *testing.T, rep *Replica, inbox string, names, patterns []string) (*Server, []*tenant) {
+	t.Helper()
 	auth, err := pki.OpenAuthority(t.TempDir(), []string{"127.0.0.1"})
 	if err != nil {
 		t.Fatal(err)
@@ -80,7 +120,7 @@ func authzServer(t *testing.T, rep *Replica, names, patterns []string) (*Server,
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv, err := NewServer(rep, auth, t.TempDir(), slog.New(slog.DiscardHandler))
+	srv, err := NewServer(rep, auth, inbox, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -93,32 +133,15 @@ func authzServer(t *testing.T, rep *Replica, names, patterns []string) (*Server,
 		if err != nil {
 			t.Fatal(err)
 		}
-		pt, err := pki.ParseToken(tok)
-		if err != nil {
-			t.Fatal(err)
-		}
-		key, csr, err := pki.NewCSR(names[i])
-		if err != nil {
-			t.Fatal(err)
-		}
-		// Pair through the endpoint, as standin pair join does.
-		hc := &http.Client{Timeout: 20 * time.Second, Transport: &http.Transport{TLSClientConfig: pki.PinnedClientTLS(pt.CAFingerprint, "127.0.0.1")}}
-		b, _ := json.Marshal(wire.PairRequest{Secret: pt.Secret, CSR: csr, Name: names[i]})
-		resp, err := hc.Post("https://"+ln.Addr().String()+wire.Prefix+"/pair", "application/json", bytes.NewReader(b))
-		if err != nil {
-			t.Fatal(err)
-		}
-		var pr wire.PairReply
-		err = json.NewDecoder(resp.Body).Decode(&pr)
-		resp.Body.Close()
-		if err != nil || resp.StatusCode != http.StatusOK {
-			t.Fatalf("pairing %s: %d %v", names[i], resp.StatusCode, err)
+		pr, key, r := pairVia(t, ln.Addr().String(), tok, names[i])
+		if r.status != http.StatusOK {
+			t.Fatalf("pairing %s: %d %+v", names[i], r.status, r.we)
 		}
 		cfg, err := pki.ClientTLS(pr.CA, pr.Cert, key, "127.0.0.1")
 		if err != nil {
 			t.Fatal(err)
 		}
-		out = append(out, &tenant{t: t, name: names[i], base: "https://" + ln.Addr().String() + wire.Prefix,
+		out = append(out, &tenant{t: t, name: names[i], auth: auth, addr: ln.Addr().String(), base: "https://" + ln.Addr().String() + wire.Prefix,
 			hc: &http.Client{Timeout: 20 * time.Second, Transport: &http.Transport{TLSClientConfig: cfg}}})
 	}
 	return srv, out
@@ -367,5 +390,67 @@ func TestAuthorizationPerEndpoint(t *testing.T) {
 	}
 	if want := map[string]string{ia: "a.img", ib: "b.img"}; !reflect.DeepEqual(held, want) {
 		t.Fatalf("vm1 holds %v, want %v", held, want)
+	}
+}
+
+// TestPairNamesOverTheWire: a bad primary name is 400, a name already
+// paired is 409 naming the other primary, and neither uses up the token.
+func TestPairNamesOverTheWire(t *testing.T) {
+	s := newTStore(t, ReplicaOptions{}, Retention{})
+	_, tn := authzServer(t, s.rep, []string{"tenant-a"}, []string{"vm1/*"})
+	tok, err := tn[0].auth.NewToken(tn[0].addr, "vm2/*", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, r := pairVia(t, tn[0].addr, tok, "bad name\n"); r.status != http.StatusBadRequest || r.we.Code != "bad_name" {
+		t.Fatalf("bad name: %d %+v", r.status, r.we)
+	}
+	if _, _, r := pairVia(t, tn[0].addr, tok, "tenant-a"); r.status != http.StatusConflict || r.we.Code != "name_taken" || !strings.Contains(r.we.Error, tn[0].auth.Primaries()[0].ID) {
+		t.Fatalf("duplicate name: %d %+v", r.status, r.we)
+	}
+	if _, _, r := pairVia(t, tn[0].addr, tok, "tenant-b"); r.status != http.StatusOK {
+		t.Fatalf("pairing with the token after the refusals: %d %+v", r.status, r.we)
+	}
+}
+
+// TestUploadStoreFull: an upload that fills the replica's store is refused
+// with 507 and a clear message (the primary resumes from the durable offset
+// once space was freed).
+func TestUploadStoreFull(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to mount a small tmpfs as the inbox")
+	}
+	inbox := t.TempDir()
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", inbox).CombinedOutput(); err != nil {
+		t.Skipf("cannot mount a tmpfs (%v: %s)", err, out)
+	}
+	t.Cleanup(func() { exec.Command("umount", inbox).Run() })
+	s := newTStore(t, ReplicaOptions{}, Retention{})
+	_, tn := authzServerIn(t, s.rep, inbox, []string{"tenant-a"}, []string{"vm1/*"})
+	ballast := filepath.Join(inbox, "ballast")
+	if err := os.WriteFile(ballast, make([]byte, 200<<10), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	a := newTImage(0x61, "a.img")
+	big := make([]byte, 128<<10)
+	for i := range big {
+		big[i] = byte(i*7 + i>>9)
+	}
+	r := tn[0].do("PUT", fmt.Sprintf("/groups/vm1/uploads/%s/1/0?offset=0&total=%d&name=a.img", a.idString(), len(big)), big)
+	if r.status != http.StatusInsufficientStorage || r.we.Code != "store_full" || !strings.Contains(r.we.Error, "replica store full") {
+		t.Fatalf("upload into a full store: %d %+v", r.status, r.we)
+	}
+}
+
+func TestCheckImageName(t *testing.T) {
+	for _, n := range []string{"a.img", "disk 1.qcow2", "vm-1_a.raw", "Ü.img", strings.Repeat("x", 255), ".hidden", "a-"} {
+		if err := checkImageName(n); err != nil {
+			t.Errorf("%q refused: %v", n, err)
+		}
+	}
+	for _, n := range []string{"", ".", "..", "-rf", "a/b", "../x", "a\nb", "a\tb", "a\x00b", "a\x7fb", "a\u0085b", strings.Repeat("x", 256), "\xff.img"} {
+		if err := checkImageName(n); !errors.Is(err, ErrBadName) {
+			t.Errorf("%q accepted (%v)", n, err)
+		}
 	}
 }

@@ -886,3 +886,82 @@ func TestEnterprise(t *testing.T) {
 		t.Fatalf("served %q after rotation", cn)
 	}
 }
+
+// TestUniquePrimaryNames: a name identifies one live primary. Pairing under
+// a name in use is refused (naming the other primary) without consuming the
+// token; revoking by name hits only the live primary of that name; a name
+// shared by several live primaries (an older primaries.json) is refused for
+// revocation, which then goes by ID.
+func TestUniquePrimaryNames(t *testing.T) {
+	a := open(t, t.TempDir())
+	s := serve(t, a)
+	first := mustPair(t, s, "vm1/*", "dup")
+	tok, err := a.NewToken(s.addr, "vm2/*", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pt, _ := ParseToken(tok)
+	_, csr, _ := NewCSR("dup")
+	if _, _, _, err := a.Join(pt.Secret, csr, "dup"); !errors.Is(err, ErrNameTaken) || !strings.Contains(err.Error(), first.id) {
+		t.Fatalf("second pairing as dup: %v", err)
+	}
+	if _, err := pair(tok, "dup"); !errors.Is(err, ErrNameTaken) {
+		t.Fatalf("second pairing as dup over the wire: %v", err)
+	}
+	if _, _, _, err := a.Join(pt.Secret, csr, "bad name"); !errors.Is(err, ErrBadPrimaryName) || Code(err) != "bad_name" {
+		t.Fatalf("bad name: %v", err)
+	}
+	other := mustPairToken(t, tok, "other") // the refused joins did not use the token
+	if err := a.Revoke("dup"); err != nil {
+		t.Fatal(err)
+	}
+	// A revoked name may be paired again; revoking by name then hits the new one only.
+	again := mustPair(t, s, "vm1/*", "dup")
+	if err := a.Revoke("dup"); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range a.Primaries() {
+		if want := p.ID != other.id; p.Revoked != want {
+			t.Errorf("primary %s %s revoked=%v, want %v", p.ID, p.Name, p.Revoked, want)
+		}
+	}
+	_ = again
+	// Two live primaries of one name (written by an older version).
+	a.mu.Lock()
+	unlock, _ := a.flock()
+	st, _ := a.readPrimaries()
+	for i := range st.Primaries {
+		st.Primaries[i].Name, st.Primaries[i].Revoked = "legacy", false
+	}
+	if err := a.writePrimaries(st); err != nil {
+		t.Fatal(err)
+	}
+	unlock()
+	a.mu.Unlock()
+	if err := a.Revoke("legacy"); !errors.Is(err, ErrAmbiguousName) || !strings.Contains(err.Error(), other.id) {
+		t.Fatalf("revoke of an ambiguous name: %v", err)
+	}
+	for _, p := range a.Primaries() {
+		if p.Revoked {
+			t.Fatalf("an ambiguous revoke revoked %s", p.ID)
+		}
+	}
+	if err := a.Revoke(other.id); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := whoami(mtls(t, other), s.addr); !errors.Is(err, ErrRevoked) {
+		t.Fatalf("revoked by ID: %v", err)
+	}
+	if _, err := whoami(mtls(t, first), s.addr); err != nil {
+		t.Fatalf("the other primary of that name: %v", err)
+	}
+}
+
+func mustPairToken(t *testing.T, tok, name string) creds {
+	t.Helper()
+	c, err := pair(tok, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
