@@ -54,6 +54,8 @@ type tokenRecord struct {
 	Expires time.Time  `json:"expires"`
 	UsedAt  *time.Time `json:"used_at,omitempty"`
 	UsedBy  string     `json:"used_by,omitempty"`
+	// Replaces: the pairing revokes a primary of the same name (NewReplacingToken).
+	Replaces bool `json:"replaces,omitempty"`
 }
 
 type tokensState struct {
@@ -79,6 +81,18 @@ const keepTokens = 30 * 24 * time.Hour
 // added to the server certificate if missing. Only the SHA-256 of the secret is
 // stored.
 func (a *Authority) NewToken(addr, pattern string, ttl time.Duration) (string, error) {
+	return a.newToken(addr, pattern, ttl, false)
+}
+
+// NewReplacingToken is NewToken for re-pairing a primary that this host
+// paired before (a failover pairs the peer host again under its name): the
+// pairing revokes the primary of the same name, whose certificate the
+// joining primary replaces, instead of being refused with ErrNameTaken.
+func (a *Authority) NewReplacingToken(addr, pattern string, ttl time.Duration) (string, error) {
+	return a.newToken(addr, pattern, ttl, true)
+}
+
+func (a *Authority) newToken(addr, pattern string, ttl time.Duration, replaces bool) (string, error) {
 	if a.enterprise {
 		return "", ErrEnterprise
 	}
@@ -128,7 +142,7 @@ func (a *Authority) NewToken(addr, pattern string, ttl time.Duration) (string, e
 	})
 	st.Tokens = append(st.Tokens, tokenRecord{
 		Hash: hex.EncodeToString(sum[:]), Addr: addr, Pattern: pattern,
-		Created: now.UTC(), Expires: expires,
+		Created: now.UTC(), Expires: expires, Replaces: replaces,
 	})
 	if err := a.writeTokens(st); err != nil {
 		return "", err
@@ -282,7 +296,7 @@ func (a *Authority) Join(secret []byte, csrPEM []byte, primaryName string) (cert
 	}
 	if ps, err := a.readPrimaries(); err != nil {
 		return nil, nil, Primary{}, err
-	} else if err := nameTaken(ps, primaryName, -1); err != nil {
+	} else if err := nameTaken(ps, primaryName, -1); err != nil && !tok.Replaces {
 		return nil, nil, Primary{}, err // the token is not consumed
 	}
 
@@ -312,6 +326,13 @@ func (a *Authority) Join(secret []byte, csrPEM []byte, primaryName string) (cert
 	ps, err := a.readPrimaries()
 	if err != nil {
 		return nil, nil, Primary{}, err
+	}
+	if tok.Replaces {
+		for i := range ps.Primaries {
+			if ps.Primaries[i].Name == primaryName {
+				ps.Primaries[i].Revoked = true // replaced by p
+			}
+		}
 	}
 	ps.Primaries = append(ps.Primaries, p)
 	if err := a.writePrimaries(ps); err != nil {

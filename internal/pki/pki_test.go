@@ -965,3 +965,29 @@ func mustPairToken(t *testing.T, tok, name string) creds {
 	}
 	return c
 }
+
+// TestReplacingToken: a failover pairs the peer host again under its name;
+// that pairing revokes the earlier primary of the name instead of being
+// refused.
+func TestReplacingToken(t *testing.T) {
+	a := open(t, t.TempDir())
+	s := serve(t, a)
+	old := mustPair(t, s, "vm1/*", "host1")
+	tok, err := a.NewReplacingToken(s.addr, "vm1/*", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := mustPairToken(t, tok, "host1")
+	if _, err := whoami(mtls(t, old), s.addr); !errors.Is(err, ErrRevoked) {
+		t.Fatalf("the replaced primary: %v", err)
+	}
+	if p, err := whoami(mtls(t, c), s.addr); err != nil || p.ID != c.id {
+		t.Fatalf("the replacing primary: %+v %v", p, err)
+	}
+	if err := a.Revoke("host1"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := whoami(mtls(t, c), s.addr); !errors.Is(err, ErrRevoked) {
+		t.Fatalf("revoke by name after a replacement: %v", err)
+	}
+}
