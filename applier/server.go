@@ -140,15 +140,6 @@ func (s *Server) pair(w http.ResponseWriter, r *http.Request) {
 	s.reply(w, r, wire.PairReply{Cert: cert, CA: ca, PrimaryID: p.ID}, nil)
 }
 
-// checkAllowed refuses image name of group unless the primary's allow-list
-// patterns admit it.
-func checkAllowed(p pki.Primary, group, name string) error {
-	if p.Allowed(group, name) {
-		return nil
-	}
-	return fail(http.StatusForbidden, "forbidden", "primary %s may not send image %s/%s (allowed: %s)", p.Name, group, name, p.Pattern)
-}
-
 type authedFunc func(w http.ResponseWriter, r *http.Request, p pki.Primary)
 
 // replicating refuses replication requests for a group that failed over to
