@@ -109,8 +109,6 @@ func classify(err error) *httpErr {
 		return &httpErr{http.StatusUnauthorized, pki.Code(err), err}
 	case pki.Code(err) == "bad_request", pki.Code(err) == "bad_name":
 		return &httpErr{http.StatusBadRequest, pki.Code(err), err}
-	case pki.Code(err) == "name_taken":
-		return &httpErr{http.StatusConflict, pki.Code(err), err}
 	case pki.Code(err) != "" && pki.Code(err) != "failure":
 		return &httpErr{http.StatusForbidden, pki.Code(err), err}
 	case errors.Is(err, format.ErrCorrupt), errors.Is(err, format.ErrNotCycle), errors.Is(err, format.ErrVersion):

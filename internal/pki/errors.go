@@ -24,8 +24,8 @@ var (
 		"(pair with the standin binary: standin pair join TOKEN)")
 	ErrBadPrimaryName = errors.New("pki: bad primary name " +
 		"(use 1 to 64 letters, digits and . _ - @: standin pair join --name NAME)")
-	ErrNameTaken = errors.New("pki: a paired primary already has this name; names identify primaries for revocation " +
-		"(pair with another name: standin pair join --name NAME, or revoke the other one first: standin pair revoke --store RSTORE ID)")
+	ErrNameTaken = errors.New("pki: a primary that is not revoked already has this name; names identify primaries for revocation " +
+		"(choose another name, or revoke the other one first: standin pair revoke --store RSTORE ID)")
 	ErrAmbiguousName = errors.New("pki: several primaries have this name (revoke by ID; standin pair list --store RSTORE shows the IDs)")
 	ErrNoSuchPrimary = errors.New("pki: no such primary (list them with standin pair list --store RSTORE)")
 	ErrEnterprise    = errors.New("pki: the replica uses enterprise certificates, so it issues no tokens " +

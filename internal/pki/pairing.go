@@ -87,7 +87,8 @@ func (a *Authority) NewToken(addr, pattern string, ttl time.Duration) (string, e
 // NewReplacingToken is NewToken for re-pairing a primary that this host
 // paired before (a failover pairs the peer host again under its name): the
 // pairing revokes the primary of the same name, whose certificate the
-// joining primary replaces, instead of being refused with ErrNameTaken.
+// joining primary replaces, and takes over its name (a pairing with an
+// ordinary token under a name in use gets the name NAME-2, NAME-3, …).
 func (a *Authority) NewReplacingToken(addr, pattern string, ttl time.Duration) (string, error) {
 	return a.newToken(addr, pattern, ttl, true)
 }
@@ -249,9 +250,11 @@ func writeState(path string, st any) error {
 // secret (constant time), that the token is unused and not expired, and the
 // CSR (ECDSA P-256 only); marks the token used durably; signs a client
 // certificate (CN = new primary ID "p-…", client-auth only, 5 years); records
-// the primary in primaries.json; and returns the certificate and CA PEM. A
-// token is consumed only by a request that passes every check, so a bad CSR
-// can be retried with the same token.
+// the primary in primaries.json, under a name no other primary that is not
+// revoked has (NAME-2, NAME-3, … if NAME is taken; see NewReplacingToken); and
+// returns the certificate and CA PEM. A token is consumed only by a request
+// that passes every check, so a bad CSR or name can be retried with the same
+// token.
 func (a *Authority) Join(secret []byte, csrPEM []byte, primaryName string) (certPEM, caPEM []byte, p Primary, err error) {
 	if a.enterprise {
 		return nil, nil, Primary{}, ErrEnterprise
@@ -296,8 +299,11 @@ func (a *Authority) Join(secret []byte, csrPEM []byte, primaryName string) (cert
 	}
 	if ps, err := a.readPrimaries(); err != nil {
 		return nil, nil, Primary{}, err
-	} else if err := nameTaken(ps, primaryName, -1); err != nil && !tok.Replaces {
-		return nil, nil, Primary{}, err // the token is not consumed
+	} else if !tok.Replaces {
+		// Names identify primaries (pair list, revoke): a host that pairs
+		// again under a name in use (a second address, a new extension)
+		// becomes NAME-2, NAME-3, …
+		primaryName = uniqueName(ps, primaryName)
 	}
 
 	p = Primary{ID: "p-" + randHex(8), Name: primaryName, Pattern: tok.Pattern, Paired: now.UTC()}
@@ -370,6 +376,25 @@ func checkPrimaryName(name string) error {
 		}
 	}
 	return nil
+}
+
+// uniqueName returns name, or name-N with the smallest N ≥ 2 that no
+// primary of st has, if a primary that is not revoked has name.
+func uniqueName(st primariesState, name string) string {
+	if nameTaken(st, name, -1) == nil {
+		return name
+	}
+	used := map[string]bool{}
+	for _, p := range st.Primaries {
+		used[p.Name] = true
+	}
+	for n := 2; ; n++ {
+		suf := fmt.Sprintf("-%d", n)
+		c := name[:min(len(name), 64-len(suf))] + suf
+		if !used[c] {
+			return c
+		}
+	}
 }
 
 // nameTaken refuses name if a primary of st other than the one at skip

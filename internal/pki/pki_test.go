@@ -887,11 +887,13 @@ func TestEnterprise(t *testing.T) {
 	}
 }
 
-// TestUniquePrimaryNames: a name identifies one live primary. Pairing under
-// a name in use is refused (naming the other primary) without consuming the
-// token; revoking by name hits only the live primary of that name; a name
-// shared by several live primaries (an older primaries.json) is refused for
-// revocation, which then goes by ID.
+// TestUniquePrimaryNames: a name identifies one live primary. A pairing
+// under a name in use gets NAME-2 (a host pairing again through a second
+// address or for a new extension keeps working); a bad name is refused
+// without consuming the token; revoking by name hits only the live primary
+// of that name; a name shared by several live primaries (an older
+// primaries.json) is refused for revocation, which then goes by ID;
+// AddPrimary refuses a name in use.
 func TestUniquePrimaryNames(t *testing.T) {
 	a := open(t, t.TempDir())
 	s := serve(t, a)
@@ -901,31 +903,38 @@ func TestUniquePrimaryNames(t *testing.T) {
 		t.Fatal(err)
 	}
 	pt, _ := ParseToken(tok)
-	_, csr, _ := NewCSR("dup")
-	if _, _, _, err := a.Join(pt.Secret, csr, "dup"); !errors.Is(err, ErrNameTaken) || !strings.Contains(err.Error(), first.id) {
-		t.Fatalf("second pairing as dup: %v", err)
-	}
-	if _, err := pair(tok, "dup"); !errors.Is(err, ErrNameTaken) {
-		t.Fatalf("second pairing as dup over the wire: %v", err)
-	}
+	_, csr, _ := NewCSR("x")
 	if _, _, _, err := a.Join(pt.Secret, csr, "bad name"); !errors.Is(err, ErrBadPrimaryName) || Code(err) != "bad_name" {
 		t.Fatalf("bad name: %v", err)
 	}
-	other := mustPairToken(t, tok, "other") // the refused joins did not use the token
+	second := mustPairToken(t, tok, "dup") // the refused join did not use the token
+	names := map[string]string{}
+	for _, p := range a.Primaries() {
+		names[p.ID] = p.Name
+	}
+	if names[first.id] != "dup" || names[second.id] != "dup-2" {
+		t.Fatalf("names after pairing dup twice: %v", names)
+	}
 	if err := a.Revoke("dup"); err != nil {
 		t.Fatal(err)
+	}
+	if _, err := whoami(mtls(t, second), s.addr); err != nil {
+		t.Fatalf("revoking dup hit dup-2: %v", err)
 	}
 	// A revoked name may be paired again; revoking by name then hits the new one only.
 	again := mustPair(t, s, "vm1/*", "dup")
 	if err := a.Revoke("dup"); err != nil {
 		t.Fatal(err)
 	}
-	for _, p := range a.Primaries() {
-		if want := p.ID != other.id; p.Revoked != want {
-			t.Errorf("primary %s %s revoked=%v, want %v", p.ID, p.Name, p.Revoked, want)
-		}
+	if _, err := whoami(mtls(t, again), s.addr); !errors.Is(err, ErrRevoked) {
+		t.Fatalf("revoke by name of the re-paired dup: %v", err)
 	}
-	_ = again
+	if _, err := whoami(mtls(t, second), s.addr); err != nil {
+		t.Fatalf("dup-2 after revoking dup: %v", err)
+	}
+	if err := a.AddPrimary("dup-2", "*", "some-cn"); !errors.Is(err, ErrNameTaken) || !strings.Contains(err.Error(), second.id) {
+		t.Fatalf("AddPrimary with a name in use: %v", err)
+	}
 	// Two live primaries of one name (written by an older version).
 	a.mu.Lock()
 	unlock, _ := a.flock()
@@ -938,7 +947,7 @@ func TestUniquePrimaryNames(t *testing.T) {
 	}
 	unlock()
 	a.mu.Unlock()
-	if err := a.Revoke("legacy"); !errors.Is(err, ErrAmbiguousName) || !strings.Contains(err.Error(), other.id) {
+	if err := a.Revoke("legacy"); !errors.Is(err, ErrAmbiguousName) || !strings.Contains(err.Error(), second.id) {
 		t.Fatalf("revoke of an ambiguous name: %v", err)
 	}
 	for _, p := range a.Primaries() {
@@ -946,10 +955,10 @@ func TestUniquePrimaryNames(t *testing.T) {
 			t.Fatalf("an ambiguous revoke revoked %s", p.ID)
 		}
 	}
-	if err := a.Revoke(other.id); err != nil {
+	if err := a.Revoke(second.id); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := whoami(mtls(t, other), s.addr); !errors.Is(err, ErrRevoked) {
+	if _, err := whoami(mtls(t, second), s.addr); !errors.Is(err, ErrRevoked) {
 		t.Fatalf("revoked by ID: %v", err)
 	}
 	if _, err := whoami(mtls(t, first), s.addr); err != nil {
