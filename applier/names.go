@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/google/uuid"
 )
@@ -46,4 +48,39 @@ func checkName(what, s string) error {
 func imageIDOK(s string) bool {
 	u, err := uuid.Parse(s)
 	return err == nil && u.String() == s
+}
+
+// MaxImageName is the maximum length in bytes of an image name from the wire
+// (the name of the disk file on the primary's mount).
+const MaxImageName = 255
+
+// checkImageName checks an image name that came from the wire (a query
+// parameter, a JSON body or a cycle header): 1..255 bytes of valid UTF-8,
+// no control characters (newline and tab included), no "/", not "." or "..",
+// and not starting with "-" (it would read as an option in shell commands
+// and tools that print or take image names).
+func checkImageName(s string) error {
+	bad := func(why string) error {
+		return fmt.Errorf("image name %q: %s: %w", s, why, ErrBadName)
+	}
+	switch {
+	case s == "":
+		return bad("empty")
+	case len(s) > MaxImageName:
+		return bad(fmt.Sprintf("%d bytes, more than %d", len(s), MaxImageName))
+	case !utf8.ValidString(s):
+		return bad("not valid UTF-8")
+	case s == "." || s == "..":
+		return bad("not a file name")
+	case strings.HasPrefix(s, "-"):
+		return bad("starts with a dash")
+	case strings.Contains(s, "/"):
+		return bad("contains a slash")
+	}
+	for _, c := range s {
+		if unicode.IsControl(c) {
+			return bad("contains a control character")
+		}
+	}
+	return nil
 }

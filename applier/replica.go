@@ -781,7 +781,7 @@ func (r *Replica) Apply(ctx context.Context, group, path string) (ApplyResult, e
 // when all are, no point is recorded and Skipped is set. Refused input
 // changes nothing.
 func (r *Replica) ApplyGroup(ctx context.Context, groupName string, paths []string) (ApplyResult, error) {
-	return r.applyGroup(ctx, groupName, paths, true, nil)
+	return r.applyGroup(ctx, groupName, paths, true, nil, nil)
 }
 
 // ApplyVerified is ApplyGroup for cycle files the caller has already
@@ -790,16 +790,16 @@ func (r *Replica) ApplyGroup(ctx context.Context, groupName string, paths []stri
 // catches any change since; every block hash is still checked while the data
 // is applied.
 func (r *Replica) ApplyVerified(ctx context.Context, groupName string, paths []string) (ApplyResult, error) {
-	return r.applyGroup(ctx, groupName, paths, false, nil)
+	return r.applyGroup(ctx, groupName, paths, false, nil, nil)
 }
 
 // ApplyVerifiedFrom is ApplyVerified whose ref blocks may only be resolved
 // from images that sources allows (the committing primary's allow-list).
 func (r *Replica) ApplyVerifiedFrom(ctx context.Context, groupName string, paths []string, sources SourceFunc) (ApplyResult, error) {
-	return r.applyGroup(ctx, groupName, paths, false, sources)
+	return r.applyGroup(ctx, groupName, paths, false, sources, nil)
 }
 
-func (r *Replica) applyGroup(ctx context.Context, groupName string, paths []string, full bool, sources SourceFunc) (res ApplyResult, err error) {
+func (r *Replica) applyGroup(ctx context.Context, groupName string, paths []string, full bool, sources SourceFunc, admit AdmitFunc) (res ApplyResult, err error) {
 	g, err := r.group(groupName)
 	if err != nil {
 		return res, err
@@ -849,6 +849,10 @@ func (r *Replica) applyGroup(ctx context.Context, groupName string, paths []stri
 	g.mu.RUnlock()
 	if foErr != nil {
 		return res, foErr
+	}
+	// Authorization against what is held now (server_authz.go).
+	if err := admitCycles(g, cs, admit); err != nil {
+		return res, err
 	}
 
 	// Plan.

@@ -13,6 +13,7 @@ import (
 	"regexp"
 	"strconv"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/google/uuid"
@@ -56,15 +57,15 @@ func NewServer(rep *Replica, auth *pki.Authority, inbox string, log *slog.Logger
 func (s *Server) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST "+wire.Prefix+"/pair", s.pair)
-	mux.HandleFunc("GET "+wire.Prefix+"/groups/{group}/uploads/{id}/{gen}/{seq}", s.authed(s.replicating(s.uploadState)))
-	mux.HandleFunc("PUT "+wire.Prefix+"/groups/{group}/uploads/{id}/{gen}/{seq}", s.authed(s.replicating(s.upload)))
-	mux.HandleFunc("POST "+wire.Prefix+"/groups/{group}/commit", s.authed(s.replicating(s.commit)))
+	mux.HandleFunc("GET "+wire.Prefix+"/groups/{group}/uploads/{id}/{gen}/{seq}", s.authed(s.replicating(s.images(uploadClaims(true), s.uploadState))))
+	mux.HandleFunc("PUT "+wire.Prefix+"/groups/{group}/uploads/{id}/{gen}/{seq}", s.authed(s.replicating(s.images(uploadClaims(false), s.upload))))
+	mux.HandleFunc("POST "+wire.Prefix+"/groups/{group}/commit", s.authed(s.replicating(s.images(commitClaims, s.commit))))
 	mux.HandleFunc("GET "+wire.Prefix+"/groups/{group}", s.authed(s.groupState))
-	mux.HandleFunc("POST "+wire.Prefix+"/groups/{group}/seed", s.authed(s.replicating(s.seedExpect)))
-	mux.HandleFunc("DELETE "+wire.Prefix+"/groups/{group}/uploads/{id}/{gen}/{seq}", s.authed(s.replicating(s.discard)))
-	mux.HandleFunc("POST "+wire.Prefix+"/groups/{group}/images/{id}/held", s.authed(s.replicating(s.held)))
-	mux.HandleFunc("GET "+wire.Prefix+"/groups/{group}/images/{id}/regions", s.authed(s.replicating(s.regions)))
-	mux.HandleFunc("POST "+wire.Prefix+"/groups/{group}/failover", s.authed(s.failover))
+	mux.HandleFunc("POST "+wire.Prefix+"/groups/{group}/seed", s.authed(s.replicating(s.images(seedClaims, s.seedExpect))))
+	mux.HandleFunc("DELETE "+wire.Prefix+"/groups/{group}/uploads/{id}/{gen}/{seq}", s.authed(s.replicating(s.images(uploadClaims(false), s.discard))))
+	mux.HandleFunc("POST "+wire.Prefix+"/groups/{group}/images/{id}/held", s.authed(s.replicating(s.images(queryClaims, s.held))))
+	mux.HandleFunc("GET "+wire.Prefix+"/groups/{group}/images/{id}/regions", s.authed(s.replicating(s.images(queryClaims, s.regions))))
+	mux.HandleFunc("POST "+wire.Prefix+"/groups/{group}/failover", s.authed(s.images(failoverClaims, s.failover)))
 	return mux
 }
 
@@ -102,8 +103,12 @@ func classify(err error) *httpErr {
 	switch {
 	case errors.As(err, &he):
 		return he
+	case errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT):
+		return storeFull(err).(*httpErr)
 	case errors.Is(err, pki.ErrUnpaired):
 		return &httpErr{http.StatusUnauthorized, pki.Code(err), err}
+	case pki.Code(err) == "bad_request", pki.Code(err) == "bad_name":
+		return &httpErr{http.StatusBadRequest, pki.Code(err), err}
 	case pki.Code(err) != "" && pki.Code(err) != "failure":
 		return &httpErr{http.StatusForbidden, pki.Code(err), err}
 	case errors.Is(err, format.ErrCorrupt), errors.Is(err, format.ErrNotCycle), errors.Is(err, format.ErrVersion):
@@ -133,15 +138,6 @@ func (s *Server) pair(w http.ResponseWriter, r *http.Request) {
 	s.reply(w, r, wire.PairReply{Cert: cert, CA: ca, PrimaryID: p.ID}, nil)
 }
 
-// checkAllowed refuses image name of group unless the primary's allow-list
-// patterns admit it.
-func checkAllowed(p pki.Primary, group, name string) error {
-	if p.Allowed(group, name) {
-		return nil
-	}
-	return fail(http.StatusForbidden, "forbidden", "primary %s may not send image %s/%s (allowed: %s)", p.Name, group, name, p.Pattern)
-}
-
 type authedFunc func(w http.ResponseWriter, r *http.Request, p pki.Primary)
 
 // replicating refuses replication requests for a group that failed over to
@@ -161,7 +157,8 @@ func (s *Server) replicating(h authedFunc) authedFunc {
 }
 
 // authed admits only paired, non-revoked primaries (mutual TLS) and checks
-// the group name before anything touches the disk.
+// the group name, and that the group is within the primary's allow-list,
+// before anything touches the disk (see server_authz.go).
 func (s *Server) authed(h authedFunc) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		if r.TLS == nil {
@@ -176,6 +173,11 @@ func (s *Server) authed(h authedFunc) http.HandlerFunc {
 		if g := r.PathValue("group"); g != "" && !validName(g) {
 			s.reply(w, r, nil, fmt.Errorf("group %q: %w", g, ErrBadName))
 			return
+		} else if g != "" {
+			if err := checkGroupAllowed(p, g); err != nil {
+				s.reply(w, r, nil, err)
+				return
+			}
 		}
 		h(w, r, p)
 	}
@@ -261,11 +263,7 @@ func (s *Server) upload(w http.ResponseWriter, r *http.Request, p pki.Primary) {
 		s.reply(w, r, nil, err)
 		return
 	}
-	name := r.URL.Query().Get("name")
-	if err := checkAllowed(p, group, name); err != nil {
-		s.reply(w, r, nil, err)
-		return
-	}
+	name := r.URL.Query().Get("name") // authorized by s.images
 	off, err1 := strconv.ParseInt(r.URL.Query().Get("offset"), 10, 64)
 	total, err2 := strconv.ParseInt(r.URL.Query().Get("total"), 10, 64)
 	if err := errors.Join(err1, err2); err != nil || off < 0 || total <= 0 || off > total || total > s.MaxCycleBytes {
@@ -322,6 +320,10 @@ func (s *Server) upload(w http.ResponseWriter, r *http.Request, p pki.Primary) {
 	closeErr := f.Close()
 	if copyErr != nil || closeErr != nil {
 		// What reached the disk is fsynced; the primary resumes from there.
+		if err := errors.Join(copyErr, closeErr); errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
+			s.reply(w, r, nil, storeFull(err))
+			return
+		}
 		s.reply(w, r, nil, fail(http.StatusBadRequest, "bad_request", "upload interrupted at byte %d: %v", off+n, errors.Join(copyErr, closeErr)))
 		return
 	}
@@ -444,7 +446,7 @@ func (s *Server) commit(w http.ResponseWriter, r *http.Request, p pki.Primary) {
 		s.reply(w, r, nil, err)
 		return
 	}
-	res, err := s.rep.ApplyVerifiedFrom(r.Context(), group, paths, s.sources(p))
+	res, err := s.rep.ApplyVerifiedAs(r.Context(), group, paths, s.sources(p), s.admit(p, group))
 	s.noteCommit(group, req.Policy.Interval, err)
 	if s.OnApply != nil {
 		s.OnApply(group, res, err)
@@ -464,7 +466,7 @@ func (s *Server) commit(w http.ResponseWriter, r *http.Request, p pki.Primary) {
 
 func (s *Server) groupState(w http.ResponseWriter, r *http.Request, p pki.Primary) {
 	imgs, err := s.rep.GroupImages(r.PathValue("group"))
-	s.reply(w, r, wire.GroupState{Group: r.PathValue("group"), Images: imgs}, err)
+	s.reply(w, r, wire.GroupState{Group: r.PathValue("group"), Images: visible(p, r.PathValue("group"), imgs)}, err)
 }
 
 // seedExpect records the seed a primary's relationship starts from.
@@ -475,19 +477,13 @@ func (s *Server) seedExpect(w http.ResponseWriter, r *http.Request, p pki.Primar
 		s.reply(w, r, nil, fail(http.StatusBadRequest, "bad_request", "seed announcement: %v", err))
 		return
 	}
-	for _, im := range req.Images {
-		if err := checkAllowed(p, group, im.Name); err != nil {
-			s.reply(w, r, nil, err)
-			return
-		}
-	}
 	if err := s.rep.ExpectSeed(group, req); err != nil {
 		s.reply(w, r, nil, err)
 		return
 	}
 	s.log.Info("primary announced a seed", "group", group, "primary", p.Name, "images", len(req.Images), "cut", req.Time)
 	imgs, err := s.rep.GroupImages(group)
-	s.reply(w, r, wire.GroupState{Group: group, Images: imgs}, err)
+	s.reply(w, r, wire.GroupState{Group: group, Images: visible(p, group, imgs)}, err)
 }
 
 func validName(s string) bool { return storeNameOK(s) }

@@ -27,10 +27,6 @@ func (s *Server) imageQuery(r *http.Request, p pki.Primary) (group, id string, n
 	if err != nil || u.String() != r.PathValue("id") {
 		return "", "", 0, fmt.Errorf("image id %q: %w", r.PathValue("id"), ErrBadName)
 	}
-	name := r.URL.Query().Get("name")
-	if err := checkAllowed(p, group, name); err != nil {
-		return "", "", 0, err
-	}
 	nblocks, err = strconv.ParseUint(r.URL.Query().Get("blocks"), 10, 64)
 	if err != nil || nblocks == 0 || nblocks > 1<<40 {
 		return "", "", 0, fail(http.StatusBadRequest, "bad_request", "blocks %q: want the image size in 4 KiB blocks", r.URL.Query().Get("blocks"))
@@ -108,10 +104,6 @@ func (s *Server) regions(w http.ResponseWriter, r *http.Request, p pki.Primary) 
 func (s *Server) discard(w http.ResponseWriter, r *http.Request, p pki.Primary) {
 	group, path, ref, err := s.uploadFile(r)
 	if err != nil {
-		s.reply(w, r, nil, err)
-		return
-	}
-	if err := checkAllowed(p, group, r.URL.Query().Get("name")); err != nil {
 		s.reply(w, r, nil, err)
 		return
 	}

@@ -255,7 +255,7 @@ func (pf *primaryFailover) token(ctx context.Context, replicaStore, addr string,
 		pats = append(pats, grp+"/*")
 	}
 	var tok map[string]string
-	err := NewClient(replicaStore).Call(ctx, "/pair/token", TokenRequest{Pattern: strings.Join(pats, ","), TTL: time.Hour, Addr: addr}, &tok)
+	err := NewClient(replicaStore).Call(ctx, "/pair/token", TokenRequest{Pattern: strings.Join(pats, ","), TTL: time.Hour, Addr: addr, Replace: true}, &tok)
 	if err != nil {
 		return "", fmt.Errorf("this host's replica store %s (the reverse direction's target): %w", replicaStore, err)
 	}

@@ -183,6 +183,9 @@ type TokenRequest struct {
 	Pattern string        `json:"pattern"`
 	TTL     time.Duration `json:"ttl"`
 	Addr    string        `json:"addr"`
+	// Replace: the pairing replaces (revokes) a primary of the same name
+	// (a failover pairs the peer host again; pki.NewReplacingToken).
+	Replace bool `json:"replace,omitempty"`
 }
 
 // ReplicaStatus is the replica daemon's GET /status.
@@ -215,7 +218,11 @@ func replicaControl(rep *applier.Replica, srv *applier.Server, auth *pki.Authori
 		if req.Addr == "" {
 			req.Addr = listen
 		}
-		tok, err := auth.NewToken(req.Addr, req.Pattern, req.TTL)
+		newToken := auth.NewToken
+		if req.Replace {
+			newToken = auth.NewReplacingToken
+		}
+		tok, err := newToken(req.Addr, req.Pattern, req.TTL)
 		if err != nil {
 			reply(w, http.StatusInternalServerError, apiError{Error: err.Error(), Code: "failure"})
 			return

@@ -22,6 +22,11 @@ var (
 		"(copy the whole standin1:… line printed by standin pair token)")
 	ErrBadCSR = errors.New("pki: bad certificate request; the replica signs only ECDSA P-256 requests " +
 		"(pair with the standin binary: standin pair join TOKEN)")
+	ErrBadPrimaryName = errors.New("pki: bad primary name " +
+		"(use 1 to 64 letters, digits and . _ - @: standin pair join --name NAME)")
+	ErrNameTaken = errors.New("pki: a primary that is not revoked already has this name; names identify primaries for revocation " +
+		"(choose another name, or revoke the other one first: standin pair revoke --store RSTORE ID)")
+	ErrAmbiguousName = errors.New("pki: several primaries have this name (revoke by ID; standin pair list --store RSTORE shows the IDs)")
 	ErrNoSuchPrimary = errors.New("pki: no such primary (list them with standin pair list --store RSTORE)")
 	ErrEnterprise    = errors.New("pki: the replica uses enterprise certificates, so it issues no tokens " +
 		"(allow the primary's certificate with standin pair add --store RSTORE)")
@@ -62,6 +67,9 @@ var codes = []struct {
 	{ErrTokenMalformed, "token_malformed", exitcode.Usage},
 	{ErrBadCSR, "bad_request", exitcode.Refused},
 	{ErrNoSuchPrimary, "not_found", exitcode.NotFound},
+	{ErrBadPrimaryName, "bad_name", exitcode.Usage},
+	{ErrNameTaken, "name_taken", exitcode.Refused},
+	{ErrAmbiguousName, "ambiguous", exitcode.Usage},
 	{ErrEnterprise, "refused", exitcode.Refused},
 }
 

@@ -54,6 +54,8 @@ type tokenRecord struct {
 	Expires time.Time  `json:"expires"`
 	UsedAt  *time.Time `json:"used_at,omitempty"`
 	UsedBy  string     `json:"used_by,omitempty"`
+	// Replaces: the pairing revokes a primary of the same name (NewReplacingToken).
+	Replaces bool `json:"replaces,omitempty"`
 }
 
 type tokensState struct {
@@ -79,6 +81,19 @@ const keepTokens = 30 * 24 * time.Hour
 // added to the server certificate if missing. Only the SHA-256 of the secret is
 // stored.
 func (a *Authority) NewToken(addr, pattern string, ttl time.Duration) (string, error) {
+	return a.newToken(addr, pattern, ttl, false)
+}
+
+// NewReplacingToken is NewToken for re-pairing a primary that this host
+// paired before (a failover pairs the peer host again under its name): the
+// pairing revokes the primary of the same name, whose certificate the
+// joining primary replaces, and takes over its name (a pairing with an
+// ordinary token under a name in use gets the name NAME-2, NAME-3, …).
+func (a *Authority) NewReplacingToken(addr, pattern string, ttl time.Duration) (string, error) {
+	return a.newToken(addr, pattern, ttl, true)
+}
+
+func (a *Authority) newToken(addr, pattern string, ttl time.Duration, replaces bool) (string, error) {
 	if a.enterprise {
 		return "", ErrEnterprise
 	}
@@ -128,7 +143,7 @@ func (a *Authority) NewToken(addr, pattern string, ttl time.Duration) (string, e
 	})
 	st.Tokens = append(st.Tokens, tokenRecord{
 		Hash: hex.EncodeToString(sum[:]), Addr: addr, Pattern: pattern,
-		Created: now.UTC(), Expires: expires,
+		Created: now.UTC(), Expires: expires, Replaces: replaces,
 	})
 	if err := a.writeTokens(st); err != nil {
 		return "", err
@@ -235,9 +250,11 @@ func writeState(path string, st any) error {
 // secret (constant time), that the token is unused and not expired, and the
 // CSR (ECDSA P-256 only); marks the token used durably; signs a client
 // certificate (CN = new primary ID "p-…", client-auth only, 5 years); records
-// the primary in primaries.json; and returns the certificate and CA PEM. A
-// token is consumed only by a request that passes every check, so a bad CSR
-// can be retried with the same token.
+// the primary in primaries.json, under a name no other primary that is not
+// revoked has (NAME-2, NAME-3, … if NAME is taken; see NewReplacingToken); and
+// returns the certificate and CA PEM. A token is consumed only by a request
+// that passes every check, so a bad CSR or name can be retried with the same
+// token.
 func (a *Authority) Join(secret []byte, csrPEM []byte, primaryName string) (certPEM, caPEM []byte, p Primary, err error) {
 	if a.enterprise {
 		return nil, nil, Primary{}, ErrEnterprise
@@ -280,6 +297,14 @@ func (a *Authority) Join(secret []byte, csrPEM []byte, primaryName string) (cert
 	if !now.Before(tok.Expires) {
 		return nil, nil, Primary{}, fmt.Errorf("%w (expired %s)", ErrTokenExpired, tok.Expires.Format(time.RFC3339))
 	}
+	if ps, err := a.readPrimaries(); err != nil {
+		return nil, nil, Primary{}, err
+	} else if !tok.Replaces {
+		// Names identify primaries (pair list, revoke): a host that pairs
+		// again under a name in use (a second address, a new extension)
+		// becomes NAME-2, NAME-3, …
+		primaryName = uniqueName(ps, primaryName)
+	}
 
 	p = Primary{ID: "p-" + randHex(8), Name: primaryName, Pattern: tok.Pattern, Paired: now.UTC()}
 	tmpl := &x509.Certificate{
@@ -307,6 +332,13 @@ func (a *Authority) Join(secret []byte, csrPEM []byte, primaryName string) (cert
 	ps, err := a.readPrimaries()
 	if err != nil {
 		return nil, nil, Primary{}, err
+	}
+	if tok.Replaces {
+		for i := range ps.Primaries {
+			if ps.Primaries[i].Name == primaryName {
+				ps.Primaries[i].Revoked = true // replaced by p
+			}
+		}
 	}
 	ps.Primaries = append(ps.Primaries, p)
 	if err := a.writePrimaries(ps); err != nil {
@@ -336,11 +368,41 @@ func parseCSR(csrPEM []byte) (*x509.CertificateRequest, error) {
 
 func checkPrimaryName(name string) error {
 	if name == "" || len(name) > 64 {
-		return fmt.Errorf("pki: primary name %q must be 1 to 64 characters", name)
+		return fmt.Errorf("%w: %q must be 1 to 64 characters", ErrBadPrimaryName, name)
 	}
 	for _, c := range name {
 		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || strings.ContainsRune("._-@", c)) {
-			return fmt.Errorf("pki: primary name %q: use letters, digits and . _ - @ only", name)
+			return fmt.Errorf("%w: %q: use letters, digits and . _ - @ only", ErrBadPrimaryName, name)
+		}
+	}
+	return nil
+}
+
+// uniqueName returns name, or name-N with the smallest N ≥ 2 that no
+// primary of st has, if a primary that is not revoked has name.
+func uniqueName(st primariesState, name string) string {
+	if nameTaken(st, name, -1) == nil {
+		return name
+	}
+	used := map[string]bool{}
+	for _, p := range st.Primaries {
+		used[p.Name] = true
+	}
+	for n := 2; ; n++ {
+		suf := fmt.Sprintf("-%d", n)
+		c := name[:min(len(name), 64-len(suf))] + suf
+		if !used[c] {
+			return c
+		}
+	}
+}
+
+// nameTaken refuses name if a primary of st other than the one at skip
+// (-1: none) that is not revoked already has it.
+func nameTaken(st primariesState, name string, skip int) error {
+	for i, p := range st.Primaries {
+		if i != skip && !p.Revoked && p.Name == name {
+			return fmt.Errorf("%w: %q is primary %s (pattern %s, paired %s)", ErrNameTaken, name, p.ID, p.Pattern, p.Paired.Format(time.RFC3339))
 		}
 	}
 	return nil
@@ -386,8 +448,9 @@ func (a *Authority) Primaries() []Primary {
 	return slices.Clone(a.primaries)
 }
 
-// Revoke revokes the primary with this ID, or else every primary with this
-// name. It is durable and takes effect at once for Authorize (every request,
+// Revoke revokes the primary with this ID, or else the one primary with this
+// name (ErrAmbiguousName if several primaries that are not revoked have it:
+// revoke by ID). It is durable and takes effect at once for Authorize (every request,
 // also on open connections). Revoking a revoked primary is not an error.
 func (a *Authority) Revoke(idOrName string) error {
 	if idOrName == "" {
@@ -406,7 +469,22 @@ func (a *Authority) Revoke(idOrName string) error {
 	}
 	match := func(p Primary) bool { return p.ID == idOrName }
 	if !slices.ContainsFunc(st.Primaries, match) {
-		match = func(p Primary) bool { return p.Name == idOrName }
+		// By name: the one primary of that name that is not revoked (if
+		// every one is, revoking them again changes nothing).
+		var live []string
+		for _, p := range st.Primaries {
+			if p.Name == idOrName && !p.Revoked {
+				live = append(live, p.ID)
+			}
+		}
+		switch {
+		case len(live) > 1:
+			return fmt.Errorf("%w: %q is %s", ErrAmbiguousName, idOrName, strings.Join(live, ", "))
+		case len(live) == 1:
+			match = func(p Primary) bool { return p.ID == live[0] }
+		default:
+			match = func(p Primary) bool { return p.Name == idOrName }
+		}
 	}
 	n := 0
 	for i := range st.Primaries {
@@ -466,6 +544,9 @@ func (a *Authority) AddPrimary(name, pattern, certFingerprintOrCN string) error 
 		}
 		st.Primaries = append(st.Primaries, Primary{ID: id, Fingerprint: fp, Paired: a.now().UTC()})
 		i = len(st.Primaries) - 1
+	}
+	if err := nameTaken(st, name, i); err != nil {
+		return err
 	}
 	st.Primaries[i].Name, st.Primaries[i].Pattern, st.Primaries[i].Revoked = name, pattern, false
 	return a.writePrimaries(st)
@@ -578,6 +659,33 @@ func (p Primary) Allowed(group, image string) bool {
 			return true
 		}
 		if ok, _ := path.Match(g, name); ok {
+			return true
+		}
+	}
+	return false
+}
+
+// AllowedGroup reports whether p may send some image of group GROUP at all:
+// p is not revoked, the group is a plain name, and the group part of one of
+// p's globs matches it ("" and "*" allow every group). A request about a
+// group outside every glob is refused before anything of it is looked up.
+func (p Primary) AllowedGroup(group string) bool {
+	if p.Revoked || !plainName(group) {
+		return false
+	}
+	if strings.TrimSpace(p.Pattern) == "" {
+		return true
+	}
+	for _, g := range strings.Split(p.Pattern, ",") {
+		g = strings.TrimSpace(g)
+		if g == "*" {
+			return true
+		}
+		gp, _, ok := strings.Cut(g, "/")
+		if !ok {
+			continue
+		}
+		if m, _ := path.Match(gp, group); m {
 			return true
 		}
 	}

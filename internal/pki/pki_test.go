@@ -886,3 +886,117 @@ func TestEnterprise(t *testing.T) {
 		t.Fatalf("served %q after rotation", cn)
 	}
 }
+
+// TestUniquePrimaryNames: a name identifies one live primary. A pairing
+// under a name in use gets NAME-2 (a host pairing again through a second
+// address or for a new extension keeps working); a bad name is refused
+// without consuming the token; revoking by name hits only the live primary
+// of that name; a name shared by several live primaries (an older
+// primaries.json) is refused for revocation, which then goes by ID;
+// AddPrimary refuses a name in use.
+func TestUniquePrimaryNames(t *testing.T) {
+	a := open(t, t.TempDir())
+	s := serve(t, a)
+	first := mustPair(t, s, "vm1/*", "dup")
+	tok, err := a.NewToken(s.addr, "vm2/*", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pt, _ := ParseToken(tok)
+	_, csr, _ := NewCSR("x")
+	if _, _, _, err := a.Join(pt.Secret, csr, "bad name"); !errors.Is(err, ErrBadPrimaryName) || Code(err) != "bad_name" {
+		t.Fatalf("bad name: %v", err)
+	}
+	second := mustPairToken(t, tok, "dup") // the refused join did not use the token
+	names := map[string]string{}
+	for _, p := range a.Primaries() {
+		names[p.ID] = p.Name
+	}
+	if names[first.id] != "dup" || names[second.id] != "dup-2" {
+		t.Fatalf("names after pairing dup twice: %v", names)
+	}
+	if err := a.Revoke("dup"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := whoami(mtls(t, second), s.addr); err != nil {
+		t.Fatalf("revoking dup hit dup-2: %v", err)
+	}
+	// A revoked name may be paired again; revoking by name then hits the new one only.
+	again := mustPair(t, s, "vm1/*", "dup")
+	if err := a.Revoke("dup"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := whoami(mtls(t, again), s.addr); !errors.Is(err, ErrRevoked) {
+		t.Fatalf("revoke by name of the re-paired dup: %v", err)
+	}
+	if _, err := whoami(mtls(t, second), s.addr); err != nil {
+		t.Fatalf("dup-2 after revoking dup: %v", err)
+	}
+	if err := a.AddPrimary("dup-2", "*", "some-cn"); !errors.Is(err, ErrNameTaken) || !strings.Contains(err.Error(), second.id) {
+		t.Fatalf("AddPrimary with a name in use: %v", err)
+	}
+	// Two live primaries of one name (written by an older version).
+	a.mu.Lock()
+	unlock, _ := a.flock()
+	st, _ := a.readPrimaries()
+	for i := range st.Primaries {
+		st.Primaries[i].Name, st.Primaries[i].Revoked = "legacy", false
+	}
+	if err := a.writePrimaries(st); err != nil {
+		t.Fatal(err)
+	}
+	unlock()
+	a.mu.Unlock()
+	if err := a.Revoke("legacy"); !errors.Is(err, ErrAmbiguousName) || !strings.Contains(err.Error(), second.id) {
+		t.Fatalf("revoke of an ambiguous name: %v", err)
+	}
+	for _, p := range a.Primaries() {
+		if p.Revoked {
+			t.Fatalf("an ambiguous revoke revoked %s", p.ID)
+		}
+	}
+	if err := a.Revoke(second.id); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := whoami(mtls(t, second), s.addr); !errors.Is(err, ErrRevoked) {
+		t.Fatalf("revoked by ID: %v", err)
+	}
+	if _, err := whoami(mtls(t, first), s.addr); err != nil {
+		t.Fatalf("the other primary of that name: %v", err)
+	}
+}
+
+func mustPairToken(t *testing.T, tok, name string) creds {
+	t.Helper()
+	c, err := pair(tok, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// TestReplacingToken: a failover pairs the peer host again under its name;
+// that pairing revokes the earlier primary of the name instead of being
+// refused.
+func TestReplacingToken(t *testing.T) {
+	a := open(t, t.TempDir())
+	s := serve(t, a)
+	old := mustPair(t, s, "vm1/*", "host1")
+	tok, err := a.NewReplacingToken(s.addr, "vm1/*", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := mustPairToken(t, tok, "host1")
+	if _, err := whoami(mtls(t, old), s.addr); !errors.Is(err, ErrRevoked) {
+		t.Fatalf("the replaced primary: %v", err)
+	}
+	if p, err := whoami(mtls(t, c), s.addr); err != nil || p.ID != c.id {
+		t.Fatalf("the replacing primary: %+v %v", p, err)
+	}
+	if err := a.Revoke("host1"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := whoami(mtls(t, c), s.addr); !errors.Is(err, ErrRevoked) {
+		t.Fatalf("revoke by name after a replacement: %v", err)
+	}
+}
