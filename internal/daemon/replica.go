@@ -17,6 +17,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/standin/standin/applier"
+	"github.com/standin/standin/fusefs"
 	"github.com/standin/standin/internal/pki"
 )
 
@@ -32,6 +33,8 @@ type ReplicaOptions struct {
 	// PointsMount, if set, is where every recovery point is exposed
 	// read-only through FUSE (failover.go).
 	PointsMount string
+	// PointsAccess: who besides the daemon's user may read PointsMount.
+	PointsAccess fusefs.Access
 	// PrimaryStore is this host's primary store (its mount daemon tracks
 	// images promoted by a failover); "" = this host cannot take over.
 	PrimaryStore string
@@ -118,7 +121,7 @@ func RunReplica(ctx context.Context, o ReplicaOptions, ready func()) error {
 	}
 
 	// Points mount and test failovers (re-mounted from the store).
-	fm, err := startFailover(rep, o.Store, o.PointsMount, log)
+	fm, err := startFailover(rep, o.Store, o.PointsMount, o.PointsAccess, log)
 	if err != nil {
 		return err
 	}
