@@ -49,7 +49,8 @@ func pointsCommand() *cli.Command {
 				Flags: append(append([]cli.Flag{}, sel...),
 					&cli.StringFlag{Name: "point", Value: "latest", Usage: "point `ID` (from points list) or latest"},
 					&cli.StringFlag{Name: "image", Usage: "one image `NAME`"},
-					&cli.StringFlag{Name: "to", Required: true, Usage: "destination `PATH`"}),
+					&cli.StringFlag{Name: "to", Required: true, Usage: "destination `PATH` (files are written 0600, a directory created 0700)"},
+					&cli.BoolFlag{Name: "force", Usage: "replace existing files at --to (refused otherwise)"}),
 				OnUsageError: onUsageError,
 				Action: func(c *cli.Context) error {
 					to, err := absPath(c.String("to"))
@@ -57,7 +58,7 @@ func pointsCommand() *cli.Command {
 						return err
 					}
 					var files []string
-					req := daemon.ExportRequest{Group: c.String("group"), Point: c.String("point"), Image: c.String("image"), To: to}
+					req := daemon.ExportRequest{Group: c.String("group"), Point: c.String("point"), Image: c.String("image"), To: to, Replace: c.Bool("force")}
 					if err := daemon.NewClient(c.String("store")).Call(c.Context, "/points/export", req, &files); err != nil {
 						return err
 					}

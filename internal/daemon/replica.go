@@ -282,20 +282,44 @@ type ExportRequest struct {
 	Point string `json:"point"`
 	Image string `json:"image"`
 	To    string `json:"to"`
+	// Replace lets an export replace existing files (refused otherwise).
+	Replace bool `json:"replace,omitempty"`
 }
 
 // ExportPoint writes one image of a point to req.To, or every image of the
 // group into the directory req.To.
+// The files are 0600 and a directory it creates 0700; an existing file is
+// replaced only with req.Replace (a symlink there is replaced, never
+// followed).
 func ExportPoint(ctx context.Context, rep *applier.Replica, req ExportRequest) ([]string, error) {
+	exists := func(dst string) error {
+		if _, err := os.Lstat(dst); err == nil && !req.Replace {
+			return fmt.Errorf("%s already exists: %w (remove it, or --force to replace it)", dst, errBusy)
+		}
+		return nil
+	}
 	if req.Image != "" {
+		if err := exists(req.To); err != nil {
+			return nil, err
+		}
 		return []string{req.To}, rep.Export(ctx, req.Group, req.Point, req.Image, req.To)
 	}
 	imgs, err := rep.GroupImages(req.Group)
 	if err != nil {
 		return nil, err
 	}
-	if err := os.MkdirAll(req.To, 0o755); err != nil {
-		return nil, err
+	if _, err := os.Stat(req.To); errors.Is(err, os.ErrNotExist) {
+		if err := os.MkdirAll(req.To, 0o700); err != nil {
+			return nil, err
+		}
+		if err := os.Chmod(req.To, 0o700); err != nil {
+			return nil, err
+		}
+	}
+	for _, im := range imgs {
+		if err := exists(filepath.Join(req.To, filepath.Base(im.Name))); err != nil {
+			return nil, err
+		}
 	}
 	var out []string
 	for _, im := range imgs {
