@@ -22,32 +22,32 @@ import (
 func accessFlags(prefix string) []cli.Flag {
 	return []cli.Flag{
 		&cli.BoolFlag{Name: prefix + "allow-other", Usage: "let other local users in as far as the files' modes allow (FUSE allow_other + default_permissions; needed when QEMU runs as another user, e.g. libvirt's qemu user). Default: only the daemon's user"},
-		&cli.StringFlag{Name: prefix + "group", Usage: "with --" + prefix + "allow-other: the files' `GROUP` (name or number)"},
-		&cli.StringFlag{Name: prefix + "mode", Usage: "with --" + prefix + "allow-other: the files' `MODE` (octal, e.g. 0640 lets --" + prefix + "group read)"},
+		&cli.StringFlag{Name: prefix + "file-group", Usage: "with --" + prefix + "allow-other: the files' `GROUP` (name or number)"},
+		&cli.StringFlag{Name: prefix + "file-mode", Usage: "with --" + prefix + "allow-other: the files' `MODE` (octal, e.g. 0640 lets --" + prefix + "file-group read)"},
 	}
 }
 
 // accessFrom reads the accessFlags.
 func accessFrom(c *cli.Context, prefix string) (fusefs.Access, error) {
 	a := fusefs.Access{AllowOther: c.Bool(prefix + "allow-other")}
-	g, m := c.String(prefix+"group"), c.String(prefix+"mode")
+	g, m := c.String(prefix+"file-group"), c.String(prefix+"file-mode")
 	if !a.AllowOther {
 		if g != "" || m != "" {
-			return a, usageErr("--%sgroup and --%smode need --%sallow-other: without it only the daemon's user can use the mount, whatever the modes", prefix, prefix, prefix)
+			return a, usageErr("--%sfile-group and --%sfile-mode need --%sallow-other: without it only the daemon's user can use the mount, whatever the modes", prefix, prefix, prefix)
 		}
 		return a, nil
 	}
 	if g != "" {
 		gid, err := lookupGroup(g)
 		if err != nil {
-			return a, usageErr("--%sgroup: %v", prefix, err)
+			return a, usageErr("--%sfile-group: %v", prefix, err)
 		}
 		a.Gid = gid
 	}
 	if m != "" {
 		mode, err := parseMode(m)
 		if err != nil {
-			return a, usageErr("--%smode: %v", prefix, err)
+			return a, usageErr("--%sfile-mode: %v", prefix, err)
 		}
 		a.Mode = uint32(mode)
 	}

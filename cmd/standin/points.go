@@ -120,7 +120,7 @@ opened at (the point is pinned against retention until it is closed), also while
 applied. The mount lasts until 'standin points unmount' or the daemon stops; use
 'standin serve --points-mount DIR' to mount at every start.
 Only the daemon's user (root) can read the mount unless --allow-other is given; then the
-kernel checks the files' group and mode (--group, --mode; default 0400: still nobody else).`,
+kernel checks the files' group and mode (--file-group, --file-mode; default 0400: still nobody else).`,
 		Flags:        append([]cli.Flag{storeFlag}, accessFlags("")...),
 		OnUsageError: onUsageError,
 		Action: func(c *cli.Context) error {
