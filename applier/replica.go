@@ -215,6 +215,12 @@ func OpenReplica(dir string, o ReplicaOptions) (*Replica, error) {
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)
 	}
+	// The store holds every point of every group: only its owner may enter.
+	if old, changed, err := fsutil.Tighten(dir); err != nil {
+		return nil, fmt.Errorf("replica store %s: %w", dir, err)
+	} else if changed {
+		o.Logger.Warn("replica store was accessible to other users: group/other permissions removed", "store", dir, "old_mode", fmt.Sprintf("%04o", old), "new_mode", fmt.Sprintf("%04o", old&0o700))
+	}
 	if err := os.MkdirAll(filepath.Join(dir, "groups"), 0o700); err != nil {
 		return nil, err
 	}

@@ -67,6 +67,11 @@ type TestFailover struct {
 	MountMade bool            `json:"mount_created,omitempty"` // the mount directory was created for the test (removed by stop)
 	Images    []TestImageInfo `json:"images"`
 	BootCheck *BootCheck      `json:"boot_check,omitempty"`
+	// Who besides the daemon's user may use the mount (fusefs.Access):
+	// allow_other, the files' group (0: the daemon's) and mode (0: 0600).
+	AllowOther bool   `json:"allow_other,omitempty"`
+	Gid        int    `json:"gid,omitempty"`
+	Mode       uint32 `json:"mode,omitempty"`
 }
 
 // TestImageInfo is one image of a test failover.

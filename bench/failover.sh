@@ -104,7 +104,7 @@ ALLOC=$(du -B1 "$W/a/pstore/images/$IMG" | cut -f1)
 for h in a b; do start_rep $h; start_pri $h; done
 
 token() { S pair token --store "$W/$1/rstore" --images 'vm1/*' --json | jq -r .token; }
-S pair join --store "$W/a/pstore" --token "$(token b)" --replica "${ADDR[b]}" --name host-a >/dev/null
+token b | S pair join --store "$W/a/pstore" --token-file - --replica "${ADDR[b]}" --name host-a >/dev/null
 S replicate enable --store "$W/a/pstore" --group vm1 --images "$IMG" --replica "${ADDR[b]}" --interval 1h --any-point-window 1h >/dev/null
 log "initial replication of $SRC ($((ALLOC >> 20)) MiB allocated)"
 S replicate now --store "$W/a/pstore" --group vm1 --wait --timeout 30m >/dev/null

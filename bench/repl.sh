@@ -332,7 +332,7 @@ out=$(sd mount --store "$PSTORE" "$MNT" --background --metrics "127.0.0.1:$PMPOR
 PPID_D=$(sd status --store "$PSTORE" --json | jq -er .pid) || die "primary status has no pid"
 mountpoint -q "$MNT" || die "$MNT is not mounted after standin mount --background"
 TOKEN=$(sd pair token --store "$RSTORE" 2>/dev/null) || die "standin pair token failed"
-out=$(sd pair join --store "$PSTORE" --token "$TOKEN" 2>&1) || die "standin pair join failed: $out"
+out=$(printf '%s\n' "$TOKEN" | sd pair join --store "$PSTORE" --token-file - 2>&1) || die "standin pair join failed: $out"
 log "replica pid $RPID, primary pid $PPID_D, paired"
 mem_sample "idle (paired, no image)"
 

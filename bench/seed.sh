@@ -300,7 +300,7 @@ sd_setup() {
 	DPID=$(sd status --store "$PS" --json | jq -er .pid) || die "primary status --json has no pid"
 	mountpoint -q "$MNT" || die "$MNT is not mounted after standin mount --background"
 	token=$(sd pair token --store "$RS" 2>/dev/null) || die "standin pair token --store $RS failed"
-	out=$(sd pair join --store "$PS" --token "$token" 2>&1) || die "standin pair join failed: $out"
+	out=$(printf '%s\n' "$token" | sd pair join --store "$PS" --token-file - 2>&1) || die "standin pair join failed: $out"
 	for img in "$@"; do
 		out=$(sd replicate enable --store "$PS" --group "${img%.img}" --images "$img" --replica "127.0.0.1:$PORT" --initial seed 2>&1) ||
 			die "standin replicate enable --group ${img%.img} --images $img --initial seed failed: $out"

@@ -82,6 +82,10 @@ type ExportOptions struct {
 	// export to be resumable, and should be on local storage. Default: the
 	// first volume (not counted in VolumeSize). Required with NextVolume.
 	ScratchDir string
+	// Mode is the mode of the seed's files (0: DefaultMode, owner only);
+	// directories the export creates get DirMode(Mode). The export's
+	// working files in ScratchDir are always 0600.
+	Mode os.FileMode
 }
 
 // Progress reports an export or import under way.
@@ -284,7 +288,7 @@ func (e *exporter) setup() error {
 	if e.state == "" {
 		e.state = e.vols[0]
 	}
-	if err := os.MkdirAll(e.state, 0o755); err != nil {
+	if err := mkdirMode(e.state, DirMode(e.mode())); err != nil {
 		return err
 	}
 	var allocated int64
@@ -548,7 +552,7 @@ check:
 			}
 		}
 		for _, v := range l.set {
-			if err := writeLabel(v.dir, e.seed, v.n); err != nil {
+			if err := writeLabel(v.dir, e.seed, v.n, e.mode()); err != nil {
 				return l.volErr(v, "label", err)
 			}
 		}
@@ -940,7 +944,8 @@ func removeStale(v *volState, ix *seedIndex) {
 			}
 		}
 	}
-	for _, pat := range []string{"packs/*.pack", "parity/*.par", "manifests/*.man", "packs/*.tmp", "parity/*.tmp", "manifests/*.tmp"} {
+	for _, pat := range []string{"packs/*.pack", "parity/*.par", "manifests/*.man", "packs/*.tmp", "parity/*.tmp", "manifests/*.tmp",
+		"packs/.*.tmp-*", "parity/.*.tmp-*", "manifests/.*.tmp-*"} {
 		m, _ := filepath.Glob(filepath.Join(v.dir, pat))
 		for _, f := range m {
 			if !keep[f] {
@@ -1121,6 +1126,14 @@ func padTo(b []byte, n int64) []byte {
 	p := make([]byte, n)
 	copy(p, b)
 	return p
+}
+
+// mode is the mode of the seed's files.
+func (e *exporter) mode() os.FileMode {
+	if e.o.Mode == 0 {
+		return DefaultMode
+	}
+	return e.o.Mode.Perm()
 }
 
 func syncDir(dir string) {

@@ -4,9 +4,12 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"os"
+	"path/filepath"
 	"sort"
 
+	"github.com/standin/standin/internal/fsutil"
 	"github.com/zeebo/blake3"
 )
 
@@ -308,24 +311,51 @@ func readFileLimited(path string, limit int64) ([]byte, error) {
 	return b[:n], err
 }
 
-// writeFileAtomic writes data to path via path.tmp + fsync + rename.
-func writeFileAtomic(path string, data []byte) error {
-	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o644)
-	if err != nil {
+// writeFileAtomic writes data to path with mode perm via a fresh temporary
+// file (O_EXCL|O_NOFOLLOW: a symlink planted in the directory is never
+// followed) + fsync + rename. The caller syncs the directory.
+func writeFileAtomic(path string, data []byte, perm os.FileMode) error {
+	return fsutil.WriteAtomicOpts(path, fsutil.AtomicOptions{Perm: perm, NoDirSync: true}, func(w io.Writer) error {
+		_, err := w.Write(data)
+		return err
+	})
+}
+
+// DefaultMode is the mode of seed files unless ExportOptions.Mode says
+// otherwise: only the owner reads a seed (an unencrypted seed is the
+// images' content).
+const DefaultMode os.FileMode = 0o600
+
+// privateMode is the mode of the export's working files (journal, chunk
+// ids, parity accumulators), whatever the seed's mode.
+const privateMode os.FileMode = 0o600
+
+// DirMode is the mode of a directory holding files of mode m: m plus the
+// search bit for every class that may read or write.
+func DirMode(m os.FileMode) os.FileMode {
+	m = m.Perm()
+	return m | (m&0o444)>>2 | (m&0o222)>>1
+}
+
+// seedModeOf is the mode of the seed files in volume directory dir (that of
+// its index or label), DefaultMode if none is found.
+func seedModeOf(dir string) os.FileMode {
+	for _, n := range append(indexNames[:], labelName) {
+		if st, err := os.Lstat(filepath.Join(dir, n)); err == nil && st.Mode().IsRegular() {
+			return st.Mode().Perm()
+		}
+	}
+	return DefaultMode
+}
+
+// mkdirMode creates dir (and its parents) with mode perm if it does not
+// exist; an existing dir (named by the user) is left as it is.
+func mkdirMode(dir string, perm os.FileMode) error {
+	if _, err := os.Stat(dir); err == nil {
+		return nil
+	}
+	if err := os.MkdirAll(dir, perm); err != nil {
 		return err
 	}
-	if _, err = f.Write(data); err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
-		os.Remove(tmp)
-	}
-	return err
+	return os.Chmod(dir, perm) // exactly perm, whatever the umask
 }

@@ -118,7 +118,7 @@ func writeJournal(dir string, j *journal) (*journalFile, error) {
 		sb.WriteString(e.line())
 	}
 	path := filepath.Join(dir, journalName)
-	if err := writeFileAtomic(path, []byte(sb.String())); err != nil {
+	if err := writeFileAtomic(path, []byte(sb.String()), privateMode); err != nil {
 		return nil, err
 	}
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND, 0)
@@ -316,8 +316,8 @@ func journalHeader(k *keys, images []ImageSource, o *ExportOptions, nvols int) [
 
 // ---- volume labels ----
 
-func writeLabel(dir string, seed [16]byte, vol int) error {
-	return writeFileAtomic(filepath.Join(dir, labelName), fmt.Appendf(nil, "%s %s %d\n", labelMagic, hex.EncodeToString(seed[:]), vol))
+func writeLabel(dir string, seed [16]byte, vol int, perm os.FileMode) error {
+	return writeFileAtomic(filepath.Join(dir, labelName), fmt.Appendf(nil, "%s %s %d\n", labelMagic, hex.EncodeToString(seed[:]), vol), perm)
 }
 
 // identifyVolume says which seed and volume a directory holds, from its
@@ -345,7 +345,8 @@ func identifyVolume(dir string) (seed [16]byte, vol int, ok bool) {
 // (only names this package writes).
 func cleanSeedDir(dir string) error {
 	for _, pat := range []string{"packs/*.pack", "packs/*.tmp", "parity/*.par", "parity/*.tmp", "manifests/*.man", "manifests/*.tmp",
-		"index.?", "index.?.tmp", labelName, labelName + ".tmp"} {
+		"index.?", "index.?.tmp", labelName, labelName + ".tmp",
+		"packs/.*.tmp-*", "parity/.*.tmp-*", "manifests/.*.tmp-*", ".index.?.tmp-*", "." + labelName + ".tmp-*"} {
 		m, _ := filepath.Glob(filepath.Join(dir, pat))
 		for _, f := range m {
 			if err := os.Remove(f); err != nil && !os.IsNotExist(err) {
@@ -359,6 +360,12 @@ func cleanSeedDir(dir string) error {
 func cleanState(dir string) {
 	for _, n := range []string{journalName, journalName + ".tmp", idsName, finalIdxName, finalIdxName + ".tmp"} {
 		os.Remove(filepath.Join(dir, n))
+	}
+	for _, n := range []string{journalName, finalIdxName} {
+		m, _ := filepath.Glob(filepath.Join(dir, "."+n+".tmp-*"))
+		for _, f := range m {
+			os.Remove(f)
+		}
 	}
 	os.RemoveAll(filepath.Join(dir, accDir))
 }

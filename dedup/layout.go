@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"syscall"
 
+	"github.com/standin/standin/internal/fsutil"
 	"github.com/zeebo/blake3"
 )
 
@@ -104,8 +105,11 @@ func (l *layout) volErr(v *volState, what string, err error) error {
 func (l *layout) startVolume(n int, dir string) error {
 	e := l.e
 	v := &volState{n: n, dir: dir}
-	for _, d := range []string{dir, filepath.Join(dir, "packs"), filepath.Join(dir, "parity"), filepath.Join(dir, "manifests")} {
-		if err := os.MkdirAll(d, 0o755); err != nil {
+	if err := mkdirMode(dir, DirMode(e.mode())); err != nil {
+		return l.volErr(v, "directories", err)
+	}
+	for _, d := range []string{filepath.Join(dir, "packs"), filepath.Join(dir, "parity"), filepath.Join(dir, "manifests")} {
+		if err := fsutil.MkdirPrivate(d, DirMode(e.mode())); err != nil {
 			return l.volErr(v, "directories", err)
 		}
 	}
@@ -115,7 +119,7 @@ func (l *layout) startVolume(n int, dir string) error {
 	if err := cleanSeedDir(dir); err != nil {
 		return l.volErr(v, "removing an old seed", err)
 	}
-	if err := writeLabel(dir, e.seed, n); err != nil {
+	if err := writeLabel(dir, e.seed, n, e.mode()); err != nil {
 		return l.volErr(v, "label", err)
 	}
 	syncDir(dir)
@@ -206,7 +210,7 @@ func (l *layout) place(kind byte, num uint64, data []byte, bound int64, jp *jPac
 	if jp != nil {
 		s.First, s.Count = jp.first, jp.count
 	}
-	if err := writeFileAtomic(filepath.Join(v.dir, s.Name()), data); err != nil {
+	if err := writeFileAtomic(filepath.Join(v.dir, s.Name()), data, l.e.mode()); err != nil {
 		return l.volErr(v, s.Name(), err)
 	}
 	if err := c.acc.add(data); err != nil {
@@ -245,7 +249,7 @@ func (l *layout) closeGroup() error {
 		}
 		v := l.parityVol(c, j)
 		s := shardEntry{Kind: kindParity, Vol: v.n, Num: uint64(gi)<<8 | uint64(j), Len: int64(len(b)), Hash: blake3.Sum256(b)}
-		if err := writeFileAtomic(filepath.Join(v.dir, s.Name()), b); err != nil {
+		if err := writeFileAtomic(filepath.Join(v.dir, s.Name()), b, l.e.mode()); err != nil {
 			return l.volErr(v, s.Name(), err)
 		}
 		v.used += s.Len
@@ -285,7 +289,7 @@ func (l *layout) writeIndex(v *volState, ix *seedIndex) error {
 		return fmt.Errorf("dedup: internal: index of %d bytes does not fit on volume %d (reserve %d)", len(b), v.n, l.idxRes)
 	}
 	for _, n := range indexNames {
-		if err := writeFileAtomic(filepath.Join(v.dir, n), b); err != nil {
+		if err := writeFileAtomic(filepath.Join(v.dir, n), b, l.e.mode()); err != nil {
 			return l.volErr(v, n, err)
 		}
 	}

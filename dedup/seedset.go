@@ -218,7 +218,7 @@ func (ss *seedSet) rewriteIndexes() error {
 		cp.Volume = v
 		b := cp.encode(ss.k)
 		for _, n := range indexNames {
-			if err := writeFileAtomic(filepath.Join(d, n), b); err != nil {
+			if err := writeFileAtomic(filepath.Join(d, n), b, seedModeOf(d)); err != nil {
 				return err
 			}
 		}

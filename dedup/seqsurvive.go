@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/standin/standin/internal/fsutil"
 	"github.com/zeebo/blake3"
 )
 
@@ -84,7 +85,7 @@ func (l *layout) placeSeq(kind byte, num uint64, data []byte, jp *jPack) error {
 	if jp != nil {
 		s.First, s.Count = jp.first, jp.count
 	}
-	if err := writeFileAtomic(filepath.Join(v.dir, s.Name()), data); err != nil {
+	if err := writeFileAtomic(filepath.Join(v.dir, s.Name()), data, l.e.mode()); err != nil {
 		return l.volErr(v, s.Name(), err)
 	}
 	old, err := l.readAcc(gi, c)
@@ -95,10 +96,10 @@ func (l *layout) placeSeq(kind byte, num uint64, data []byte, jp *jPack) error {
 	if err := acc.add(data); err != nil {
 		return err
 	}
-	if err := os.MkdirAll(filepath.Join(l.e.state, accDir), 0o755); err != nil {
+	if err := fsutil.MkdirPrivate(filepath.Join(l.e.state, accDir), DirMode(privateMode)); err != nil {
 		return err
 	}
-	if err := writeFileAtomic(l.accPath(gi, c+1), acc.acc[0]); err != nil {
+	if err := writeFileAtomic(l.accPath(gi, c+1), acc.acc[0], privateMode); err != nil {
 		return fmt.Errorf("dedup: scratch parity: %w", err)
 	}
 	v.used += n
@@ -234,7 +235,7 @@ func (l *layout) finishSeq(data [][]byte, sum [3]int64) error {
 	}
 	fin := *ix
 	fin.Volume = v.n
-	if err := writeFileAtomic(filepath.Join(l.e.state, finalIdxName), fin.encode(l.e.k)); err != nil {
+	if err := writeFileAtomic(filepath.Join(l.e.state, finalIdxName), fin.encode(l.e.k), privateMode); err != nil {
 		return fmt.Errorf("dedup: scratch: %w", err)
 	}
 	if err := l.e.jf.add(jEntry{kind: 'c', vol: v.n}); err != nil {
@@ -279,7 +280,7 @@ func (l *layout) writeParityVolumes(ix *seedIndex, from int) error {
 			if blake3.Sum256(b) != s.Hash {
 				return fmt.Errorf("dedup: scratch parity of group %d changed", gi)
 			}
-			if err := writeFileAtomic(filepath.Join(v.dir, s.Name()), b); err != nil {
+			if err := writeFileAtomic(filepath.Join(v.dir, s.Name()), b, l.e.mode()); err != nil {
 				return l.volErr(v, s.Name(), err)
 			}
 			v.used += s.Len

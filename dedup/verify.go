@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/standin/standin/internal/fsutil"
 	"github.com/zeebo/blake3"
 )
 
@@ -346,8 +347,11 @@ func (st *shardStore) rebuild(gi int) error {
 		}
 		if d, ok := st.ss.dirs[s.Vol]; ok && st.inPlace {
 			p := filepath.Join(d, s.Name())
-			os.MkdirAll(filepath.Dir(p), 0o755)
-			if err := writeFileAtomic(p, b); err != nil {
+			mode := seedModeOf(d)
+			if err := fsutil.MkdirPrivate(filepath.Dir(p), DirMode(mode)); err != nil {
+				return err
+			}
+			if err := writeFileAtomic(p, b, mode); err != nil {
 				return err
 			}
 			delete(st.bad, s.Name())

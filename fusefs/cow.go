@@ -48,7 +48,10 @@ func MountImages(mnt string, imgs []NamedImage, o Options) (*Server, error) {
 		name = "standin-test"
 	}
 	root := &cowRoot{imgs: imgs, log: o.Logger}
-	opts := mountOptions(name, !o.DenyOthers, o.Debug, true)
+	root.uid, root.gid = o.Access.ids()
+	root.fileMode = o.Access.fileMode(0o600)
+	root.dirMode = o.Access.dirMode(root.fileMode)
+	opts := mountOptionsPerm(name, o.Access.AllowOther, true, o.Debug, true)
 	return mount(mnt, root, opts, o.Logger)
 }
 
@@ -56,6 +59,10 @@ type cowRoot struct {
 	fs.Inode
 	imgs []NamedImage
 	log  *slog.Logger
+	// owner, group and initial permission bits of the files; the mode
+	// of the directory
+	uid, gid          uint32
+	fileMode, dirMode uint32
 }
 
 var (
@@ -75,14 +82,15 @@ var (
 func (r *cowRoot) OnAdd(ctx context.Context) {
 	now := time.Now()
 	for i, im := range r.imgs {
-		n := &cowFile{img: im.Image, name: im.Name, log: r.log, mode: 0o600, mtime: now, atime: now, ctime: now}
+		n := &cowFile{img: im.Image, name: im.Name, log: r.log, mode: r.fileMode, uid: r.uid, gid: r.gid, mtime: now, atime: now, ctime: now}
 		ch := r.NewPersistentInode(ctx, n, fs.StableAttr{Mode: syscall.S_IFREG, Ino: uint64(i) + 2})
 		r.AddChild(im.Name, ch, false)
 	}
 }
 
 func (r *cowRoot) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
-	out.Mode = syscall.S_IFDIR | 0o755
+	out.Mode = syscall.S_IFDIR | r.dirMode
+	out.Uid, out.Gid = r.uid, r.gid
 	out.Nlink = 2
 	out.SetTimes(&mountTime, &mountTime, &mountTime)
 	return 0

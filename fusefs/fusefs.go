@@ -64,6 +64,57 @@ type Options struct {
 	Logger *slog.Logger
 	// Name is the filesystem name shown in /proc/mounts (default "standin").
 	Name string
+	// Access says who may use a points or test failover mount (MountPoints,
+	// MountImages; Mount uses DenyOthers). Default: the mounting user only.
+	Access Access
+}
+
+// Access is who may use a points or test failover mount. The files and
+// directories belong to the daemon's user and Gid; the kernel checks their
+// modes (default_permissions).
+type Access struct {
+	// AllowOther lets users other than the mounting one in (allow_other),
+	// as far as the modes let them: needed when QEMU runs as another user
+	// (libvirt's qemu user) on a test failover's images. Without it the
+	// kernel lets only the mounting user (root for the daemon) in, whatever
+	// the modes say.
+	AllowOther bool `json:"allow_other,omitempty"`
+	// Gid is the group of the files (0: the daemon's group).
+	Gid int `json:"gid,omitempty"`
+	// Mode is the permission bits of the files (0: owner only: 0400 on the
+	// read-only points mount, 0600 for test images). Directories get read
+	// and search for every class that may read; with AllowOther every
+	// class may search them (a file chowned to QEMU's user is reachable,
+	// the listing is not).
+	Mode uint32 `json:"mode,omitempty"`
+}
+
+// ids returns the owner and group of a mount's files.
+func (a Access) ids() (uid, gid uint32) {
+	uid, gid = uint32(os.Geteuid()), uint32(os.Getegid())
+	if a.Gid > 0 {
+		gid = uint32(a.Gid)
+	}
+	return uid, gid
+}
+
+// fileMode is the permission bits of a file (def when Mode is 0).
+func (a Access) fileMode(def uint32) uint32 {
+	if a.Mode == 0 {
+		return def
+	}
+	return a.Mode & 0o777
+}
+
+// dirMode is the permission bits of the directories holding files of mode
+// m: rwx for the owner, r-x for every class that may read, --x for all
+// with AllowOther.
+func (a Access) dirMode(m uint32) uint32 {
+	d := uint32(0o700) | m&0o044 | (m&0o044)>>2
+	if a.AllowOther {
+		d |= 0o011
+	}
+	return d
 }
 
 // Server is a running mount.
@@ -109,6 +160,12 @@ func MountLoopback(dir, mnt string) (*Server, error) {
 // 1 MiB, CAP_ASYNC_DIO and DisableXAttrs (a GETXATTR round trip per write
 // otherwise), passthrough masked (writes would bypass the tracker).
 func mountOptions(name string, allowOther, debug, directIO bool) *fs.Options {
+	return mountOptionsPerm(name, allowOther, allowOther, debug, directIO)
+}
+
+// mountOptionsPerm is mountOptions with default_permissions chosen apart
+// from allow_other.
+func mountOptionsPerm(name string, allowOther, defaultPermissions, debug, directIO bool) *fs.Options {
 	one := time.Second
 	mo := fuse.MountOptions{
 		FsName:            name,
@@ -129,7 +186,7 @@ func mountOptions(name string, allowOther, debug, directIO bool) *fs.Options {
 		mo.ExtraCapabilities = fuse.CAP_ASYNC_DIO
 	}
 	mo.MaxInflightRequestBytes = 256 << 20
-	if allowOther {
+	if defaultPermissions {
 		mo.Options = append(mo.Options, "default_permissions")
 	}
 	return &fs.Options{

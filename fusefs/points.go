@@ -77,9 +77,12 @@ func MountPoints(mnt string, src PointSource, o Options) (*Server, error) {
 	if name == "" {
 		name = "standin-points"
 	}
-	opts := mountOptions(name, !o.DenyOthers, o.Debug, false)
+	opts := mountOptionsPerm(name, o.Access.AllowOther, true, o.Debug, false)
 	readOnly(opts)
 	root := &ptRoot{src: src, log: o.Logger}
+	root.uid, root.gid = o.Access.ids()
+	root.fileMode = o.Access.fileMode(0o400) &^ 0o222 // read-only
+	root.dirMode = o.Access.dirMode(root.fileMode) &^ 0o222
 	return mount(mnt, root, opts, o.Logger)
 }
 
@@ -98,11 +101,6 @@ func inoOf(s string) uint64 {
 	return h.Sum64() | 1<<63 // never 1 (the root)
 }
 
-const (
-	dirMode  = syscall.S_IFDIR | 0o555
-	fileMode = syscall.S_IFREG | 0o444
-)
-
 var (
 	dirTimeout  = time.Second
 	fileTimeout = time.Minute // a point file's attributes never change
@@ -111,8 +109,9 @@ var (
 // mountTime is the time shown for directories.
 var mountTime = time.Now()
 
-func dirAttr(a *fuse.Attr) {
-	a.Mode = dirMode
+func (r *ptRoot) dirAttr(a *fuse.Attr) {
+	a.Mode = syscall.S_IFDIR | r.dirMode
+	a.Uid, a.Gid = r.uid, r.gid
 	a.Nlink = 2
 	a.SetTimes(&mountTime, &mountTime, &mountTime)
 }
@@ -121,6 +120,9 @@ type ptRoot struct {
 	fs.Inode
 	src PointSource
 	log *slog.Logger
+	// owner, group and permission bits of every file and directory
+	uid, gid          uint32
+	fileMode, dirMode uint32
 }
 
 var (
@@ -130,7 +132,7 @@ var (
 )
 
 func (r *ptRoot) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
-	dirAttr(&out.Attr)
+	r.dirAttr(&out.Attr)
 	return 0
 }
 
@@ -154,7 +156,7 @@ func (r *ptRoot) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*
 	}
 	for _, g := range gs {
 		if g == name {
-			dirAttr(&out.Attr)
+			r.dirAttr(&out.Attr)
 			out.SetEntryTimeout(dirTimeout)
 			out.SetAttrTimeout(dirTimeout)
 			return r.NewInode(ctx, &ptGroup{root: r, group: g}, fs.StableAttr{Mode: syscall.S_IFDIR, Ino: inoOf("g/" + g)}), 0
@@ -176,7 +178,7 @@ var (
 )
 
 func (d *ptGroup) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
-	dirAttr(&out.Attr)
+	d.root.dirAttr(&out.Attr)
 	return 0
 }
 
@@ -194,7 +196,7 @@ func (d *ptGroup) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
 
 func (d *ptGroup) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
 	if name == "latest" {
-		dirAttr(&out.Attr)
+		d.root.dirAttr(&out.Attr)
 		out.SetEntryTimeout(dirTimeout)
 		out.SetAttrTimeout(dirTimeout)
 		return d.NewInode(ctx, &ptLatest{root: d.root, group: d.group}, fs.StableAttr{Mode: syscall.S_IFDIR, Ino: inoOf("l/" + d.group)}), 0
@@ -227,7 +229,7 @@ var (
 )
 
 func (d *ptLatest) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
-	dirAttr(&out.Attr)
+	d.root.dirAttr(&out.Attr)
 	return 0
 }
 
@@ -303,7 +305,8 @@ var (
 )
 
 func (n *ptFile) fill(a *fuse.Attr) {
-	a.Mode = fileMode
+	a.Mode = syscall.S_IFREG | n.root.fileMode
+	a.Uid, a.Gid = n.root.uid, n.root.gid
 	a.Size = uint64(n.f.Size)
 	a.Blocks = blocks512(n.f.Allocated, n.f.Size)
 	a.Blksize = 1 << 20

@@ -88,6 +88,12 @@ func Open(dir string, opts Options) (*Store, error) {
 		return nil, err
 	}
 	s := &Store{dir: abs, opts: opts, log: opts.Logger, byID: map[uuid.UUID]*Image{}, stop: make(chan struct{})}
+	// The store holds every image's data: only its owner may enter.
+	if old, changed, err := fsutil.Tighten(abs); err != nil {
+		return nil, fmt.Errorf("tracker: store %s: %w", abs, err)
+	} else if changed {
+		s.log.Warn("store was accessible to other users: group/other permissions removed", "store", abs, "old_mode", fmt.Sprintf("%04o", old), "new_mode", fmt.Sprintf("%04o", old&0o700))
+	}
 	for _, d := range []string{s.ImagesDir(), s.stateDir(), filepath.Join(abs, "cycles"), s.stagingDir()} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
 			return nil, fmt.Errorf("tracker: store %s: %w", abs, err)

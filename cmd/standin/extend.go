@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"os"
 	"strings"
 	"time"
 
@@ -27,12 +28,13 @@ func extendCommand() *cli.Command {
 	return &cli.Command{
 		Name:      "extend",
 		Usage:     "extended replication: forward a group this replica receives onward to a third host (on the replica; needs its daemon)",
-		UsageText: "standin replicate extend --store RSTORE --group VM --to HOST:PORT --token TOKEN [--interval 15m] [--bandwidth 8Mbit] [--points 24 --point-every 1h] [--any-point-window D]",
+		UsageText: "standin replicate extend --store RSTORE --group VM --to HOST:PORT [--token-file FILE|-] [--interval 15m] [--bandwidth 8Mbit] [--points 24 --point-every 1h] [--any-point-window D]",
 		Flags: []cli.Flag{
 			store,
 			&cli.StringFlag{Name: "group", Usage: "group `NAME` (as the primary replicates it here)"},
 			&cli.StringFlag{Name: "to", Usage: "the third host's replica daemon `HOST:PORT`"},
-			&cli.StringFlag{Name: "token", Usage: "pairing `TOKEN` from 'standin pair token' on the third host (not needed when paired already)"},
+			&cli.StringFlag{Name: "token", Usage: "pairing `TOKEN` from 'standin pair token' on the third host (not needed when paired already; visible to every local user in the process list: prefer --token-file or " + tokenEnv + ")"},
+			&cli.StringFlag{Name: "token-file", Usage: "read the pairing token from `FILE` (- : standard input); or set " + tokenEnv},
 			&cli.DurationFlag{Name: "interval", Value: 15 * time.Minute, Usage: "forward interval (at least 30s and at least the interval the group arrives at)"},
 			&cli.StringFlag{Name: "bandwidth", Usage: "limit, e.g. 8Mbit (default unlimited)"},
 			&cli.IntFlag{Name: "points", Value: 24, Usage: "recovery points the third host keeps besides the latest"},
@@ -54,7 +56,14 @@ func extendCommand() *cli.Command {
 			if err != nil {
 				return usageErr("--bandwidth: %v", err)
 			}
-			req := daemon.ForwardRequest{Group: c.String("group"), To: c.String("to"), Token: c.String("token"), Interval: c.Duration("interval"),
+			if err := positiveDurations(c, "interval", "point-every"); err != nil {
+				return err
+			}
+			token, err := pairToken(c, os.Stdin)
+			if err != nil {
+				return err
+			}
+			req := daemon.ForwardRequest{Group: c.String("group"), To: c.String("to"), Token: token, Interval: c.Duration("interval"),
 				Bandwidth: bw, Points: c.Int("points"), PointEvery: c.Duration("point-every"), AnyPointWindow: c.Duration("any-point-window")}
 			var e daemon.Forward
 			if err := daemon.NewClient(c.String("store")).Call(c.Context, "/forward/enable", req, &e); err != nil {

@@ -37,13 +37,13 @@ image paths, space-separated), STANDIN_TEST_GROUP, STANDIN_TEST_POINT, STANDIN_T
 STANDIN_TEST_ID and STANDIN_TEST_MOUNT in its environment; the result (exit status, time,
 output tail) is recorded and shown by 'failover test list'; a failed check exits 1 and keeps
 the test failover for inspection. Test failovers survive a daemon restart (re-mounted).`,
-				Flags: []cli.Flag{store, groups, all, jsonFlag,
+				Flags: append([]cli.Flag{store, groups, all, jsonFlag,
 					&cli.StringFlag{Name: "point", Value: "latest", Usage: "point `ID`, latest, or a TIME (RFC 3339 or 2006-01-02 15:04:05)"},
 					&cli.StringFlag{Name: "mount", Usage: "expose the images in `DIR` (default under RSTORE)"},
 					&cli.StringFlag{Name: "boot-check", Usage: "run `CMD` (sh -c) against the mounted test images and record pass/fail"},
 					&cli.DurationFlag{Name: "boot-timeout", Value: 10 * time.Minute, Usage: "kill the boot check after this long (fails)"},
 					&cli.BoolFlag{Name: "dry-run", Usage: "show the plan (point, images, mount directories) and change nothing"},
-				},
+				}, accessFlags("")...),
 				OnUsageError: onUsageError,
 				Action:       failoverTestAction,
 				Subcommands: []*cli.Command{
@@ -83,6 +83,13 @@ func failoverTestAction(c *cli.Context) error {
 		BootCheck: c.String("boot-check"), BootTimeout: c.Duration("boot-timeout"), DryRun: c.Bool("dry-run")}
 	if len(req.Groups) == 0 && !req.All {
 		return usageErr("failover test: name --group VM[,VM...] or --all")
+	}
+	if err := positiveDurations(c, "boot-timeout"); err != nil {
+		return err
+	}
+	var err error
+	if req.Access, err = accessFrom(c, ""); err != nil {
+		return err
 	}
 	if len(req.Groups) > 0 && req.All {
 		return usageErr("failover test: --group and --all exclude each other")

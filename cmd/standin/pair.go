@@ -29,6 +29,9 @@ func pairCommand() *cli.Command {
 				},
 				OnUsageError: onUsageError,
 				Action: func(c *cli.Context) error {
+					if err := positiveDurations(c, "ttl"); err != nil {
+						return err
+					}
 					var rep map[string]string
 					err := daemon.NewClient(c.String("store")).Call(c.Context, "/pair/token",
 						daemon.TokenRequest{Pattern: c.String("images"), TTL: c.Duration("ttl"), Addr: c.String("addr")}, &rep)
@@ -39,31 +42,37 @@ func pairCommand() *cli.Command {
 						return printJSON(rep)
 					}
 					fmt.Println(rep["token"])
-					fmt.Fprintf(os.Stderr, "one-time token, valid %s; on the primary run:\n  standin pair join --store PRIMARY_STORE --token %s\n", c.Duration("ttl"), rep["token"])
+					fmt.Fprintf(os.Stderr, "one-time token, valid %s; on the primary run (the token on standard input, out of the process list):\n  standin pair join --store PRIMARY_STORE --token-file -\n", c.Duration("ttl"))
 					return nil
 				},
 			},
 			{
 				Name:  "join",
 				Usage: "on the primary: pair with a replica using its token",
-				Flags: []cli.Flag{
+				Flags: append([]cli.Flag{
 					storeFlag,
-					&cli.StringFlag{Name: "token", Required: true, Usage: "the token from 'standin pair token'"},
 					&cli.StringFlag{Name: "replica", Usage: "replica `HOST:PORT` (default: the address in the token)"},
 					&cli.StringFlag{Name: "name", Usage: "this primary's name (default: hostname)"},
-				},
+				}, tokenFlags("the `TOKEN` from 'standin pair token'")...),
 				OnUsageError: onUsageError,
 				Action: func(c *cli.Context) error {
 					name := c.String("name")
 					if name == "" {
 						name, _ = os.Hostname()
 					}
-					tok, err := pki.ParseToken(c.String("token"))
+					token, err := pairToken(c, os.Stdin)
+					if err != nil {
+						return err
+					}
+					if token == "" {
+						return usageErr("pair join needs the token from 'standin pair token': --token-file FILE, --token-file - (standard input) or %s", tokenEnv)
+					}
+					tok, err := pki.ParseToken(token)
 					if errors.Is(err, pki.ErrTokenExpired) {
-						return refusedErr(fmt.Errorf("--token: %w", err))
+						return refusedErr(fmt.Errorf("pairing token: %w", err))
 					}
 					if err != nil {
-						return usageErr("--token: %v", err)
+						return usageErr("pairing token: %v", err)
 					}
 					replica := c.String("replica")
 					if replica == "" {
@@ -72,7 +81,7 @@ func pairCommand() *cli.Command {
 					if err := os.MkdirAll(c.String("store"), 0o700); err != nil {
 						return err
 					}
-					rep, err := shipper.Join(c.Context, c.String("store"), replica, c.String("token"), name)
+					rep, err := shipper.Join(c.Context, c.String("store"), replica, token, name)
 					if err != nil {
 						if errors.Is(err, shipper.ErrNotPaired) || errors.Is(err, shipper.ErrRefused) {
 							return refusedErr(err)

@@ -49,7 +49,8 @@ func pointsCommand() *cli.Command {
 				Flags: append(append([]cli.Flag{}, sel...),
 					&cli.StringFlag{Name: "point", Value: "latest", Usage: "point `ID` (from points list) or latest"},
 					&cli.StringFlag{Name: "image", Usage: "one image `NAME`"},
-					&cli.StringFlag{Name: "to", Required: true, Usage: "destination `PATH`"}),
+					&cli.StringFlag{Name: "to", Required: true, Usage: "destination `PATH` (files are written 0600, a directory created 0700)"},
+					&cli.BoolFlag{Name: "force", Usage: "replace existing files at --to (refused otherwise)"}),
 				OnUsageError: onUsageError,
 				Action: func(c *cli.Context) error {
 					to, err := absPath(c.String("to"))
@@ -57,7 +58,7 @@ func pointsCommand() *cli.Command {
 						return err
 					}
 					var files []string
-					req := daemon.ExportRequest{Group: c.String("group"), Point: c.String("point"), Image: c.String("image"), To: to}
+					req := daemon.ExportRequest{Group: c.String("group"), Point: c.String("point"), Image: c.String("image"), To: to, Replace: c.Bool("force")}
 					if err := daemon.NewClient(c.String("store")).Call(c.Context, "/points/export", req, &files); err != nil {
 						return err
 					}
@@ -117,16 +118,22 @@ func pointsMountCommand() *cli.Command {
 DIR/GROUP/latest/IMAGE the latest point. A file once opened keeps reading the point it was
 opened at (the point is pinned against retention until it is closed), also while cycles are
 applied. The mount lasts until 'standin points unmount' or the daemon stops; use
-'standin serve --points-mount DIR' to mount at every start.`,
-		Flags:        []cli.Flag{storeFlag},
+'standin serve --points-mount DIR' to mount at every start.
+Only the daemon's user (root) can read the mount unless --allow-other is given; then the
+kernel checks the files' group and mode (--file-group, --file-mode; default 0400: still nobody else).`,
+		Flags:        append([]cli.Flag{storeFlag}, accessFlags("")...),
 		OnUsageError: onUsageError,
 		Action: func(c *cli.Context) error {
 			dir, err := mountDirArg(c)
 			if err != nil {
 				return err
 			}
+			acc, err := accessFrom(c, "")
+			if err != nil {
+				return err
+			}
 			var pm daemon.PointsMount
-			if err := daemon.NewClient(c.String("store")).Call(c.Context, "/points/mount", daemon.PointsMountRequest{Dir: dir}, &pm); err != nil {
+			if err := daemon.NewClient(c.String("store")).Call(c.Context, "/points/mount", daemon.PointsMountRequest{Dir: dir, Access: acc}, &pm); err != nil {
 				return err
 			}
 			fmt.Printf("recovery points of %s mounted read-only at %s\n", c.String("store"), pm.Dir)

@@ -62,6 +62,9 @@ func replicateCommand() *cli.Command {
 				}, appConsistentFlags()...),
 				OnUsageError: onUsageError,
 				Action: func(c *cli.Context) error {
+					if err := positiveDurations(c, "interval", "point-every", "freeze-timeout"); err != nil {
+						return err
+					}
 					bw, err := shipper.ParseBandwidth(c.String("bandwidth"))
 					if err != nil {
 						return usageErr("--bandwidth: %v", err)

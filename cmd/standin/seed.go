@@ -23,6 +23,7 @@ import (
 	"github.com/standin/standin/dedup"
 	"github.com/standin/standin/internal/daemon"
 	"github.com/standin/standin/internal/exitcode"
+	"github.com/standin/standin/internal/fsutil"
 )
 
 func init() {
@@ -66,6 +67,7 @@ interrupted export.`,
 					&cli.BoolFlag{Name: "survive-volume-loss", Usage: "place enough parity that losing one whole volume is repairable"},
 					&cli.StringFlag{Name: "next-volume-cmd", Usage: "shell `CMD` run when a volume is full; gets STANDIN_VOLUME=N and prints the next volume's directory"},
 					&cli.BoolFlag{Name: "encrypt", Usage: "encrypt the seed (AES-256-GCM) with --key-file or --passphrase-env"},
+					&cli.StringFlag{Name: "mode", Value: "0600", Usage: "file `MODE` of the seed's files (octal; directories it creates get the matching search bits, e.g. 0640 gives 0750)"},
 				}, keyFlags...),
 				OnUsageError: onUsageError,
 				Action:       runSeedExport,
@@ -119,7 +121,8 @@ func seedKey(c *cli.Context, create bool) ([]byte, error) {
 			if _, err := rand.Read(key); err != nil {
 				return nil, err
 			}
-			if err := os.WriteFile(kf, []byte(hex.EncodeToString(key)+"\n"), 0o600); err != nil {
+			err := fsutil.WriteFileAtomicNew(kf, []byte(hex.EncodeToString(key)+"\n"), 0o600)
+			if err != nil {
 				return nil, fmt.Errorf("writing the new key to %s: %w", kf, err)
 			}
 			fmt.Fprintf(os.Stderr, "standin: a new seed key was written to %s — keep it safe and away from the seed: the seed cannot be imported without it\n", kf)
@@ -139,6 +142,19 @@ func seedKey(c *cli.Context, create bool) ([]byte, error) {
 		return nil, usageErr("--key-file %s: want 32 raw bytes or 64 hex digits, found %d bytes", kf, len(b))
 	}
 	return nil, nil
+}
+
+// parseMode parses an octal file mode such as 0600 or 640 (permission bits
+// only; the owner must be able to read).
+func parseMode(s string) (os.FileMode, error) {
+	v, err := strconv.ParseUint(strings.TrimSpace(s), 8, 32)
+	if err != nil || v > 0o777 {
+		return 0, fmt.Errorf("%q is not an octal file mode such as 0600 or 0640", s)
+	}
+	if v&0o400 == 0 {
+		return 0, fmt.Errorf("%q: the owner must be able to read (e.g. 0600)", s)
+	}
+	return os.FileMode(v), nil
 }
 
 // parseSize parses 64G, 500M, 1T, 4096 (bytes, powers of 1024).
@@ -219,6 +235,11 @@ func runSeedExport(c *cli.Context) error {
 	} else if c.String("key-file") != "" || c.String("passphrase-env") != "" {
 		return usageErr("a key was given without --encrypt; add --encrypt to encrypt the seed")
 	}
+	mode, err := parseMode(c.String("mode"))
+	if err != nil {
+		return usageErr("--mode: %v", err)
+	}
+	req.Mode = uint32(mode)
 	req.Prompt = req.VolumeSize > 0
 	req.SlowForTest = testDelay()
 	nextCmd := c.String("next-volume-cmd")

@@ -28,6 +28,7 @@ enterprise PKI instead.`,
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error"},
 			&cli.StringFlag{Name: "points-mount", Usage: "expose every recovery point read-only through FUSE at `DIR` (see 'standin points mount')"},
 			&cli.StringFlag{Name: "primary-store", Usage: "this host's primary store `DIR`: a failover promotes groups into it (its 'standin mount' daemon must run)"},
+			accessFlags("points-")[0], accessFlags("points-")[1], accessFlags("points-")[2],
 			&cli.BoolFlag{Name: "warm-standby", Usage: "keep a promotion copy of every group in the primary store, brought forward after each apply: a failover (also unplanned) then copies nothing (needs --primary-store; twice the disk space)"},
 		},
 		OnUsageError: onUsageError,
@@ -45,6 +46,10 @@ enterprise PKI instead.`,
 					return err
 				}
 			}
+			pointsAcc, err := accessFrom(c, "points-")
+			if err != nil {
+				return err
+			}
 			if c.Bool("warm-standby") && c.String("primary-store") == "" {
 				return usageErr("--warm-standby keeps its copies in this host's primary store: give --primary-store DIR")
 			}
@@ -58,7 +63,7 @@ enterprise PKI instead.`,
 			return daemon.RunReplica(context.Background(), daemon.ReplicaOptions{
 				Store: c.String("store"), Listen: c.String("listen"), Metrics: c.String("metrics"), Version: version,
 				CertFile: c.String("cert"), KeyFile: c.String("key"), ClientCAFile: c.String("client-ca"), Logger: log,
-				PointsMount: pointsMount, PrimaryStore: primaryStore, WarmStandby: c.Bool("warm-standby"),
+				PointsMount: pointsMount, PointsAccess: pointsAcc, PrimaryStore: primaryStore, WarmStandby: c.Bool("warm-standby"),
 			}, func() {
 				fmt.Printf("standin: replica %s listening on %s (pid %d)\n", c.String("store"), c.String("listen"), os.Getpid())
 			})

@@ -46,13 +46,17 @@ var (
 // PointsMountRequest is the body of POST /points/mount and /points/unmount.
 type PointsMountRequest struct {
 	Dir string `json:"dir"`
+	// Access: who besides the daemon's user may read (mount only; default
+	// nobody).
+	Access fusefs.Access `json:"access"`
 }
 
 // PointsMount is one points mount of the daemon.
 type PointsMount struct {
-	Dir   string    `json:"dir"`
-	Since time.Time `json:"since"`
-	Flag  bool      `json:"flag,omitempty"` // from --points-mount
+	Dir    string        `json:"dir"`
+	Since  time.Time     `json:"since"`
+	Flag   bool          `json:"flag,omitempty"` // from --points-mount
+	Access fusefs.Access `json:"access"`
 }
 
 // FailoverTestRequest is the body of POST /failover/test.
@@ -64,6 +68,9 @@ type FailoverTestRequest struct {
 	BootCheck   string        `json:"boot_check"`
 	BootTimeout time.Duration `json:"boot_timeout"`
 	DryRun      bool          `json:"dry_run"`
+	// Access: who besides the daemon's user may use the images (default
+	// nobody); kept with the test, also across restarts.
+	Access fusefs.Access `json:"access"`
 }
 
 // FailoverTest is a test failover as the daemon reports it.
@@ -108,7 +115,7 @@ type pointsMount struct {
 
 // startFailover cleans up interrupted test failovers, re-mounts the others
 // and mounts the points at pointsDir (if set).
-func startFailover(rep *applier.Replica, store, pointsDir string, log *slog.Logger) (*failoverMgr, error) {
+func startFailover(rep *applier.Replica, store, pointsDir string, pointsAcc fusefs.Access, log *slog.Logger) (*failoverMgr, error) {
 	m := &failoverMgr{rep: rep, store: store, log: log, pmounts: map[string]*pointsMount{}, tests: map[string]*liveTest{}}
 	removed, err := rep.CleanupTests()
 	for _, x := range removed {
@@ -136,7 +143,7 @@ func startFailover(rep *applier.Replica, store, pointsDir string, log *slog.Logg
 		}
 	}
 	if pointsDir != "" {
-		if _, err := m.mountPoints(pointsDir, true); err != nil {
+		if _, err := m.mountPoints(pointsDir, true, pointsAcc); err != nil {
 			m.close()
 			return nil, fmt.Errorf("--points-mount: %w", err)
 		}
@@ -389,21 +396,21 @@ func sourceErr(err error) error {
 }
 
 // mountPoints mounts the points at dir. Called with m.mu NOT held.
-func (m *failoverMgr) mountPoints(dir string, flag bool) (PointsMount, error) {
+func (m *failoverMgr) mountPoints(dir string, flag bool, acc fusefs.Access) (PointsMount, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	dir = filepath.Clean(dir)
 	if err := m.prepareDir(dir, flag); err != nil {
 		return PointsMount{}, err
 	}
-	srv, err := fusefs.MountPoints(dir, newPointSource(m.rep), fusefs.Options{Logger: m.log})
+	srv, err := fusefs.MountPoints(dir, newPointSource(m.rep), fusefs.Options{Logger: m.log, Access: acc})
 	if err != nil {
 		return PointsMount{}, err
 	}
 	tuneReadAhead(dir, m.log)
-	pm := &pointsMount{srv: srv, info: PointsMount{Dir: dir, Since: time.Now().UTC(), Flag: flag}}
+	pm := &pointsMount{srv: srv, info: PointsMount{Dir: dir, Since: time.Now().UTC(), Flag: flag, Access: acc}}
 	m.pmounts[dir] = pm
-	m.log.Info("points mounted", "dir", dir)
+	m.log.Info("points mounted", "dir", dir, "allow_other", acc.AllowOther, "gid", acc.Gid, "mode", fmt.Sprintf("%04o", acc.Mode))
 	return pm.info, nil
 }
 
@@ -456,7 +463,8 @@ func (m *failoverMgr) mountTest(id string, lt *liveTest) error {
 	for _, ti := range sess.Images {
 		imgs = append(imgs, fusefs.NamedImage{Name: ti.Info.File, Image: ti})
 	}
-	srv, err := fusefs.MountImages(sess.Record.Mount, imgs, fusefs.Options{Logger: m.log})
+	acc := fusefs.Access{AllowOther: sess.Record.AllowOther, Gid: sess.Record.Gid, Mode: sess.Record.Mode}
+	srv, err := fusefs.MountImages(sess.Record.Mount, imgs, fusefs.Options{Logger: m.log, Access: acc})
 	if err != nil {
 		sess.Close()
 		return err
@@ -534,6 +542,7 @@ func (m *failoverMgr) createTests(req FailoverTestRequest) ([]FailoverTest, erro
 			m.mu.Unlock()
 			return nil, err
 		}
+		p.AllowOther, p.Gid, p.Mode = req.Access.AllowOther, req.Access.Gid, req.Access.Mode
 		switch {
 		case req.Mount == "":
 		case len(groups) == 1:
@@ -834,7 +843,7 @@ func (m *failoverMgr) handler(next http.Handler) http.Handler {
 			replyErr(w, fmt.Errorf("mount directory %q: not an absolute path: %w", req.Dir, errUsage))
 			return
 		}
-		pm, err := m.mountPoints(req.Dir, false)
+		pm, err := m.mountPoints(req.Dir, false, req.Access)
 		if err != nil {
 			replyErr(w, err)
 			return

@@ -17,6 +17,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/standin/standin/applier"
+	"github.com/standin/standin/fusefs"
 	"github.com/standin/standin/internal/pki"
 )
 
@@ -32,6 +33,8 @@ type ReplicaOptions struct {
 	// PointsMount, if set, is where every recovery point is exposed
 	// read-only through FUSE (failover.go).
 	PointsMount string
+	// PointsAccess: who besides the daemon's user may read PointsMount.
+	PointsAccess fusefs.Access
 	// PrimaryStore is this host's primary store (its mount daemon tracks
 	// images promoted by a failover); "" = this host cannot take over.
 	PrimaryStore string
@@ -118,7 +121,7 @@ func RunReplica(ctx context.Context, o ReplicaOptions, ready func()) error {
 	}
 
 	// Points mount and test failovers (re-mounted from the store).
-	fm, err := startFailover(rep, o.Store, o.PointsMount, log)
+	fm, err := startFailover(rep, o.Store, o.PointsMount, o.PointsAccess, log)
 	if err != nil {
 		return err
 	}
@@ -286,20 +289,44 @@ type ExportRequest struct {
 	Point string `json:"point"`
 	Image string `json:"image"`
 	To    string `json:"to"`
+	// Replace lets an export replace existing files (refused otherwise).
+	Replace bool `json:"replace,omitempty"`
 }
 
 // ExportPoint writes one image of a point to req.To, or every image of the
 // group into the directory req.To.
+// The files are 0600 and a directory it creates 0700; an existing file is
+// replaced only with req.Replace (a symlink there is replaced, never
+// followed).
 func ExportPoint(ctx context.Context, rep *applier.Replica, req ExportRequest) ([]string, error) {
+	exists := func(dst string) error {
+		if _, err := os.Lstat(dst); err == nil && !req.Replace {
+			return fmt.Errorf("%s already exists: %w (remove it, or --force to replace it)", dst, errBusy)
+		}
+		return nil
+	}
 	if req.Image != "" {
+		if err := exists(req.To); err != nil {
+			return nil, err
+		}
 		return []string{req.To}, rep.Export(ctx, req.Group, req.Point, req.Image, req.To)
 	}
 	imgs, err := rep.GroupImages(req.Group)
 	if err != nil {
 		return nil, err
 	}
-	if err := os.MkdirAll(req.To, 0o755); err != nil {
-		return nil, err
+	if _, err := os.Stat(req.To); errors.Is(err, os.ErrNotExist) {
+		if err := os.MkdirAll(req.To, 0o700); err != nil {
+			return nil, err
+		}
+		if err := os.Chmod(req.To, 0o700); err != nil {
+			return nil, err
+		}
+	}
+	for _, im := range imgs {
+		if err := exists(filepath.Join(req.To, filepath.Base(im.Name))); err != nil {
+			return nil, err
+		}
 	}
 	var out []string
 	for _, im := range imgs {

@@ -13,6 +13,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net/http"
 	"path"
 	"path/filepath"
@@ -37,7 +38,9 @@ type SeedExportRequest struct {
 	Parity            float64  `json:"parity"`
 	SurviveVolumeLoss bool     `json:"survive_volume_loss"`
 	Key               []byte   `json:"key,omitempty"`
-	Prompt            bool     `json:"prompt"` // the client answers "volume" events (sequential volumes)
+	// Mode is the mode of the seed's files (0: owner only, 0600).
+	Mode   uint32 `json:"mode,omitempty"`
+	Prompt bool   `json:"prompt"` // the client answers "volume" events (sequential volumes)
 	// SlowForTest sleeps this long per progress report (tests interrupt
 	// exports with it; STANDIN_TEST_SEED_DELAY in the CLI).
 	SlowForTest time.Duration `json:"slow_for_test,omitempty"`
@@ -270,7 +273,7 @@ func SeedExport(ctx context.Context, st *tracker.Store, sh *shipper.Shipper, req
 		srcs[i] = seedImage{SeedImage: si, name: groupOf[si.Name()] + "/" + si.Name()}
 	}
 	o := dedup.ExportOptions{
-		Parity: req.Parity, Key: req.Key, VolumeSize: req.VolumeSize, SurviveVolumeLoss: req.SurviveVolumeLoss,
+		Parity: req.Parity, Key: req.Key, VolumeSize: req.VolumeSize, SurviveVolumeLoss: req.SurviveVolumeLoss, Mode: fs.FileMode(req.Mode),
 		Progress: throttle(emit, time.Second, req.SlowForTest),
 	}
 	if req.Prompt {

@@ -4,12 +4,16 @@
 package fsutil
 
 import (
+	"crypto/rand"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"path/filepath"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 )
@@ -38,14 +42,52 @@ func WriteFileAtomic(path string, data []byte, perm os.FileMode) error {
 	})
 }
 
+// WriteFileAtomicNew is WriteFileAtomic for a file that must not exist yet:
+// if path exists (also as a symlink), the error wraps fs.ErrExist and
+// nothing is written.
+func WriteFileAtomicNew(path string, data []byte, perm os.FileMode) error {
+	return WriteAtomicOpts(path, AtomicOptions{Perm: perm, NoReplace: true}, func(w io.Writer) error {
+		_, err := w.Write(data)
+		return err
+	})
+}
+
 // WriteAtomic is WriteFileAtomic with a streaming producer.
-func WriteAtomic(path string, perm os.FileMode, fill func(io.Writer) error) (err error) {
+func WriteAtomic(path string, perm os.FileMode, fill func(io.Writer) error) error {
+	return WriteAtomicOpts(path, AtomicOptions{Perm: perm}, fill)
+}
+
+// AtomicOptions tune WriteAtomicOpts.
+type AtomicOptions struct {
+	// Perm is the mode of the new file, set exactly (the umask does not
+	// apply). The content is written while the file is 0600.
+	Perm os.FileMode
+	// NoReplace refuses to replace an existing path (file, symlink or
+	// anything else): the error wraps fs.ErrExist and nothing changes.
+	NoReplace bool
+	// NoDirSync leaves the fsync of the directory to the caller (who writes
+	// many files into it and syncs it once).
+	NoDirSync bool
+}
+
+// WriteAtomicOpts writes a new file at path: the content goes to a fresh
+// temporary file in the same directory (created with O_EXCL|O_NOFOLLOW, so
+// a symlink or file planted there is never followed or reused), is fsynced,
+// gets its mode, and is renamed to path. A symlink at path itself is
+// replaced (rename does not follow it), never written through. A crash
+// leaves either the old file or the new one (and at most a temporary file
+// named .BASE.tmp-*).
+func WriteAtomicOpts(path string, o AtomicOptions, fill func(io.Writer) error) (err error) {
 	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
+	if o.NoReplace {
+		if _, err := os.Lstat(path); err == nil {
+			return fmt.Errorf("%s: %w (refusing to replace it)", path, fs.ErrExist)
+		}
+	}
+	f, tmp, err := createTemp(dir, "."+filepath.Base(path)+".tmp-")
 	if err != nil {
 		return err
 	}
-	tmp := f.Name()
 	defer func() {
 		if err != nil {
 			f.Close()
@@ -55,7 +97,7 @@ func WriteAtomic(path string, perm os.FileMode, fill func(io.Writer) error) (err
 	if err = fill(f); err != nil {
 		return err
 	}
-	if err = f.Chmod(perm); err != nil {
+	if err = f.Chmod(o.Perm.Perm()); err != nil {
 		return err
 	}
 	if err = f.Sync(); err != nil {
@@ -64,10 +106,124 @@ func WriteAtomic(path string, perm os.FileMode, fill func(io.Writer) error) (err
 	if err = f.Close(); err != nil {
 		return err
 	}
-	if err = os.Rename(tmp, path); err != nil {
+	if o.NoReplace {
+		err = renameNoReplace(tmp, path)
+	} else {
+		err = os.Rename(tmp, path)
+	}
+	if err != nil {
 		return err
 	}
+	if o.NoDirSync {
+		return nil
+	}
 	return SyncDir(dir)
+}
+
+// createTemp creates a new file dir/prefix+RANDOM with mode 0600, O_EXCL and
+// O_NOFOLLOW.
+func createTemp(dir, prefix string) (*os.File, string, error) {
+	for range 100 {
+		var b [6]byte
+		if _, err := rand.Read(b[:]); err != nil {
+			return nil, "", err
+		}
+		name := filepath.Join(dir, prefix+hex.EncodeToString(b[:]))
+		f, err := os.OpenFile(name, os.O_RDWR|os.O_CREATE|os.O_EXCL|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, 0o600)
+		if errors.Is(err, fs.ErrExist) {
+			continue
+		}
+		if err != nil {
+			return nil, "", err
+		}
+		return f, name, nil
+	}
+	return nil, "", fmt.Errorf("create a temporary file in %s: too many collisions", dir)
+}
+
+// renameNoReplace renames oldpath to newpath unless newpath exists
+// (renameat2 RENAME_NOREPLACE; link + unlink where the filesystem lacks it).
+func renameNoReplace(oldpath, newpath string) error {
+	err := unix.Renameat2(unix.AT_FDCWD, oldpath, unix.AT_FDCWD, newpath, unix.RENAME_NOREPLACE)
+	if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOSYS) || errors.Is(err, unix.ENOTSUP) {
+		if err = os.Link(oldpath, newpath); err == nil {
+			os.Remove(oldpath)
+			return nil
+		}
+		var le *os.LinkError
+		if errors.As(err, &le) {
+			err = le.Err
+		}
+	}
+	if errors.Is(err, unix.EEXIST) {
+		return fmt.Errorf("%s: %w (refusing to replace it)", newpath, fs.ErrExist)
+	}
+	if err != nil {
+		return &os.LinkError{Op: "rename", Old: oldpath, New: newpath, Err: err}
+	}
+	return nil
+}
+
+// MkdirPrivate makes sure path is a directory (not a symlink to one) with
+// mode perm: it is created if missing (its parents with perm as well) and
+// chmodded to perm if it exists with another mode. It returns an error if
+// path is a symlink or not a directory, so that nothing is written through
+// a link planted where a directory is expected.
+func MkdirPrivate(path string, perm os.FileMode) error {
+	perm = perm.Perm()
+	if err := os.MkdirAll(filepath.Dir(path), perm); err != nil {
+		return err
+	}
+	if err := os.Mkdir(path, perm); err != nil && !errors.Is(err, fs.ErrExist) {
+		return err
+	}
+	st, err := os.Lstat(path)
+	if err != nil {
+		return err
+	}
+	if st.Mode()&fs.ModeSymlink != 0 {
+		return fmt.Errorf("%s is a symbolic link, not a directory: refusing to write through it (remove it or name the real directory)", path)
+	}
+	if !st.IsDir() {
+		return fmt.Errorf("%s exists and is not a directory", path)
+	}
+	if st.Mode().Perm() != perm {
+		// Mkdir applies the umask; an existing directory may be looser.
+		if err := os.Chmod(path, perm); err != nil {
+			return fmt.Errorf("set mode %04o on %s: %w", perm, path, err)
+		}
+	}
+	return nil
+}
+
+// Tighten removes group and other permissions from the directory path if it
+// has any, and reports the old mode when it changed something. A missing
+// path is created with mode 0700. A symlink is refused.
+func Tighten(path string) (old os.FileMode, changed bool, err error) {
+	if err := os.MkdirAll(path, 0o700); err != nil {
+		return 0, false, err
+	}
+	st, err := os.Lstat(path)
+	if err != nil {
+		return 0, false, err
+	}
+	if st.Mode()&fs.ModeSymlink != 0 {
+		// The user named a link to the store: follow it once, explicitly.
+		if st, err = os.Stat(path); err != nil {
+			return 0, false, err
+		}
+	}
+	if !st.IsDir() {
+		return 0, false, fmt.Errorf("%s is not a directory", path)
+	}
+	old = st.Mode().Perm()
+	if old&0o077 == 0 {
+		return old, false, nil
+	}
+	if err := os.Chmod(path, old&0o700); err != nil {
+		return old, false, fmt.Errorf("remove group/other access from %s (mode %04o): %w", path, old, err)
+	}
+	return old, true, nil
 }
 
 // Extent is a byte range [Off, Off+Len).
