@@ -127,6 +127,8 @@ func (e *RemoteError) Unwrap() error {
 		return ErrRefused
 	case "failed_over":
 		return ErrFailedOver
+	case "quota":
+		return ErrQuota
 	}
 	return nil
 }

@@ -17,6 +17,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/standin/standin/applier"
+	"github.com/standin/standin/internal/netlimit"
 	"github.com/standin/standin/internal/pki"
 )
 
@@ -39,6 +40,10 @@ type ReplicaOptions struct {
 	// brought forward after each apply (twice the disk space; a failover
 	// then copies nothing).
 	WarmStandby bool
+	// Limits bound the HTTPS listener: connections in total and per remote
+	// address, header, idle, body-progress and response timeouts (zero
+	// fields: netlimit.Default).
+	Limits netlimit.Limits
 }
 
 // OpenAuthority opens the replica's PKI state in STORE/pki.
@@ -96,12 +101,16 @@ func RunReplica(ctx context.Context, o ReplicaOptions, ready func()) error {
 		m.lastApply.WithLabelValues(group).SetToCurrentTime()
 	}
 
-	ln, err := net.Listen("tcp", o.Listen)
+	lim := effectiveLimits(o.Limits, log)
+	srv.BodyTimeout, srv.WriteTimeout = lim.BodyTimeout, lim.WriteTimeout
+	tcp, err := net.Listen("tcp", o.Listen)
 	if err != nil {
 		return fmt.Errorf("listen %s: %w", o.Listen, err)
 	}
-	hs := &http.Server{Handler: srv.Handler(), TLSConfig: auth.ServerTLS(), ReadHeaderTimeout: 30 * time.Second,
-		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
+	ln := lim.Listener(tcp)
+	hs := lim.Server(srv.Handler())
+	hs.TLSConfig = auth.ServerTLS()
+	hs.ErrorLog = slog.NewLogLogger(log.Handler(), slog.LevelWarn)
 	go func() {
 		if err := hs.ServeTLS(ln, "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			log.Error("https server", "err", err)
@@ -140,7 +149,7 @@ func RunReplica(ctx context.Context, o ReplicaOptions, ready func()) error {
 	}
 	defer fw.stop()
 	fw.control(cmux)
-	cs := &http.Server{Handler: fm.handler(cmux)}
+	cs := controlServer(fm.handler(cmux))
 	go cs.Serve(cln)
 	defer func() { cs.Close(); os.Remove(sock) }()
 
@@ -183,6 +192,7 @@ type TokenRequest struct {
 	Pattern string        `json:"pattern"`
 	TTL     time.Duration `json:"ttl"`
 	Addr    string        `json:"addr"`
+	Quota   pki.Quota     `json:"quota,omitzero"`
 }
 
 // ReplicaStatus is the replica daemon's GET /status.
@@ -194,6 +204,8 @@ type ReplicaStatus struct {
 	Listen    string                `json:"listen"`
 	Groups    []applier.GroupHealth `json:"groups"`
 	Primaries []pki.Primary         `json:"primaries"`
+	// Usage is every paired primary's quota and what its groups take.
+	Usage []applier.PrimaryUsage `json:"usage,omitempty"`
 }
 
 func replicaControl(rep *applier.Replica, srv *applier.Server, auth *pki.Authority, o ReplicaOptions, listen string) *http.ServeMux {
@@ -204,7 +216,12 @@ func replicaControl(rep *applier.Replica, srv *applier.Server, auth *pki.Authori
 			reply(w, http.StatusInternalServerError, apiError{Error: err.Error(), Code: "failure"})
 			return
 		}
-		reply(w, http.StatusOK, ReplicaStatus{Role: "replica", PID: os.Getpid(), Version: o.Version, Store: o.Store, Listen: listen, Groups: gs, Primaries: auth.Primaries()})
+		us, err := srv.Usage()
+		if err != nil {
+			reply(w, http.StatusInternalServerError, apiError{Error: err.Error(), Code: "failure"})
+			return
+		}
+		reply(w, http.StatusOK, ReplicaStatus{Role: "replica", PID: os.Getpid(), Version: o.Version, Store: o.Store, Listen: listen, Groups: gs, Primaries: auth.Primaries(), Usage: us})
 	})
 	mux.HandleFunc("POST /pair/token", func(w http.ResponseWriter, r *http.Request) {
 		var req TokenRequest
@@ -215,7 +232,7 @@ func replicaControl(rep *applier.Replica, srv *applier.Server, auth *pki.Authori
 		if req.Addr == "" {
 			req.Addr = listen
 		}
-		tok, err := auth.NewToken(req.Addr, req.Pattern, req.TTL)
+		tok, err := auth.NewTokenQuota(req.Addr, req.Pattern, req.TTL, req.Quota)
 		if err != nil {
 			reply(w, http.StatusInternalServerError, apiError{Error: err.Error(), Code: "failure"})
 			return

@@ -32,6 +32,7 @@ type Primary struct {
 	Fingerprint string    `json:"fingerprint"` // hex SHA-256 of the client certificate; "" = identified by CN (ID)
 	Paired      time.Time `json:"paired"`
 	Revoked     bool      `json:"revoked"`
+	Quota       Quota     `json:"quota,omitzero"` // storage limits on the replica (quota.go); zero = unlimited
 }
 
 // TokenInfo describes an issued token for "pair list"; it never holds the secret.
@@ -44,6 +45,7 @@ type TokenInfo struct {
 	Used    bool      `json:"used"`
 	UsedAt  time.Time `json:"used_at"`
 	UsedBy  string    `json:"used_by"` // primary ID
+	Quota   Quota     `json:"quota,omitzero"`
 }
 
 type tokenRecord struct {
@@ -54,6 +56,7 @@ type tokenRecord struct {
 	Expires time.Time  `json:"expires"`
 	UsedAt  *time.Time `json:"used_at,omitempty"`
 	UsedBy  string     `json:"used_by,omitempty"`
+	Quota   Quota      `json:"quota,omitzero"` // given to the primary that joins with it
 }
 
 type tokensState struct {
@@ -79,6 +82,14 @@ const keepTokens = 30 * 24 * time.Hour
 // added to the server certificate if missing. Only the SHA-256 of the secret is
 // stored.
 func (a *Authority) NewToken(addr, pattern string, ttl time.Duration) (string, error) {
+	return a.NewTokenQuota(addr, pattern, ttl, Quota{})
+}
+
+// NewTokenQuota is NewToken for a primary that gets quota q on this replica.
+func (a *Authority) NewTokenQuota(addr, pattern string, ttl time.Duration, q Quota) (string, error) {
+	if err := q.check(); err != nil {
+		return "", err
+	}
 	if a.enterprise {
 		return "", ErrEnterprise
 	}
@@ -128,7 +139,7 @@ func (a *Authority) NewToken(addr, pattern string, ttl time.Duration) (string, e
 	})
 	st.Tokens = append(st.Tokens, tokenRecord{
 		Hash: hex.EncodeToString(sum[:]), Addr: addr, Pattern: pattern,
-		Created: now.UTC(), Expires: expires,
+		Created: now.UTC(), Expires: expires, Quota: q,
 	})
 	if err := a.writeTokens(st); err != nil {
 		return "", err
@@ -161,7 +172,7 @@ func (a *Authority) Tokens() []TokenInfo {
 	out := make([]TokenInfo, 0, len(st.Tokens))
 	for _, t := range st.Tokens {
 		ti := TokenInfo{ID: tokenID(t.Hash), Addr: t.Addr, Pattern: t.Pattern, Created: t.Created,
-			Expires: t.Expires, Used: t.UsedAt != nil, UsedBy: t.UsedBy}
+			Expires: t.Expires, Used: t.UsedAt != nil, UsedBy: t.UsedBy, Quota: t.Quota}
 		if t.UsedAt != nil {
 			ti.UsedAt = *t.UsedAt
 		}
@@ -281,7 +292,7 @@ func (a *Authority) Join(secret []byte, csrPEM []byte, primaryName string) (cert
 		return nil, nil, Primary{}, fmt.Errorf("%w (expired %s)", ErrTokenExpired, tok.Expires.Format(time.RFC3339))
 	}
 
-	p = Primary{ID: "p-" + randHex(8), Name: primaryName, Pattern: tok.Pattern, Paired: now.UTC()}
+	p = Primary{ID: "p-" + randHex(8), Name: primaryName, Pattern: tok.Pattern, Paired: now.UTC(), Quota: tok.Quota}
 	tmpl := &x509.Certificate{
 		SerialNumber: randSerial(),
 		Subject:      pkix.Name{Organization: []string{"standin"}, OrganizationalUnit: []string{"primary"}, CommonName: p.ID},
