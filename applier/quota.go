@@ -87,10 +87,13 @@ type QuotaError struct {
 }
 
 func (e *QuotaError) Error() string {
-	return fmt.Sprintf("quota: primary %s (%s) would hold %s %s of its quota %s (%s now, %s more for this upload); "+
-		"on the replica, raise it with 'standin pair quota --store RSTORE %s --%s SIZE', or keep fewer recovery points",
-		e.Name, e.Primary, e.What, fmtBytes(e.Used+e.Need), fmtBytes(e.Limit), fmtBytes(e.Used), fmtBytes(e.Need),
-		e.Name, map[string]string{"held": "held", "in flight": "inflight"}[e.What])
+	verb, flag := "hold", "held"
+	if e.What == "in flight" {
+		verb, flag = "have in flight", "inflight"
+	}
+	return fmt.Sprintf("quota: primary %s (%s) would %s %s on this replica, over its %s quota of %s (%s now + %s for this upload); "+
+		"on the replica raise it with 'standin pair quota --store RSTORE --%s SIZE %s', or free space (fewer recovery points)",
+		e.Name, e.Primary, verb, fmtBytes(e.Used+e.Need), e.What, fmtBytes(e.Limit), fmtBytes(e.Used), fmtBytes(e.Need), flag, e.Name)
 }
 
 // ErrQuota is matched by every QuotaError (errors.Is).
