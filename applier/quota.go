@@ -349,3 +349,22 @@ func (s *Server) noteQuota(group string, err error) {
 		h.quotaErr = ""
 	}
 }
+
+// quotaOnlyHealth adds the groups refused for quota before they ever
+// existed on the replica (their first upload was refused), so that the
+// refusal shows in the replica's status too. Call with s.mu held.
+func (s *Server) quotaOnlyHealth(out []GroupHealth) []GroupHealth {
+	seen := map[string]bool{}
+	for _, g := range out {
+		seen[g.Group] = true
+	}
+	var extra []GroupHealth
+	for name, h := range s.health {
+		if h.quotaErr != "" && !seen[name] {
+			extra = append(extra, GroupHealth{GroupStatus: GroupStatus{Group: name}, Health: "Critical",
+				Reasons: []string{"last upload refused: " + h.quotaErr}})
+		}
+	}
+	slices.SortFunc(extra, func(a, b GroupHealth) int { return strings.Compare(a.Group, b.Group) })
+	return append(out, extra...)
+}

@@ -627,7 +627,7 @@ func (s *Server) Health() ([]GroupHealth, error) {
 		}
 		out = append(out, gh)
 	}
-	return out, nil
+	return s.quotaOnlyHealth(out), nil
 }
 
 func maxHealth(a, b string) string {
