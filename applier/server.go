@@ -327,6 +327,14 @@ func (s *Server) upload(w http.ResponseWriter, r *http.Request, p pki.Primary) {
 		json.NewEncoder(w).Encode(wire.Error{Error: fmt.Sprintf("durable offset is %d, not %d", st.Offset, off), Code: "conflict"})
 		return
 	}
+	// Quota before anything of the upload reaches the disk.
+	release, err := s.admitUpload(group, p, off, total)
+	s.noteQuota(group, err)
+	if err != nil {
+		s.reply(w, r, nil, err)
+		return
+	}
+	defer release()
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		s.reply(w, r, nil, err)
 		return
@@ -343,13 +351,6 @@ func (s *Server) upload(w http.ResponseWriter, r *http.Request, p pki.Primary) {
 			return
 		}
 	}
-	release, err := s.admitUpload(group, p, off, total)
-	s.noteQuota(group, err)
-	if err != nil {
-		s.reply(w, r, nil, err)
-		return
-	}
-	defer release()
 	f, err := os.OpenFile(path+".part", os.O_CREATE|os.O_WRONLY, 0o600)
 	if err != nil {
 		s.reply(w, r, nil, err)
