@@ -108,6 +108,11 @@ func RunReplica(ctx context.Context, o ReplicaOptions, ready func()) error {
 		return fmt.Errorf("listen %s: %w", o.Listen, err)
 	}
 	ln := lim.Listener(tcp)
+	m.reg.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "standin_replica_connections_open", Help: "HTTPS connections open."},
+			func() float64 { n, _ := ln.Open(); return float64(n) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "standin_replica_connections_refused_total", Help: "HTTPS connections closed at accept for the per-address limit."},
+			func() float64 { return float64(ln.Refused()) }))
 	hs := lim.Server(srv.Handler())
 	hs.TLSConfig = auth.ServerTLS()
 	hs.ErrorLog = slog.NewLogLogger(log.Handler(), slog.LevelWarn)
