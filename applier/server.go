@@ -33,8 +33,9 @@ type Server struct {
 	log   *slog.Logger
 
 	mu     sync.Mutex
-	locks  map[string]*sync.Mutex // per upload file
+	locks  map[string]*uploadLock // per upload file, removed when unused
 	health map[string]*groupHealth
+	quota  *quotas // per-primary quotas (quota.go)
 
 	// MaxCycleBytes bounds one upload (default 4 TiB).
 	MaxCycleBytes int64
@@ -43,6 +44,10 @@ type Server struct {
 	OnApply   func(group string, res ApplyResult, err error)
 	// OnFailover, if set, serves failover requests (server_failover.go).
 	OnFailover FailoverFunc
+	// BodyTimeout: a request body must bring 64 KiB within each such window
+	// (0 = no bound); WriteTimeout bounds writing one response (0 = none).
+	// See server_limits.go.
+	BodyTimeout, WriteTimeout time.Duration
 }
 
 // NewServer serves rep with auth; uploads are kept in inbox until applied.
@@ -50,7 +55,8 @@ func NewServer(rep *Replica, auth *pki.Authority, inbox string, log *slog.Logger
 	if err := os.MkdirAll(inbox, 0o700); err != nil {
 		return nil, err
 	}
-	return &Server{rep: rep, auth: auth, inbox: inbox, log: log, locks: map[string]*sync.Mutex{}, health: map[string]*groupHealth{}, MaxCycleBytes: 4 << 40}, nil
+	return &Server{rep: rep, auth: auth, inbox: inbox, log: log, locks: map[string]*uploadLock{}, health: map[string]*groupHealth{}, MaxCycleBytes: 4 << 40,
+		quota: newQuotas(rep, inbox)}, nil
 }
 
 // Handler returns the HTTP handler (serve it with auth.ServerTLS()).
@@ -66,7 +72,7 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("POST "+wire.Prefix+"/groups/{group}/images/{id}/held", s.authed(s.replicating(s.images(queryClaims, s.held))))
 	mux.HandleFunc("GET "+wire.Prefix+"/groups/{group}/images/{id}/regions", s.authed(s.replicating(s.images(queryClaims, s.regions))))
 	mux.HandleFunc("POST "+wire.Prefix+"/groups/{group}/failover", s.authed(s.images(failoverClaims, s.failover)))
-	return mux
+	return s.limited(mux)
 }
 
 type httpErr struct {
@@ -83,9 +89,13 @@ func fail(status int, code string, f string, a ...any) *httpErr {
 
 func (s *Server) reply(w http.ResponseWriter, r *http.Request, v any, err error) {
 	w.Header().Set("Content-Type", "application/json")
+	s.writeDeadline(w)
 	if err != nil {
 		he := classify(err)
 		s.log.Warn("request refused", "method", r.Method, "path", r.URL.Path, "remote", r.RemoteAddr, "status", he.status, "err", err)
+		if closeAfter(he.status) {
+			w.Header().Set("Connection", "close")
+		}
 		w.WriteHeader(he.status)
 		we := wire.Error{Error: err.Error(), Code: he.code}
 		var me *MissingChunksError
@@ -113,6 +123,8 @@ func classify(err error) *httpErr {
 		return &httpErr{http.StatusForbidden, pki.Code(err), err}
 	case errors.Is(err, format.ErrCorrupt), errors.Is(err, format.ErrNotCycle), errors.Is(err, format.ErrVersion):
 		return &httpErr{http.StatusUnprocessableEntity, "corrupt", err}
+	case errors.Is(err, ErrQuota):
+		return &httpErr{http.StatusInsufficientStorage, "quota", err}
 	case errors.Is(err, ErrMissingChunks):
 		return &httpErr{http.StatusConflict, "missing_chunks", err}
 	case errors.Is(err, ErrFailedOver):
@@ -207,16 +219,32 @@ func (s *Server) uploadFile(r *http.Request) (group, path string, ref wire.Cycle
 	return group, path, ref, nil
 }
 
+// uploadLock serialises the requests on one upload file; refs counts the
+// requests holding or waiting for it, and the entry is removed at zero so
+// the map holds only uploads in progress.
+type uploadLock struct {
+	mu   sync.Mutex
+	refs int
+}
+
 func (s *Server) lock(path string) func() {
 	s.mu.Lock()
 	l := s.locks[path]
 	if l == nil {
-		l = &sync.Mutex{}
+		l = &uploadLock{}
 		s.locks[path] = l
 	}
+	l.refs++
 	s.mu.Unlock()
-	l.Lock()
-	return l.Unlock
+	l.mu.Lock()
+	return func() {
+		l.mu.Unlock()
+		s.mu.Lock()
+		if l.refs--; l.refs == 0 {
+			delete(s.locks, path)
+		}
+		s.mu.Unlock()
+	}
 }
 
 func (s *Server) state(group, path string, ref wire.CycleRef) (wire.UploadState, error) {
@@ -266,8 +294,12 @@ func (s *Server) upload(w http.ResponseWriter, r *http.Request, p pki.Primary) {
 	name := r.URL.Query().Get("name") // authorized by s.images
 	off, err1 := strconv.ParseInt(r.URL.Query().Get("offset"), 10, 64)
 	total, err2 := strconv.ParseInt(r.URL.Query().Get("total"), 10, 64)
-	if err := errors.Join(err1, err2); err != nil || off < 0 || total <= 0 || off > total || total > s.MaxCycleBytes {
+	if err := errors.Join(err1, err2); err != nil || off < 0 || total <= 0 || off > total {
 		s.reply(w, r, nil, fail(http.StatusBadRequest, "bad_request", "offset %q / total %q out of range", r.URL.Query().Get("offset"), r.URL.Query().Get("total")))
+		return
+	}
+	if err := s.checkBodySize(r, off, total); err != nil {
+		s.reply(w, r, nil, err)
 		return
 	}
 	// hash names the variant (thinned or full cycle share id/gen/seq).
@@ -287,11 +319,20 @@ func (s *Server) upload(w http.ResponseWriter, r *http.Request, p pki.Primary) {
 		return
 	}
 	if st.Offset != off {
+		s.writeDeadline(w)
 		w.Header().Set("Content-Type", "application/json")
 		w.WriteHeader(http.StatusConflict)
 		json.NewEncoder(w).Encode(wire.Error{Error: fmt.Sprintf("durable offset is %d, not %d", st.Offset, off), Code: "conflict"})
 		return
 	}
+	// Quota before anything of the upload reaches the disk.
+	release, err := s.admitUpload(group, p, off, total)
+	s.noteQuota(group, err)
+	if err != nil {
+		s.reply(w, r, nil, err)
+		return
+	}
+	defer release()
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		s.reply(w, r, nil, err)
 		return
@@ -441,6 +482,10 @@ func (s *Server) commit(w http.ResponseWriter, r *http.Request, p pki.Primary) {
 		s.reply(w, r, wire.CommitReply{Skipped: true, Point: "latest"}, nil)
 		return
 	}
+	if err := s.claimGroup(group, p); err != nil {
+		s.reply(w, r, nil, err)
+		return
+	}
 	ret := Retention{Points: req.Policy.Points, Every: req.Policy.PointEvery, AnyPointWindow: req.Policy.AnyPointWindow}
 	if err := s.rep.EnsureGroup(group, ret); err != nil {
 		s.reply(w, r, nil, err)
@@ -477,6 +522,10 @@ func (s *Server) seedExpect(w http.ResponseWriter, r *http.Request, p pki.Primar
 		s.reply(w, r, nil, fail(http.StatusBadRequest, "bad_request", "seed announcement: %v", err))
 		return
 	}
+	if err := s.claimGroup(group, p); err != nil {
+		s.reply(w, r, nil, err)
+		return
+	}
 	if err := s.rep.ExpectSeed(group, req); err != nil {
 		s.reply(w, r, nil, err)
 		return
@@ -496,6 +545,7 @@ type groupHealth struct {
 	interval time.Duration
 	lastErr  string
 	errTime  time.Time
+	quotaErr string // the last upload was refused for the owner's quota
 }
 
 func (s *Server) noteCommit(group string, interval time.Duration, err error) {
@@ -568,9 +618,13 @@ func (s *Server) Health() ([]GroupHealth, error) {
 			gh.Health = maxHealth(gh.Health, "Warning")
 			gh.Reasons = append(gh.Reasons, "last commit refused: "+h.lastErr)
 		}
+		if h != nil && h.quotaErr != "" {
+			gh.Health = "Critical"
+			gh.Reasons = append(gh.Reasons, "last upload refused: "+h.quotaErr)
+		}
 		out = append(out, gh)
 	}
-	return out, nil
+	return s.quotaOnlyHealth(out), nil
 }
 
 func maxHealth(a, b string) string {

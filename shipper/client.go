@@ -106,6 +106,10 @@ func newClient(store, replica string) (*client, error) {
 		TLSClientConfig:     cfg,
 		TLSHandshakeTimeout: 15 * time.Second,
 		IdleConnTimeout:     time.Minute,
+		// Uploads ask first (Expect: 100-continue): a refusal (quota, size,
+		// offset) is read before the body is sent, not lost to the reset of
+		// a connection the replica closes with the body unread.
+		ExpectContinueTimeout: 5 * time.Second,
 	}}}, nil
 }
 
@@ -127,6 +131,8 @@ func (e *RemoteError) Unwrap() error {
 		return ErrRefused
 	case "failed_over":
 		return ErrFailedOver
+	case "quota":
+		return ErrQuota
 	}
 	return nil
 }
@@ -219,6 +225,7 @@ func (c *client) upload(ctx context.Context, group, name string, r wire.CycleRef
 			return sent, err
 		}
 		req.ContentLength = total - st.Offset
+		req.Header.Set("Expect", "100-continue")
 		var rep wire.UploadState
 		err = doJSON(c.hc, req, &rep)
 		f.Close()

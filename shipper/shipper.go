@@ -574,6 +574,9 @@ func (r *run) status() GroupStatus {
 	case errors.Is(r.lastErr, ErrFailedOver):
 		st.Health = "Critical"
 		st.Reasons = append(st.Reasons, "split brain avoided: the replica took over this group (failover); this primary is stale and nothing it sends is applied: "+st.LastError)
+	case errors.Is(r.lastErr, ErrQuota):
+		st.Health = "Critical"
+		st.Reasons = append(st.Reasons, "replica storage quota exceeded; nothing more is replicated until its administrator raises the quota ('standin pair quota') or space is freed: "+st.LastError)
 	case st.Waiting != "" && st.LastError == "":
 		st.Health = "Warning"
 		st.Reasons = append(st.Reasons, st.Waiting)

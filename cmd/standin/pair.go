@@ -26,15 +26,21 @@ func pairCommand() *cli.Command {
 					&cli.StringFlag{Name: "images", Value: "*", Usage: "what the primary may send: comma-separated `GLOBS` over GROUP/IMAGE"},
 					&cli.DurationFlag{Name: "ttl", Value: time.Hour, Usage: "token lifetime"},
 					&cli.StringFlag{Name: "addr", Usage: "replica `HOST:PORT` as the primary reaches it (default: the daemon's listen address)"},
+					&cli.StringFlag{Name: "quota-held", Usage: "bytes the primary's groups may hold on the replica (images, undo logs, uploads), e.g. 500G (default unlimited)"},
+					&cli.StringFlag{Name: "quota-inflight", Usage: "bytes of unfinished uploads the primary may have, e.g. 20G (default unlimited)"},
 				},
 				OnUsageError: onUsageError,
 				Action: func(c *cli.Context) error {
 					if err := positiveDurations(c, "ttl"); err != nil {
 						return err
 					}
+					q, err := quotaFlags(c, "quota-held", "quota-inflight")
+					if err != nil {
+						return err
+					}
 					var rep map[string]string
-					err := daemon.NewClient(c.String("store")).Call(c.Context, "/pair/token",
-						daemon.TokenRequest{Pattern: c.String("images"), TTL: c.Duration("ttl"), Addr: c.String("addr")}, &rep)
+					err = daemon.NewClient(c.String("store")).Call(c.Context, "/pair/token",
+						daemon.TokenRequest{Pattern: c.String("images"), TTL: c.Duration("ttl"), Addr: c.String("addr"), Quota: q}, &rep)
 					if err != nil {
 						return err
 					}
@@ -107,12 +113,52 @@ func pairCommand() *cli.Command {
 						return printJSON(map[string]any{"primaries": ps, "tokens": ts})
 					}
 					w := table()
-					fmt.Fprintln(w, "PRIMARY\tID\tALLOWED\tPAIRED\tREVOKED")
+					fmt.Fprintln(w, "PRIMARY\tID\tALLOWED\tPAIRED\tREVOKED\tQUOTA HELD\tQUOTA IN FLIGHT")
 					for _, p := range ps {
-						fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%v\n", p.Name, p.ID, p.Pattern, p.Paired.Local().Format(time.DateTime), p.Revoked)
+						fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%v\t%s\t%s\n", p.Name, p.ID, p.Pattern, p.Paired.Local().Format(time.DateTime), p.Revoked,
+							quotaString(p.Quota.Held), quotaString(p.Quota.Inflight))
 					}
 					w.Flush()
 					fmt.Printf("%d token(s) issued\n", len(ts))
+					return nil
+				},
+			},
+			{
+				Name:      "quota",
+				Usage:     "on the replica: set a paired primary's storage quota (by name or id); takes effect on its next upload",
+				ArgsUsage: "PRIMARY",
+				Flags: []cli.Flag{
+					storeFlag,
+					&cli.StringFlag{Name: "held", Required: true, Usage: "bytes its groups may hold (images, undo logs, uploads), e.g. 500G; 0 = unlimited"},
+					&cli.StringFlag{Name: "inflight", Usage: "bytes of unfinished uploads, e.g. 20G; 0 = unlimited (default: keep the current value)"},
+				},
+				OnUsageError: onUsageError,
+				Action: func(c *cli.Context) error {
+					if c.NArg() != 1 {
+						return usageErr("pair quota: name one PRIMARY")
+					}
+					q, err := quotaFlags(c, "held", "inflight")
+					if err != nil {
+						return err
+					}
+					auth, err := daemon.OpenAuthority(daemon.ReplicaOptions{Store: c.String("store")})
+					if err != nil {
+						return err
+					}
+					if !c.IsSet("inflight") {
+						for _, p := range auth.Primaries() {
+							if p.ID == c.Args().First() || p.Name == c.Args().First() {
+								q.Inflight = p.Quota.Inflight
+							}
+						}
+					}
+					if err := auth.SetQuota(c.Args().First(), q); err != nil {
+						if errors.Is(err, pki.ErrNoSuchPrimary) {
+							return usageErr("%v (see standin pair list)", err)
+						}
+						return err
+					}
+					fmt.Printf("quota of %s: held %s, in flight %s\n", c.Args().First(), quotaString(q.Held), quotaString(q.Inflight))
 					return nil
 				},
 			},
@@ -135,4 +181,24 @@ func pairCommand() *cli.Command {
 			},
 		},
 	}
+}
+
+// quotaFlags parses two size flags into a quota (absent = 0 = unlimited).
+func quotaFlags(c *cli.Context, held, inflight string) (pki.Quota, error) {
+	var q pki.Quota
+	var err error
+	if q.Held, err = parseSize(c.String(held)); err != nil {
+		return q, usageErr("--%s: %v", held, err)
+	}
+	if q.Inflight, err = parseSize(c.String(inflight)); err != nil {
+		return q, usageErr("--%s: %v", inflight, err)
+	}
+	return q, nil
+}
+
+func quotaString(n int64) string {
+	if n <= 0 {
+		return "unlimited"
+	}
+	return humanBytes(n)
 }

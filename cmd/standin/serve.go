@@ -9,6 +9,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/standin/standin/internal/daemon"
+	"github.com/standin/standin/internal/netlimit"
 )
 
 func serveCommand() *cli.Command {
@@ -30,6 +31,12 @@ enterprise PKI instead.`,
 			&cli.StringFlag{Name: "primary-store", Usage: "this host's primary store `DIR`: a failover promotes groups into it (its 'standin mount' daemon must run)"},
 			accessFlags("points-")[0], accessFlags("points-")[1], accessFlags("points-")[2],
 			&cli.BoolFlag{Name: "warm-standby", Usage: "keep a promotion copy of every group in the primary store, brought forward after each apply: a failover (also unplanned) then copies nothing (needs --primary-store; twice the disk space)"},
+			&cli.IntFlag{Name: "max-conns", Value: netlimit.Default.MaxConns, Usage: "HTTPS connections served at once (at most half the open-file limit); more wait to be accepted"},
+			&cli.IntFlag{Name: "max-conns-per-ip", Value: netlimit.Default.MaxConnsPerIP, Usage: "HTTPS connections one remote IP address may hold; more are closed at once"},
+			&cli.DurationFlag{Name: "header-timeout", Value: netlimit.Default.HeaderTimeout, Usage: "time for the TLS handshake and a request's headers"},
+			&cli.DurationFlag{Name: "idle-timeout", Value: netlimit.Default.IdleTimeout, Usage: "close keep-alive connections idle this long"},
+			&cli.DurationFlag{Name: "body-timeout", Value: netlimit.Default.BodyTimeout, Usage: "a request body must bring 64 KiB within each such window (uploads of any length and speed above ~1 KiB/s pass)"},
+			&cli.DurationFlag{Name: "write-timeout", Value: netlimit.Default.WriteTimeout, Usage: "time to write one response"},
 		},
 		OnUsageError: onUsageError,
 		Action: func(c *cli.Context) error {
@@ -53,6 +60,16 @@ enterprise PKI instead.`,
 			if c.Bool("warm-standby") && c.String("primary-store") == "" {
 				return usageErr("--warm-standby keeps its copies in this host's primary store: give --primary-store DIR")
 			}
+			for _, f := range []string{"max-conns", "max-conns-per-ip"} {
+				if c.Int(f) <= 0 {
+					return usageErr("--%s %d: give a positive number", f, c.Int(f))
+				}
+			}
+			for _, f := range []string{"header-timeout", "idle-timeout", "body-timeout", "write-timeout"} {
+				if c.Duration(f) <= 0 {
+					return usageErr("--%s %s: give a positive duration such as 30s", f, c.Duration(f))
+				}
+			}
 			primaryStore := c.String("primary-store")
 			if primaryStore != "" {
 				var err error
@@ -64,6 +81,9 @@ enterprise PKI instead.`,
 				Store: c.String("store"), Listen: c.String("listen"), Metrics: c.String("metrics"), Version: version,
 				CertFile: c.String("cert"), KeyFile: c.String("key"), ClientCAFile: c.String("client-ca"), Logger: log,
 				PointsMount: pointsMount, PointsAccess: pointsAcc, PrimaryStore: primaryStore, WarmStandby: c.Bool("warm-standby"),
+				Limits: netlimit.Limits{MaxConns: c.Int("max-conns"), MaxConnsPerIP: c.Int("max-conns-per-ip"),
+					HeaderTimeout: c.Duration("header-timeout"), IdleTimeout: c.Duration("idle-timeout"),
+					BodyTimeout: c.Duration("body-timeout"), WriteTimeout: c.Duration("write-timeout")},
 			}, func() {
 				fmt.Printf("standin: replica %s listening on %s (pid %d)\n", c.String("store"), c.String("listen"), os.Getpid())
 			})

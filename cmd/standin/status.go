@@ -98,4 +98,17 @@ func printReplicaStatus(st daemon.ReplicaStatus) {
 		fmt.Fprintf(w, "%s\t%s\t%d\t%s\t%s\t%s\n", g.Group, strings.Join(names, ","), g.Points, latest, humanBytes(g.UndoBytes), health)
 	}
 	w.Flush()
+	if len(st.Usage) > 0 {
+		fmt.Println()
+		w = table()
+		fmt.Fprintln(w, "PRIMARY\tGROUPS\tHELD\tIN FLIGHT\tQUOTA")
+		for _, u := range st.Usage {
+			quota := "held " + quotaString(u.Quota.Held) + ", in flight " + quotaString(u.Quota.Inflight)
+			if u.Over != "" {
+				quota += ": OVER QUOTA, " + u.Over
+			}
+			fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\n", u.Name, strings.Join(u.Groups, ","), humanBytes(u.Usage.Held), humanBytes(u.Usage.Inflight), quota)
+		}
+		w.Flush()
+	}
 }

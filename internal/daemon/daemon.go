@@ -131,7 +131,7 @@ func Run(ctx context.Context, o Options, ready func()) error {
 		}
 		defer stop()
 	}
-	hs := &http.Server{Handler: newControl(st, sh, mnt, o.Version, log)}
+	hs := controlServer(newControl(st, sh, mnt, o.Version, log))
 	go hs.Serve(ln)
 	defer func() {
 		hs.Close()

@@ -2,7 +2,6 @@ package daemon
 
 import (
 	"net"
-	"net/http"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -61,7 +60,7 @@ func serveMetrics(addr string, reg *prometheus.Registry) (stop func(), err error
 	if err != nil {
 		return nil, err
 	}
-	s := &http.Server{Handler: promhttp.HandlerFor(reg, promhttp.HandlerOpts{})}
-	go s.Serve(ln)
+	s, lln := metricsServer(ln, promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	go s.Serve(lln)
 	return func() { s.Close() }, nil
 }

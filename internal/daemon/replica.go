@@ -18,6 +18,7 @@ import (
 
 	"github.com/standin/standin/applier"
 	"github.com/standin/standin/fusefs"
+	"github.com/standin/standin/internal/netlimit"
 	"github.com/standin/standin/internal/pki"
 )
 
@@ -42,6 +43,10 @@ type ReplicaOptions struct {
 	// brought forward after each apply (twice the disk space; a failover
 	// then copies nothing).
 	WarmStandby bool
+	// Limits bound the HTTPS listener: connections in total and per remote
+	// address, header, idle, body-progress and response timeouts (zero
+	// fields: netlimit.Default).
+	Limits netlimit.Limits
 }
 
 // OpenAuthority opens the replica's PKI state in STORE/pki.
@@ -99,12 +104,21 @@ func RunReplica(ctx context.Context, o ReplicaOptions, ready func()) error {
 		m.lastApply.WithLabelValues(group).SetToCurrentTime()
 	}
 
-	ln, err := net.Listen("tcp", o.Listen)
+	lim := effectiveLimits(o.Limits, log)
+	srv.BodyTimeout, srv.WriteTimeout = lim.BodyTimeout, lim.WriteTimeout
+	tcp, err := net.Listen("tcp", o.Listen)
 	if err != nil {
 		return fmt.Errorf("listen %s: %w", o.Listen, err)
 	}
-	hs := &http.Server{Handler: srv.Handler(), TLSConfig: auth.ServerTLS(), ReadHeaderTimeout: 30 * time.Second,
-		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
+	ln := lim.Listener(tcp)
+	m.reg.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "standin_replica_connections_open", Help: "HTTPS connections open."},
+			func() float64 { n, _ := ln.Open(); return float64(n) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "standin_replica_connections_refused_total", Help: "HTTPS connections closed at accept for the per-address limit."},
+			func() float64 { return float64(ln.Refused()) }))
+	hs := lim.Server(srv.Handler())
+	hs.TLSConfig = auth.ServerTLS()
+	hs.ErrorLog = slog.NewLogLogger(log.Handler(), slog.LevelWarn)
 	go func() {
 		if err := hs.ServeTLS(ln, "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			log.Error("https server", "err", err)
@@ -143,7 +157,7 @@ func RunReplica(ctx context.Context, o ReplicaOptions, ready func()) error {
 	}
 	defer fw.stop()
 	fw.control(cmux)
-	cs := &http.Server{Handler: fm.handler(cmux)}
+	cs := controlServer(fm.handler(cmux))
 	go cs.Serve(cln)
 	defer func() { cs.Close(); os.Remove(sock) }()
 
@@ -188,7 +202,8 @@ type TokenRequest struct {
 	Addr    string        `json:"addr"`
 	// Replace: the pairing replaces (revokes) a primary of the same name
 	// (a failover pairs the peer host again; pki.NewReplacingToken).
-	Replace bool `json:"replace,omitempty"`
+	Replace bool      `json:"replace,omitempty"`
+	Quota   pki.Quota `json:"quota,omitzero"`
 }
 
 // ReplicaStatus is the replica daemon's GET /status.
@@ -200,6 +215,8 @@ type ReplicaStatus struct {
 	Listen    string                `json:"listen"`
 	Groups    []applier.GroupHealth `json:"groups"`
 	Primaries []pki.Primary         `json:"primaries"`
+	// Usage is every paired primary's quota and what its groups take.
+	Usage []applier.PrimaryUsage `json:"usage,omitempty"`
 }
 
 func replicaControl(rep *applier.Replica, srv *applier.Server, auth *pki.Authority, o ReplicaOptions, listen string) *http.ServeMux {
@@ -210,7 +227,12 @@ func replicaControl(rep *applier.Replica, srv *applier.Server, auth *pki.Authori
 			reply(w, http.StatusInternalServerError, apiError{Error: err.Error(), Code: "failure"})
 			return
 		}
-		reply(w, http.StatusOK, ReplicaStatus{Role: "replica", PID: os.Getpid(), Version: o.Version, Store: o.Store, Listen: listen, Groups: gs, Primaries: auth.Primaries()})
+		us, err := srv.Usage()
+		if err != nil {
+			reply(w, http.StatusInternalServerError, apiError{Error: err.Error(), Code: "failure"})
+			return
+		}
+		reply(w, http.StatusOK, ReplicaStatus{Role: "replica", PID: os.Getpid(), Version: o.Version, Store: o.Store, Listen: listen, Groups: gs, Primaries: auth.Primaries(), Usage: us})
 	})
 	mux.HandleFunc("POST /pair/token", func(w http.ResponseWriter, r *http.Request) {
 		var req TokenRequest
@@ -221,7 +243,9 @@ func replicaControl(rep *applier.Replica, srv *applier.Server, auth *pki.Authori
 		if req.Addr == "" {
 			req.Addr = listen
 		}
-		newToken := auth.NewToken
+		newToken := func(addr, pattern string, ttl time.Duration) (string, error) {
+			return auth.NewTokenQuota(addr, pattern, ttl, req.Quota)
+		}
 		if req.Replace {
 			newToken = auth.NewReplacingToken
 		}

@@ -32,6 +32,7 @@ type Primary struct {
 	Fingerprint string    `json:"fingerprint"` // hex SHA-256 of the client certificate; "" = identified by CN (ID)
 	Paired      time.Time `json:"paired"`
 	Revoked     bool      `json:"revoked"`
+	Quota       Quota     `json:"quota,omitzero"` // storage limits on the replica (quota.go); zero = unlimited
 }
 
 // TokenInfo describes an issued token for "pair list"; it never holds the secret.
@@ -44,6 +45,7 @@ type TokenInfo struct {
 	Used    bool      `json:"used"`
 	UsedAt  time.Time `json:"used_at"`
 	UsedBy  string    `json:"used_by"` // primary ID
+	Quota   Quota     `json:"quota,omitzero"`
 }
 
 type tokenRecord struct {
@@ -55,7 +57,8 @@ type tokenRecord struct {
 	UsedAt  *time.Time `json:"used_at,omitempty"`
 	UsedBy  string     `json:"used_by,omitempty"`
 	// Replaces: the pairing revokes a primary of the same name (NewReplacingToken).
-	Replaces bool `json:"replaces,omitempty"`
+	Replaces bool  `json:"replaces,omitempty"`
+	Quota    Quota `json:"quota,omitzero"` // given to the primary that joins with it
 }
 
 type tokensState struct {
@@ -81,7 +84,7 @@ const keepTokens = 30 * 24 * time.Hour
 // added to the server certificate if missing. Only the SHA-256 of the secret is
 // stored.
 func (a *Authority) NewToken(addr, pattern string, ttl time.Duration) (string, error) {
-	return a.newToken(addr, pattern, ttl, false)
+	return a.newToken(addr, pattern, ttl, false, Quota{})
 }
 
 // NewReplacingToken is NewToken for re-pairing a primary that this host
@@ -90,10 +93,18 @@ func (a *Authority) NewToken(addr, pattern string, ttl time.Duration) (string, e
 // joining primary replaces, and takes over its name (a pairing with an
 // ordinary token under a name in use gets the name NAME-2, NAME-3, …).
 func (a *Authority) NewReplacingToken(addr, pattern string, ttl time.Duration) (string, error) {
-	return a.newToken(addr, pattern, ttl, true)
+	return a.newToken(addr, pattern, ttl, true, Quota{})
 }
 
-func (a *Authority) newToken(addr, pattern string, ttl time.Duration, replaces bool) (string, error) {
+// NewTokenQuota is NewToken for a primary that gets quota q on this replica.
+func (a *Authority) NewTokenQuota(addr, pattern string, ttl time.Duration, q Quota) (string, error) {
+	return a.newToken(addr, pattern, ttl, false, q)
+}
+
+func (a *Authority) newToken(addr, pattern string, ttl time.Duration, replaces bool, q Quota) (string, error) {
+	if err := q.check(); err != nil {
+		return "", err
+	}
 	if a.enterprise {
 		return "", ErrEnterprise
 	}
@@ -143,7 +154,7 @@ func (a *Authority) newToken(addr, pattern string, ttl time.Duration, replaces b
 	})
 	st.Tokens = append(st.Tokens, tokenRecord{
 		Hash: hex.EncodeToString(sum[:]), Addr: addr, Pattern: pattern,
-		Created: now.UTC(), Expires: expires, Replaces: replaces,
+		Created: now.UTC(), Expires: expires, Replaces: replaces, Quota: q,
 	})
 	if err := a.writeTokens(st); err != nil {
 		return "", err
@@ -176,7 +187,7 @@ func (a *Authority) Tokens() []TokenInfo {
 	out := make([]TokenInfo, 0, len(st.Tokens))
 	for _, t := range st.Tokens {
 		ti := TokenInfo{ID: tokenID(t.Hash), Addr: t.Addr, Pattern: t.Pattern, Created: t.Created,
-			Expires: t.Expires, Used: t.UsedAt != nil, UsedBy: t.UsedBy}
+			Expires: t.Expires, Used: t.UsedAt != nil, UsedBy: t.UsedBy, Quota: t.Quota}
 		if t.UsedAt != nil {
 			ti.UsedAt = *t.UsedAt
 		}
@@ -306,7 +317,7 @@ func (a *Authority) Join(secret []byte, csrPEM []byte, primaryName string) (cert
 		primaryName = uniqueName(ps, primaryName)
 	}
 
-	p = Primary{ID: "p-" + randHex(8), Name: primaryName, Pattern: tok.Pattern, Paired: now.UTC()}
+	p = Primary{ID: "p-" + randHex(8), Name: primaryName, Pattern: tok.Pattern, Paired: now.UTC(), Quota: tok.Quota}
 	tmpl := &x509.Certificate{
 		SerialNumber: randSerial(),
 		Subject:      pkix.Name{Organization: []string{"standin"}, OrganizationalUnit: []string{"primary"}, CommonName: p.ID},
@@ -336,6 +347,9 @@ func (a *Authority) Join(secret []byte, csrPEM []byte, primaryName string) (cert
 	if tok.Replaces {
 		for i := range ps.Primaries {
 			if ps.Primaries[i].Name == primaryName {
+				if !ps.Primaries[i].Revoked && p.Quota == (Quota{}) {
+					p.Quota = ps.Primaries[i].Quota // the replacement keeps the replaced primary's quota
+				}
 				ps.Primaries[i].Revoked = true // replaced by p
 			}
 		}

@@ -1,0 +1,123 @@
+package applier
+
+import (
+	"net/http"
+	"strings"
+	"testing"
+
+	"github.com/standin/standin/internal/fsutil"
+	"github.com/standin/standin/internal/pki"
+)
+
+func groupHealthOf(t *testing.T, s *Server, group string) GroupHealth {
+	t.Helper()
+	gs, err := s.Health()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, g := range gs {
+		if g.Group == group {
+			return g
+		}
+	}
+	t.Fatalf("no health for group %s", group)
+	return GroupHealth{}
+}
+
+// Tenant A over its quota is refused (507 "quota", saying what it holds, its
+// quota and what to do) and its group turns Critical; tenant B on the same
+// replica keeps replicating. Raising the quota lets A continue.
+func TestQuotaPerPrimary(t *testing.T) {
+	t.Parallel()
+	e := newSrvEnv(t, nil)
+	hcA, idA := e.pair("tenant-a")
+	hcB, idB := e.pair("tenant-b")
+	a, b := newTImage(0x61, "a.img"), newTImage(0x62, "b.img")
+	ship := func(hc *http.Client, group string, ti *tImage) (*tImage, int, string, string) {
+		t.Helper()
+		p, next := e.cycle(ti)
+		code, we := e.ship(hc, group, p, next)
+		if code == http.StatusOK {
+			return next, code, "", ""
+		}
+		return ti, code, we.Code, we.Error
+	}
+	var code int
+	var wcode, msg string
+	for i := 0; i < 2; i++ {
+		if a, code, _, msg = ship(hcA, "vmA", a); code != http.StatusOK {
+			t.Fatalf("A cycle %d without quota: %d %s", i, code, msg)
+		}
+		if b, code, _, msg = ship(hcB, "vmB", b); code != http.StatusOK {
+			t.Fatalf("B cycle %d: %d %s", i, code, msg)
+		}
+	}
+	var owners ownersState
+	if err := fsutil.ReadJSON(e.rep.dir+"/owners.json", &owners); err != nil {
+		t.Fatal(err)
+	}
+	if owners.Groups["vmA"].Primary != idA || owners.Groups["vmB"].Primary != idB {
+		t.Fatalf("owners.json: %+v, want vmA=%s vmB=%s", owners.Groups, idA, idB)
+	}
+	us, err := e.srv.Usage()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var heldA int64
+	for _, u := range us {
+		if u.ID == idA {
+			heldA = u.Usage.Held
+		}
+	}
+	if heldA <= 0 {
+		t.Fatalf("usage of A: %+v", us)
+	}
+
+	// A's quota: just what it holds now.
+	if err := e.auth.SetQuota("tenant-a", pki.Quota{Held: heldA}); err != nil {
+		t.Fatal(err)
+	}
+	a, code, wcode, msg = ship(hcA, "vmA", a)
+	if code != http.StatusInsufficientStorage || wcode != "quota" || !strings.Contains(msg, "held") ||
+		!strings.Contains(msg, "tenant-a") || !strings.Contains(msg, "standin pair quota") {
+		t.Fatalf("A over its held quota: %d %s %q, want 507 quota naming the primary, the bytes and the command", code, wcode, msg)
+	}
+	t.Logf("refusal: %s", msg)
+	if h := groupHealthOf(t, e.srv, "vmA"); h.Health != "Critical" || !strings.Contains(strings.Join(h.Reasons, ";"), "quota") {
+		t.Fatalf("vmA health after a quota refusal: %s %v, want Critical with the quota reason", h.Health, h.Reasons)
+	}
+	// B is unaffected.
+	for i := 0; i < 2; i++ {
+		if b, code, _, msg = ship(hcB, "vmB", b); code != http.StatusOK {
+			t.Fatalf("B while A is over quota: %d %s", code, msg)
+		}
+	}
+	if h := groupHealthOf(t, e.srv, "vmB"); h.Health != "Normal" {
+		t.Fatalf("vmB health: %s %v", h.Health, h.Reasons)
+	}
+	// B writing into A's group is charged to A, the group's owner.
+	if _, code, wcode, _ = ship(hcB, "vmA", newTImage(0x63, "c.img")); code != http.StatusInsufficientStorage || wcode != "quota" {
+		t.Fatalf("B uploading into A's group while A is over quota: %d %s, want 507", code, wcode)
+	}
+
+	// In flight: an upload larger than the in-flight quota is refused.
+	if err := e.auth.SetQuota(idA, pki.Quota{Inflight: 1024}); err != nil {
+		t.Fatal(err)
+	}
+	if a, code, wcode, msg = ship(hcA, "vmA", a); code != http.StatusInsufficientStorage || !strings.Contains(msg, "in flight") {
+		t.Fatalf("A over its in-flight quota: %d %s %q", code, wcode, msg)
+	}
+	// Unlimited again: A continues and its health clears.
+	if err := e.auth.SetQuota(idA, pki.Quota{}); err != nil {
+		t.Fatal(err)
+	}
+	if a, code, _, msg = ship(hcA, "vmA", a); code != http.StatusOK {
+		t.Fatalf("A after its quota was lifted: %d %s", code, msg)
+	}
+	if h := groupHealthOf(t, e.srv, "vmA"); h.Health == "Critical" {
+		t.Fatalf("vmA still Critical after the quota was lifted: %v", h.Reasons)
+	}
+	if n := len(e.srv.quota.reserved); n != 0 {
+		t.Fatalf("%d quota reservations left", n)
+	}
+}

@@ -1,0 +1,73 @@
+package pki
+
+import (
+	"fmt"
+	"slices"
+)
+
+// Quota limits what one primary may keep on the replica (see the applier's
+// quota accounting and docs/security.md). Zero fields are unlimited.
+type Quota struct {
+	// Held bounds the bytes of the primary's groups on the replica disk:
+	// images, undo logs, uploads in the inbox and seed staging.
+	Held int64 `json:"held,omitempty"`
+	// Inflight bounds the bytes of its unfinished uploads (inbox .part files).
+	Inflight int64 `json:"inflight,omitempty"`
+}
+
+func (q Quota) check() error {
+	if q.Held < 0 || q.Inflight < 0 {
+		return fmt.Errorf("pki: quota held %d / in flight %d: sizes must not be negative (0 = unlimited)", q.Held, q.Inflight)
+	}
+	return nil
+}
+
+// SetQuota sets the quota of the primary with this ID, or else of every
+// primary with this name. It is durable and applies from the next request.
+func (a *Authority) SetQuota(idOrName string, q Quota) error {
+	if err := q.check(); err != nil {
+		return err
+	}
+	if idOrName == "" {
+		return fmt.Errorf("%w: give a primary ID or name", ErrNoSuchPrimary)
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	unlock, err := a.flock()
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	st, err := a.readPrimaries()
+	if err != nil {
+		return err
+	}
+	match := func(p Primary) bool { return p.ID == idOrName }
+	if !slices.ContainsFunc(st.Primaries, match) {
+		match = func(p Primary) bool { return p.Name == idOrName }
+	}
+	n := 0
+	for i := range st.Primaries {
+		if match(st.Primaries[i]) {
+			st.Primaries[i].Quota = q
+			n++
+		}
+	}
+	if n == 0 {
+		return fmt.Errorf("%w: %q", ErrNoSuchPrimary, idOrName)
+	}
+	return a.writePrimaries(st)
+}
+
+// Primary returns the primary with this ID (revoked ones included).
+func (a *Authority) Primary(id string) (Primary, bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	_ = a.reloadPrimaries() // on error keep the last good list
+	for _, p := range a.primaries {
+		if p.ID == id {
+			return p, true
+		}
+	}
+	return Primary{}, false
+}
