@@ -287,7 +287,15 @@ func ExportPoint(ctx context.Context, rep *applier.Replica, req ExportRequest) (
 	if req.Image != "" {
 		return []string{req.To}, rep.Export(ctx, req.Group, req.Point, req.Image, req.To)
 	}
-	imgs, err := rep.GroupImages(req.Group)
+	// The images of that point (a disk deleted and re-created on the
+	// primary is a retired image at later points, the new one at earlier
+	// ones), pinned while they are written.
+	pin, err := rep.PinPoint(req.Group, req.Point)
+	if err != nil {
+		return nil, err
+	}
+	defer pin.Release()
+	imgs, err := rep.PointImages(req.Group, pin.Point())
 	if err != nil {
 		return nil, err
 	}
@@ -296,8 +304,8 @@ func ExportPoint(ctx context.Context, rep *applier.Replica, req ExportRequest) (
 	}
 	var out []string
 	for _, im := range imgs {
-		dst := filepath.Join(req.To, filepath.Base(im.Name))
-		if err := rep.Export(ctx, req.Group, req.Point, im.ID, dst); err != nil {
+		dst := filepath.Join(req.To, im.File)
+		if err := rep.Export(ctx, req.Group, pin.Point(), im.ID, dst); err != nil {
 			return out, err
 		}
 		out = append(out, dst)
