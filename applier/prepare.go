@@ -76,6 +76,7 @@ func (r *Replica) preparePromote(ctx context.Context, groupName, dstDir string, 
 	}
 	r.prepMu.Lock()
 	defer r.prepMu.Unlock()
+	r.preparedChanging()
 	if err := os.MkdirAll(dstDir, 0o700); err != nil {
 		return "", err
 	}
@@ -227,6 +228,7 @@ func (r *Replica) CancelPrepared(groupName, dstDir string) error {
 }
 
 func (r *Replica) dropPrepared(g *group, dstDir string) {
+	r.preparedChanging()
 	var rec preparedRec
 	if fsutil.ReadJSON(filepath.Join(dstDir, preparedFile), &rec) == nil {
 		for _, im := range rec.Images {
@@ -246,6 +248,7 @@ func (r *Replica) dropPrepared(g *group, dstDir string) {
 func (r *Replica) fromPrepared(ctx context.Context, g *group, st FailoverState, prs []*pointReader, dstDir string) ([]PromotedImage, bool) {
 	r.prepMu.Lock()
 	defer r.prepMu.Unlock()
+	r.preparedChanging()
 	var rec preparedRec
 	if err := fsutil.ReadJSON(filepath.Join(dstDir, preparedFile), &rec); err != nil {
 		return nil, false

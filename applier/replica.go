@@ -44,6 +44,8 @@ type Replica struct {
 	pins pinTable // pins.go
 
 	prepMu sync.Mutex // prepared promotion copies (prepare.go)
+
+	scrub scrubState // scrub.go
 }
 
 // ReplicaOptions configure a Replica.

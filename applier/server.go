@@ -572,6 +572,10 @@ func (s *Server) Health() ([]GroupHealth, error) {
 			gh.Health = maxHealth(gh.Health, "Warning")
 			gh.Reasons = append(gh.Reasons, "last commit refused: "+h.lastErr)
 		}
+		if sh, rs, _ := s.rep.ScrubHealth(g.Group); len(rs) > 0 { // scrub.go
+			gh.Health = maxHealth(gh.Health, sh)
+			gh.Reasons = append(gh.Reasons, rs...)
+		}
 		out = append(out, gh)
 	}
 	return out, nil
