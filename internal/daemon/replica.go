@@ -39,6 +39,10 @@ type ReplicaOptions struct {
 	// brought forward after each apply (twice the disk space; a failover
 	// then copies nothing).
 	WarmStandby bool
+	// ScrubInterval is the period of the scrub (scrub.go; 0 = no periodic
+	// scrub); ScrubRate its read limit in bytes/s (0 = unlimited).
+	ScrubInterval time.Duration
+	ScrubRate     int64
 }
 
 // OpenAuthority opens the replica's PKI state in STORE/pki.
@@ -140,6 +144,11 @@ func RunReplica(ctx context.Context, o ReplicaOptions, ready func()) error {
 	}
 	defer fw.stop()
 	fw.control(cmux)
+	sc := newScrubber(rep, o, log, m.reg)
+	sc.control(cmux)
+	scrubCtx, scrubCancel := context.WithCancel(ctx)
+	defer scrubCancel()
+	go sc.run(scrubCtx)
 	cs := &http.Server{Handler: fm.handler(cmux)}
 	go cs.Serve(cln)
 	defer func() { cs.Close(); os.Remove(sock) }()
@@ -263,6 +272,22 @@ func replicaControl(rep *applier.Replica, srv *applier.Server, auth *pki.Authori
 			reply(w, http.StatusBadRequest, apiError{Error: err.Error(), Code: "usage"})
 			return
 		}
+		if req.Prepared {
+			if o.PrimaryStore == "" {
+				reply(w, http.StatusNotFound, apiError{Error: "this replica keeps no promotion copies (serve has no --primary-store)", Code: "not_found"})
+				return
+			}
+			pr, err := rep.VerifyPrepared(r.Context(), req.Group, filepath.Join(o.PrimaryStore, "failover", req.Group), nil, false)
+			switch {
+			case errors.Is(err, applier.ErrNotPrepared):
+				reply(w, http.StatusNotFound, apiError{Error: err.Error(), Code: "not_found"})
+			case err != nil && !errors.Is(err, applier.ErrMismatch):
+				reply(w, http.StatusInternalServerError, apiError{Error: err.Error(), Code: "failure"})
+			default:
+				reply(w, http.StatusOK, pr) // a mismatch is in the report
+			}
+			return
+		}
 		rep2, err := rep.VerifyPoint(r.Context(), req.Group, req.Point)
 		if err != nil {
 			reply(w, http.StatusInternalServerError, apiError{Error: err.Error(), Code: "failure"})
@@ -279,6 +304,9 @@ type ExportRequest struct {
 	Point string `json:"point"`
 	Image string `json:"image"`
 	To    string `json:"to"`
+	// Prepared (verify): check the group's prepared promotion copy instead
+	// of a point.
+	Prepared bool `json:"prepared,omitempty"`
 }
 
 // ExportPoint writes one image of a point to req.To, or every image of the
