@@ -400,7 +400,7 @@ func (r *Replica) VerifyPoint(ctx context.Context, groupName, point string) (Ver
 
 // verifyPoint is VerifyPoint; pace (if not nil) is called with the bytes
 // about to be read (the scrub's throttle).
-func (r *Replica) verifyPoint(ctx context.Context, groupName, point string, pace func(int64) error) (VerifyReport, error) {
+func (r *Replica) verifyPoint(ctx context.Context, groupName, point string, pace func(context.Context, int64) error) (VerifyReport, error) {
 	rep := VerifyReport{Group: groupName, Point: point}
 	g, err := r.group(groupName)
 	if err != nil {
@@ -443,7 +443,7 @@ func (r *Replica) verifyPoint(ctx context.Context, groupName, point string, pace
 			}
 			n := min(chunk, nb-b)
 			if pace != nil {
-				if err := pace(int64(n) * format.BlockSize); err != nil {
+				if err := pace(ctx, int64(n)*format.BlockSize); err != nil {
 					return rep, err
 				}
 			}

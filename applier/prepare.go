@@ -76,7 +76,6 @@ func (r *Replica) preparePromote(ctx context.Context, groupName, dstDir string, 
 	}
 	r.prepMu.Lock()
 	defer r.prepMu.Unlock()
-	r.preparedChanging()
 	if err := os.MkdirAll(dstDir, 0o700); err != nil {
 		return "", err
 	}
@@ -221,6 +220,7 @@ func (r *Replica) CancelPrepared(groupName, dstDir string) error {
 	if err != nil {
 		return err
 	}
+	r.interruptVerify()
 	r.prepMu.Lock()
 	defer r.prepMu.Unlock()
 	r.dropPrepared(g, dstDir)
@@ -228,7 +228,6 @@ func (r *Replica) CancelPrepared(groupName, dstDir string) error {
 }
 
 func (r *Replica) dropPrepared(g *group, dstDir string) {
-	r.preparedChanging()
 	var rec preparedRec
 	if fsutil.ReadJSON(filepath.Join(dstDir, preparedFile), &rec) == nil {
 		for _, im := range rec.Images {
@@ -246,9 +245,9 @@ func (r *Replica) dropPrepared(g *group, dstDir string) {
 // there is none that fits (the caller copies the whole point). prs are the
 // point's readers in st.Images order.
 func (r *Replica) fromPrepared(ctx context.Context, g *group, st FailoverState, prs []*pointReader, dstDir string) ([]PromotedImage, bool) {
+	r.interruptVerify() // a scrub's verification of the copy does not delay the promotion
 	r.prepMu.Lock()
 	defer r.prepMu.Unlock()
-	r.preparedChanging()
 	var rec preparedRec
 	if err := fsutil.ReadJSON(filepath.Join(dstDir, preparedFile), &rec); err != nil {
 		return nil, false

@@ -39,13 +39,14 @@ import (
 	"github.com/standin/standin/internal/fsutil"
 )
 
-// scrubState holds the last scrub findings and the change counter of the
-// prepared copies (a verification that overlapped a change is inconclusive).
+// scrubState holds the last scrub findings and the running prepared-copy
+// verification.
 type scrubState struct {
 	mu       sync.Mutex
 	findings map[string][]ScrubFinding // group → findings of its last scrub
 	last     map[string]time.Time      // group → end of its last complete scrub
-	prepGen  uint64                    // bumped (under prepMu) by every change of a prepared copy
+	// interrupt cancels the running VerifyPrepared (a promotion is waiting).
+	interrupt context.CancelFunc
 }
 
 // ScrubFinding is one damage the scrub found.
@@ -75,17 +76,16 @@ type ScrubOptions struct {
 
 // pacer keeps reads at rate bytes/s on average.
 type pacer struct {
-	ctx   context.Context
 	rate  int64
 	start time.Time
 	n     int64
 }
 
-func newPacer(ctx context.Context, rate int64) *pacer {
-	return &pacer{ctx: ctx, rate: rate, start: time.Now()}
+func newPacer(rate int64) *pacer {
+	return &pacer{rate: rate, start: time.Now()}
 }
 
-func (p *pacer) pace(n int64) error {
+func (p *pacer) pace(ctx context.Context, n int64) error {
 	p.n += n
 	if p.rate > 0 {
 		want := time.Duration(float64(p.n) / float64(p.rate) * float64(time.Second))
@@ -94,11 +94,11 @@ func (p *pacer) pace(n int64) error {
 			defer t.Stop()
 			select {
 			case <-t.C:
-			case <-p.ctx.Done():
+			case <-ctx.Done():
 			}
 		}
 	}
-	return p.ctx.Err()
+	return ctx.Err()
 }
 
 // Scrub verifies every group of the store (see the file comment) and records
@@ -114,7 +114,7 @@ func (r *Replica) Scrub(ctx context.Context, o ScrubOptions) (ScrubReport, error
 	}
 	r.mu.Unlock()
 	sort.Strings(names)
-	p := newPacer(ctx, o.Rate)
+	p := newPacer(o.Rate)
 	for _, name := range names {
 		dir := ""
 		if o.PreparedDir != nil {
@@ -212,7 +212,7 @@ func (r *Replica) scrubGroup(ctx context.Context, name, preparedDir string, p *p
 		}
 		st, err := f.Stat()
 		if err == nil {
-			if err = p.pace(st.Size()); err != nil {
+			if err = p.pace(ctx, st.Size()); err != nil {
 				f.Close()
 				return out, err
 			}
@@ -264,7 +264,7 @@ type PreparedReport struct {
 	Dropped  bool           `json:"dropped,omitempty"`
 }
 
-var errPreparedChanged = errors.New("the prepared copy changed while it was verified (verify again)")
+var errPreparedChanged = errors.New("the prepared copy's verification was interrupted by a promotion (verify again)")
 
 // ErrNotPrepared: there is no prepared promotion copy to verify.
 var ErrNotPrepared = errNotPrepared
@@ -273,38 +273,39 @@ var ErrNotPrepared = errNotPrepared
 // compares every block with the hash recorded when it was written (sizes
 // included). A mismatch is ErrMismatch; with drop, the damaged copy and its
 // pin are removed, so the next preparation or promotion copies anew. pace
-// (nil = unthrottled) is called with the bytes about to be read. It does not
-// block promotions while it reads: a copy changed meanwhile gives
-// errPreparedChanged, not a verdict.
-func (r *Replica) VerifyPrepared(ctx context.Context, groupName, dstDir string, pace func(int64) error, drop bool) (PreparedReport, error) {
+// (nil = unthrottled) is called with the bytes about to be read.
+//
+// It holds the prepared copies' lock while it reads (a warm standby refresh
+// waits), but a promotion does not wait: it interrupts the verification,
+// which then returns errPreparedChanged (no verdict).
+func (r *Replica) VerifyPrepared(ctx context.Context, groupName, dstDir string, pace func(context.Context, int64) error, drop bool) (PreparedReport, error) {
 	rep := PreparedReport{Group: groupName}
 	g, err := r.group(groupName)
 	if err != nil {
 		return rep, err
 	}
-	r.prepMu.Lock()
-	var rec preparedRec
-	err = fsutil.ReadJSON(filepath.Join(dstDir, preparedFile), &rec)
-	r.scrub.mu.Lock()
-	gen := r.scrub.prepGen
-	r.scrub.mu.Unlock()
-	r.prepMu.Unlock()
-	if err != nil {
-		return rep, fmt.Errorf("group %s: %w in %s", groupName, errNotPrepared, dstDir)
-	}
-	rep.Point = pointID(rec.Point)
-	verr := verifyPreparedFiles(ctx, rec, dstDir, pace, &rep)
-	if verr != nil && !errors.Is(verr, ErrMismatch) {
-		if ctx.Err() != nil {
-			return rep, ctx.Err()
-		}
-	}
+	vctx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	r.prepMu.Lock()
 	defer r.prepMu.Unlock()
 	r.scrub.mu.Lock()
-	changed := r.scrub.prepGen != gen
+	r.scrub.interrupt = cancel
 	r.scrub.mu.Unlock()
-	if changed {
+	defer func() {
+		r.scrub.mu.Lock()
+		r.scrub.interrupt = nil
+		r.scrub.mu.Unlock()
+	}()
+	var rec preparedRec
+	if err := fsutil.ReadJSON(filepath.Join(dstDir, preparedFile), &rec); err != nil {
+		return rep, fmt.Errorf("group %s: %w in %s", groupName, errNotPrepared, dstDir)
+	}
+	rep.Point = pointID(rec.Point)
+	verr := verifyPreparedFiles(vctx, rec, dstDir, pace, &rep)
+	if vctx.Err() != nil {
+		if ctx.Err() != nil {
+			return rep, ctx.Err()
+		}
 		return rep, errPreparedChanged
 	}
 	if errors.Is(verr, ErrMismatch) && drop {
@@ -315,8 +316,18 @@ func (r *Replica) VerifyPrepared(ctx context.Context, groupName, dstDir string, 
 	return rep, verr
 }
 
+// interruptVerify stops a running VerifyPrepared (a promotion must not wait
+// for it). Called before taking prepMu.
+func (r *Replica) interruptVerify() {
+	r.scrub.mu.Lock()
+	if r.scrub.interrupt != nil {
+		r.scrub.interrupt()
+	}
+	r.scrub.mu.Unlock()
+}
+
 // verifyPreparedFiles checks the files of rec in dstDir.
-func verifyPreparedFiles(ctx context.Context, rec preparedRec, dstDir string, pace func(int64) error, rep *PreparedReport) error {
+func verifyPreparedFiles(ctx context.Context, rec preparedRec, dstDir string, pace func(context.Context, int64) error, rep *PreparedReport) error {
 	const chunk = 256
 	buf := make([]byte, chunk*format.BlockSize)
 	hb := make([]byte, chunk*32)
@@ -353,7 +364,7 @@ func verifyPreparedFiles(ctx context.Context, rec preparedRec, dstDir string, pa
 				}
 				n := min(chunk, nb-b)
 				if pace != nil {
-					if err := pace(int64(n) * format.BlockSize); err != nil {
+					if err := pace(ctx, int64(n)*format.BlockSize); err != nil {
 						return err
 					}
 				}
@@ -380,13 +391,6 @@ func verifyPreparedFiles(ctx context.Context, rec preparedRec, dstDir string, pa
 		}
 	}
 	return nil
-}
-
-// preparedChanging marks a change of a prepared copy (called with prepMu held).
-func (r *Replica) preparedChanging() {
-	r.scrub.mu.Lock()
-	r.scrub.prepGen++
-	r.scrub.mu.Unlock()
 }
 
 // PreparePromoteChecked is PreparePromote for a coming planned failover: the

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 // flipFirstData flips one bit of the first non-zero byte of path and returns
@@ -167,5 +168,52 @@ func TestScrubStoreDamage(t *testing.T) {
 	}
 	if h, _, _ := s.rep.ScrubHealth(s.group); h != "Critical" {
 		t.Fatalf("health %s", h)
+	}
+}
+
+// TestPromotionInterruptsPreparedVerify: a slow (throttled) verification of
+// the prepared copy does not delay a promotion: the promotion interrupts it
+// and uses the copy; the verification gives no verdict.
+func TestPromotionInterruptsPreparedVerify(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	s, _, _, _ := foStore(t, ReplicaOptions{}, 24)
+	dst := t.TempDir()
+	if _, _, err := s.rep.PreparePromote(ctx, s.group, dst); err != nil {
+		t.Fatal(err)
+	}
+	started := make(chan struct{})
+	done := make(chan error, 1)
+	var once bool
+	go func() {
+		_, err := s.rep.VerifyPrepared(ctx, s.group, dst, func(ctx context.Context, _ int64) error {
+			if !once {
+				once = true
+				close(started)
+			}
+			select { // a very slow scrub
+			case <-time.After(5 * time.Second):
+			case <-ctx.Done():
+			}
+			return ctx.Err()
+		}, true)
+		done <- err
+	}()
+	<-started
+	t0 := time.Now()
+	out, err := s.rep.Promote(ctx, s.group, "", "unplanned", "", dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := time.Since(t0); d > 3*time.Second {
+		t.Errorf("promotion waited %s for the verification", d)
+	}
+	for _, pi := range out {
+		if !pi.Prepared {
+			t.Errorf("image %s not promoted from the prepared copy", pi.ID)
+		}
+	}
+	if err := <-done; !errors.Is(err, errPreparedChanged) {
+		t.Errorf("interrupted verification: %v", err)
 	}
 }
