@@ -95,4 +95,17 @@ func TestRecreatedImageRetires(t *testing.T) {
 		t.Fatalf("after reopen the retired image is a member again: %v", ps[len(ps)-1].Seqs)
 	}
 	s.check(true, true)
+	// A failover promotes the current members only.
+	out, err := s.rep.Promote(ctx, s.group, "", "unplanned", "", t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ids []string
+	for _, pi := range out {
+		ids = append(ids, pi.ID)
+	}
+	slices.Sort(ids)
+	if want := []string{a.idString(), nb.idString()}; !slices.Equal(ids, want) {
+		t.Fatalf("promoted %v, want %v", ids, want)
+	}
 }

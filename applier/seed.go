@@ -12,6 +12,7 @@ package applier
 // (GROUP/seed.json), which recovery finishes after a crash.
 
 import (
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -75,6 +76,14 @@ func (r *Replica) ExpectSeed(group string, e wire.SeedExpect) error {
 	for _, im := range e.Images {
 		if !imageIDOK(im.ID) {
 			return fmt.Errorf("image id %q: %w", im.ID, ErrBadName)
+		}
+	}
+	for id, root := range e.Roots {
+		if !slices.ContainsFunc(e.Images, func(im wire.ImageState) bool { return im.ID == id }) {
+			return fmt.Errorf("seed announcement: a content root for image %q, which it does not announce: %w", id, ErrBadName)
+		}
+		if b, err := hex.DecodeString(root); err != nil || len(b) != 32 {
+			return fmt.Errorf("seed announcement: content root of image %s is not 64 hex digits: %w", id, ErrBadName)
 		}
 	}
 	if err := os.MkdirAll(filepath.Join(r.dir, "expect"), 0o700); err != nil {

@@ -78,6 +78,11 @@ func TestSeedImportRefusesForgedContent(t *testing.T) {
 	sid := applier.SeedImageID(id)
 	announce := wire.SeedExpect{GroupCut: "x", Time: cut, Images: []wire.ImageState{{ID: sid, Name: "disk.img", Generation: 1, Seq: 3}},
 		Roots: map[string]string{sid: sum.Roots[0].Root}}
+	bad := announce
+	bad.Roots = map[string]string{sid: "zz"}
+	if err := rep.ExpectSeed("vm1", bad); !errors.Is(err, applier.ErrBadName) {
+		t.Fatalf("announcement with a malformed root: %v", err)
+	}
 	if err := rep.ExpectSeed("vm1", announce); err != nil {
 		t.Fatal(err)
 	}
