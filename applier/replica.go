@@ -892,7 +892,7 @@ func (r *Replica) applyGroup(ctx context.Context, groupName string, paths []stri
 			// delta forwarded by extended replication names an earlier one.
 			return res, fmt.Errorf("%s: %w: cycle %d applies on cycle %d, replica of image %s is at cycle %d (missing %d..%d)", c.path, ErrGap, h.Seq, h.Parent, id, im.st.Seq, im.st.Seq+1, h.Parent)
 		}
-		if err := g.checkNotRetired(c.path, id); err != nil {
+		if err := g.checkNotRetired(c.path, id); err != nil && !rr.Skipped {
 			return res, err
 		}
 		res.Images = append(res.Images, rr)

@@ -65,10 +65,12 @@ func (r *Replica) Status() ([]GroupStatus, error) {
 		}
 		retired := g.retiredBy()
 		for _, im := range g.images {
-			if !im.st.Present || retired[im.id] != "" {
+			if !im.st.Present {
 				continue
 			}
-			gs.Images = append(gs.Images, ImageStatus{ID: im.id, Name: im.st.Name, Generation: im.st.Generation, Seq: im.st.Seq, Size: im.st.Size, Applying: im.st.Applying})
+			if retired[im.id] == "" { // a retired image only serves older points
+				gs.Images = append(gs.Images, ImageStatus{ID: im.id, Name: im.st.Name, Generation: im.st.Generation, Seq: im.st.Seq, Size: im.st.Size, Applying: im.st.Applying})
+			}
 			for _, l := range im.logs {
 				gs.UndoBytes += l.size
 			}
