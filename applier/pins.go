@@ -358,16 +358,31 @@ func (r *Replica) PointFiles(groupName string) ([]PointFile, error) {
 func (g *group) fileNames() map[string]string {
 	count := map[string]int{}
 	base := map[string]string{}
+	retired := g.retiredBy()
 	for id, im := range g.images {
 		b := filepath.Base(im.st.Name)
 		if !storeNameOK(b) || b == "latest" {
 			b = id
 		}
 		base[id] = b
-		count[b]++
+		if retired[id] == "" {
+			count[b]++
+		}
 	}
 	for id, b := range base {
-		if count[b] > 1 {
+		switch {
+		case retired[id] != "" && count[b] > 0:
+			base[id] = retiredName(b, id) // the current image of that name keeps it
+		case count[b] > 1:
+			base[id] = id
+		}
+	}
+	seen := map[string]int{}
+	for _, b := range base {
+		seen[b]++
+	}
+	for id, b := range base {
+		if seen[b] > 1 {
 			base[id] = id
 		}
 	}

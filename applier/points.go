@@ -395,6 +395,12 @@ type BlockMismatch struct {
 // with the block hash recorded when the data arrived. A mismatch is reported
 // in the report and as ErrMismatch.
 func (r *Replica) VerifyPoint(ctx context.Context, groupName, point string) (VerifyReport, error) {
+	return r.verifyPoint(ctx, groupName, point, nil)
+}
+
+// verifyPoint is VerifyPoint; pace (if not nil) is called with the bytes
+// about to be read (the scrub's throttle).
+func (r *Replica) verifyPoint(ctx context.Context, groupName, point string, pace func(context.Context, int64) error) (VerifyReport, error) {
 	rep := VerifyReport{Group: groupName, Point: point}
 	g, err := r.group(groupName)
 	if err != nil {
@@ -436,6 +442,11 @@ func (r *Replica) VerifyPoint(ctx context.Context, groupName, point string) (Ver
 				return rep, err
 			}
 			n := min(chunk, nb-b)
+			if pace != nil {
+				if err := pace(ctx, int64(n)*format.BlockSize); err != nil {
+					return rep, err
+				}
+			}
 			if err := pr.read(b, buf[:n*format.BlockSize], hb); err != nil {
 				return rep, err
 			}

@@ -220,6 +220,7 @@ func (r *Replica) CancelPrepared(groupName, dstDir string) error {
 	if err != nil {
 		return err
 	}
+	r.interruptVerify()
 	r.prepMu.Lock()
 	defer r.prepMu.Unlock()
 	r.dropPrepared(g, dstDir)
@@ -244,6 +245,7 @@ func (r *Replica) dropPrepared(g *group, dstDir string) {
 // there is none that fits (the caller copies the whole point). prs are the
 // point's readers in st.Images order.
 func (r *Replica) fromPrepared(ctx context.Context, g *group, st FailoverState, prs []*pointReader, dstDir string) ([]PromotedImage, bool) {
+	r.interruptVerify() // a scrub's verification of the copy does not delay the promotion
 	r.prepMu.Lock()
 	defer r.prepMu.Unlock()
 	var rec preparedRec

@@ -44,6 +44,8 @@ type Replica struct {
 	pins pinTable // pins.go
 
 	prepMu sync.Mutex // prepared promotion copies (prepare.go)
+
+	scrub scrubState // scrub.go
 }
 
 // ReplicaOptions configure a Replica.
@@ -161,6 +163,9 @@ type imageState struct {
 	ApplyingGen   uint64 `json:"applying_generation,omitempty"`
 	ApplyingPoint uint64 `json:"applying_point,omitempty"`
 	ApplyingPath  string `json:"applying_path,omitempty"`
+	// Supersedes: images of the same name this one replaced (the disk was
+	// deleted and re-created on the primary; retire.go).
+	Supersedes []string `json:"supersedes,omitempty"`
 }
 
 type image struct {
@@ -897,6 +902,9 @@ func (r *Replica) applyGroup(ctx context.Context, groupName string, paths []stri
 			// delta forwarded by extended replication names an earlier one.
 			return res, fmt.Errorf("%s: %w: cycle %d applies on cycle %d, replica of image %s is at cycle %d (missing %d..%d)", c.path, ErrGap, h.Seq, h.Parent, id, im.st.Seq, im.st.Seq+1, h.Parent)
 		}
+		if err := g.checkNotRetired(c.path, id); err != nil && !rr.Skipped {
+			return res, err
+		}
 		res.Images = append(res.Images, rr)
 		if !rr.Skipped {
 			plan = append(plan, item{c: c, im: im, id: id, new: im == nil})
@@ -1001,6 +1009,9 @@ func (r *Replica) applyGroup(ctx context.Context, groupName string, paths []stri
 		h := it.c.r.Header()
 		st := it.im.st
 		st.Applying, st.ApplyingSeq, st.ApplyingGen, st.ApplyingPoint, st.ApplyingPath = true, h.Seq, h.Generation, N, it.c.path
+		if it.new {
+			st.Supersedes = g.supersededBy(h.Name, func(id string) bool { return slices.ContainsFunc(plan, func(x item) bool { return x.id == id }) })
+		}
 		if err := fsutil.WriteJSON(filepath.Join(it.im.dir, "state.json"), st); err != nil {
 			return res, err
 		}
@@ -1088,8 +1099,9 @@ func (r *Replica) markApplied(g *group, im *image, h format.Header) error {
 // image) to points.json durably.
 func (r *Replica) recordPoint(g *group, j *journal) error {
 	p := pointRec{N: j.Point, Time: j.Time, Cycle: j.Cycle, Seqs: map[string]uint64{}, Kind: "latest", AppConsistent: j.AppConsistent}
+	retired := g.retiredBy()
 	for id, im := range g.images {
-		if im.st.Present {
+		if im.st.Present && retired[id] == "" {
 			p.Seqs[id] = im.st.Seq
 		}
 	}

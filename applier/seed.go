@@ -12,6 +12,7 @@ package applier
 // (GROUP/seed.json), which recovery finishes after a crash.
 
 import (
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -43,6 +44,9 @@ type SeedImage struct {
 	Size       int64     `json:"size"`
 	Allocated  int64     `json:"allocated"`
 	CutTime    time.Time `json:"cut_time"`
+	// Root is the root of the image's seed manifest (hex BLAKE3,
+	// dedup.Manifest.Root); the import checks every chunk against it.
+	Root string `json:"root,omitempty"`
 }
 
 // SplitSeedName splits a seed image name "GROUP/IMAGE" into its group and
@@ -74,6 +78,14 @@ func (r *Replica) ExpectSeed(group string, e wire.SeedExpect) error {
 			return fmt.Errorf("image id %q: %w", im.ID, ErrBadName)
 		}
 	}
+	for id, root := range e.Roots {
+		if !slices.ContainsFunc(e.Images, func(im wire.ImageState) bool { return im.ID == id }) {
+			return fmt.Errorf("seed announcement: a content root for image %q, which it does not announce: %w", id, ErrBadName)
+		}
+		if b, err := hex.DecodeString(root); err != nil || len(b) != 32 {
+			return fmt.Errorf("seed announcement: content root of image %s is not 64 hex digits: %w", id, ErrBadName)
+		}
+	}
 	if err := os.MkdirAll(filepath.Join(r.dir, "expect"), 0o700); err != nil {
 		return err
 	}
@@ -99,6 +111,9 @@ type SeedCheck struct {
 	Action   string `json:"action"` // "import", "skip" (already imported) or "refuse"
 	Reason   string `json:"reason,omitempty"`
 	Expected bool   `json:"expected"` // the primary announced this seed
+	// Warning: imported, but a check could not be made (an announcement
+	// without content roots, from an older primary).
+	Warning string `json:"warning,omitempty"`
 }
 
 // CheckSeed decides, per group, whether the seed's images may be imported:
@@ -192,10 +207,23 @@ func (r *Replica) checkSeedGroup(gname string, imgs []SeedImage) SeedCheck {
 		case im.Seq > w.Seq:
 			return refuse("image %s: seed is at cut %d, the primary announced cut %d: a newer seed than announced (is the primary's daemon running?)", im.Name, im.Seq, w.Seq)
 		}
+		if e.Roots != nil {
+			switch root, ok := e.Roots[im.ID]; {
+			case !ok:
+				return refuse("image %s: the primary's announcement has no content root for id %s: export the seed again", im.Name, im.ID)
+			case im.Root == "":
+				return refuse("image %s: the seed's content root is unknown", im.Name)
+			case !strings.EqualFold(root, im.Root):
+				return refuse("image %s: the seed's content (manifest root %.16s…) is not what the primary exported (root %.16s…) although identity, generation and cut match: a forged, swapped or re-exported seed — import the seed the primary exported %s", im.Name, im.Root, root, e.Time.Format(time.RFC3339))
+			}
+		}
 		delete(want, im.ID)
 	}
 	for _, w := range want {
 		return refuse("the seed lacks image %s (id %s) of group %s", w.Name, w.ID, gname)
+	}
+	if e.Roots == nil {
+		c.Warning = "the primary announced no content roots (a standin version without that check): the seed's identity, generation and cut match, but its content is only checked against its own manifests — upgrade the primary and export the seed again to have it checked"
 	}
 	return c
 }

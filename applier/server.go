@@ -622,6 +622,10 @@ func (s *Server) Health() ([]GroupHealth, error) {
 			gh.Health = "Critical"
 			gh.Reasons = append(gh.Reasons, "last upload refused: "+h.quotaErr)
 		}
+		if sh, rs, _ := s.rep.ScrubHealth(g.Group); len(rs) > 0 { // scrub.go
+			gh.Health = maxHealth(gh.Health, sh)
+			gh.Reasons = append(gh.Reasons, rs...)
+		}
 		out = append(out, gh)
 	}
 	return s.quotaOnlyHealth(out), nil

@@ -63,11 +63,14 @@ func (r *Replica) Status() ([]GroupStatus, error) {
 		if g.fo != nil {
 			gs.FailedOver = g.fo.clone()
 		}
+		retired := g.retiredBy()
 		for _, im := range g.images {
 			if !im.st.Present {
 				continue
 			}
-			gs.Images = append(gs.Images, ImageStatus{ID: im.id, Name: im.st.Name, Generation: im.st.Generation, Seq: im.st.Seq, Size: im.st.Size, Applying: im.st.Applying})
+			if retired[im.id] == "" { // a retired image only serves older points
+				gs.Images = append(gs.Images, ImageStatus{ID: im.id, Name: im.st.Name, Generation: im.st.Generation, Seq: im.st.Seq, Size: im.st.Size, Applying: im.st.Applying})
+			}
 			for _, l := range im.logs {
 				gs.UndoBytes += l.size
 			}
@@ -128,8 +131,9 @@ func (r *Replica) GroupImages(groupName string) ([]wire.ImageState, error) {
 		return out, nil
 	}
 	g.mu.RLock()
+	retired := g.retiredBy()
 	for _, im := range g.images {
-		if im.st.Present {
+		if im.st.Present && retired[im.id] == "" {
 			out = append(out, wire.ImageState{ID: im.id, Name: im.st.Name, Generation: im.st.Generation, Seq: im.st.Seq})
 		}
 	}

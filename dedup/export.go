@@ -3,6 +3,7 @@ package dedup
 import (
 	"context"
 	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -108,6 +109,18 @@ type Summary struct {
 	SeedID       [16]byte
 	Volumes      int   // volumes written (export) or of the seed (import)
 	IDTableBytes int64 // export: memory of the chunk id table at the end
+	// Roots (export) is the manifest root of every image, in image order:
+	// what the primary announces to the replica, so an import can refuse a
+	// seed whose content is not the one exported. Absent when an export
+	// resumed after all its data was written (read them with ReadManifests).
+	Roots []ImageRoot
+}
+
+// ImageRoot is the manifest root (Manifest.Root, hex) of one image of a seed.
+type ImageRoot struct {
+	Name string   `json:"name"`
+	ID   [16]byte `json:"id"`
+	Root string   `json:"root"`
 }
 
 func packName(n uint64) string     { return fmt.Sprintf("packs/%08d.pack", n) }
@@ -779,6 +792,7 @@ func (e *exporter) run() error {
 		m.Root = root.sum()
 		m.Allocated = allocated(m.runs, m.Size)
 		manifests[ii] = m
+		e.sum.Roots = append(e.sum.Roots, ImageRoot{Name: m.Name, ID: m.ID, Root: hex.EncodeToString(m.Root[:])})
 		e.sum.Chunks += int(m.Chunks)
 	}
 	rd.close()

@@ -182,6 +182,17 @@ func TestSeedRoundTrip(t *testing.T) {
 
 	// Replication is waiting for the import; kick a round so the primary announces its seed.
 	standin(time.Minute, "replicate", "now", "--store", e.PStore, "--all", "--wait")
+	// The announcement carries every image's manifest root (the import
+	// checks the seed's content against it).
+	for _, g := range e.Groups {
+		var ann struct {
+			Roots map[string]string `json:"roots"`
+		}
+		b, err := os.ReadFile(filepath.Join(e.RStore, "expect", g+".json"))
+		if err != nil || json.Unmarshal(b, &ann) != nil || len(ann.Roots) != 1 {
+			t.Errorf("announcement of %s: %v %s: want one manifest root", g, err, b)
+		}
+	}
 	r = mustStandin(t, "seed", "import", "--store", e.RStore, seed, "--json")
 	var is seedImportSummary
 	if err := json.Unmarshal([]byte(r.Stdout), &is); err != nil {

@@ -109,6 +109,9 @@ type SeedImage struct {
 	ID         string `json:"id"`
 	Generation uint64 `json:"generation"`
 	Seq        uint64 `json:"seq"`
+	// Root is the seed manifest's root (hex; dedup.Manifest.Root), announced
+	// so the replica refuses a seed of other content.
+	Root string `json:"root,omitempty"`
 }
 
 // Window is a time-of-day bandwidth limit, e.g. 08:00-18:00=2Mbit.

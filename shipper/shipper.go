@@ -416,6 +416,12 @@ func (s *Shipper) seedGate(ctx context.Context, r *run, c *client) (string, erro
 	e := wire.SeedExpect{GroupCut: g.Seed.GroupCut, Time: g.Seed.Time}
 	for _, im := range g.Seed.Images {
 		e.Images = append(e.Images, wire.ImageState{ID: im.ID, Name: im.Name, Generation: im.Generation, Seq: im.Seq})
+		if im.Root != "" {
+			if e.Roots == nil {
+				e.Roots = map[string]string{}
+			}
+			e.Roots[im.ID] = im.Root
+		}
 	}
 	st, err := c.announceSeed(ctx, g.Name, e)
 	if err != nil {

@@ -69,11 +69,15 @@ func pointsCommand() *cli.Command {
 				},
 			},
 			{
-				Name:         "verify",
-				Usage:        "re-hash a point against the hashes recorded when its data arrived",
-				Flags:        append(append([]cli.Flag{}, sel...), jsonFlag, &cli.StringFlag{Name: "point", Value: "latest", Usage: "point `ID` or latest"}),
+				Name:  "verify",
+				Usage: "re-hash a point against the hashes recorded when its data arrived",
+				Flags: append(append([]cli.Flag{}, sel...), jsonFlag, &cli.StringFlag{Name: "point", Value: "latest", Usage: "point `ID` or latest"},
+					&cli.BoolFlag{Name: "prepared", Usage: "verify the group's prepared promotion copy (warm standby or prepared planned failover) against the hashes recorded with it, instead of a point"}),
 				OnUsageError: onUsageError,
 				Action: func(c *cli.Context) error {
+					if c.Bool("prepared") {
+						return verifyPrepared(c)
+					}
 					var rep applier.VerifyReport
 					req := daemon.ExportRequest{Group: c.String("group"), Point: c.String("point")}
 					if err := daemon.NewClient(c.String("store")).Call(c.Context, "/points/verify", req, &rep); err != nil {
@@ -94,6 +98,7 @@ func pointsCommand() *cli.Command {
 					return nil
 				},
 			},
+			pointsScrubCommand(),
 			pointsMountCommand(),
 			pointsUnmountCommand(),
 			pointsPinsCommand(),

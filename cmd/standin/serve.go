@@ -30,6 +30,8 @@ enterprise PKI instead.`,
 			&cli.StringFlag{Name: "points-mount", Usage: "expose every recovery point read-only through FUSE at `DIR` (see 'standin points mount')"},
 			&cli.StringFlag{Name: "primary-store", Usage: "this host's primary store `DIR`: a failover promotes groups into it (its 'standin mount' daemon must run)"},
 			accessFlags("points-")[0], accessFlags("points-")[1], accessFlags("points-")[2],
+			&cli.DurationFlag{Name: "scrub-interval", Value: daemon.DefaultScrubInterval, Usage: "re-read every recovery point, undo log and prepared promotion copy against their recorded hashes every `DURATION` (0 = never; 'standin points scrub' runs one now)"},
+			&cli.StringFlag{Name: "scrub-rate", Value: "50MB/s", Usage: "read at most `RATE` while scrubbing (0 = unlimited)"},
 			&cli.BoolFlag{Name: "warm-standby", Usage: "keep a promotion copy of every group in the primary store, brought forward after each apply: a failover (also unplanned) then copies nothing (needs --primary-store; twice the disk space)"},
 			&cli.IntFlag{Name: "max-conns", Value: netlimit.Default.MaxConns, Usage: "HTTPS connections served at once (at most half the open-file limit); more wait to be accepted"},
 			&cli.IntFlag{Name: "max-conns-per-ip", Value: netlimit.Default.MaxConnsPerIP, Usage: "HTTPS connections one remote IP address may hold; more are closed at once"},
@@ -77,7 +79,15 @@ enterprise PKI instead.`,
 					return err
 				}
 			}
+			scrubRate, err := parseRate(c.String("scrub-rate"))
+			if err != nil {
+				return usageErr("--scrub-rate: %v", err)
+			}
+			if c.Duration("scrub-interval") < 0 {
+				return usageErr("--scrub-interval must not be negative")
+			}
 			return daemon.RunReplica(context.Background(), daemon.ReplicaOptions{
+				ScrubInterval: c.Duration("scrub-interval"), ScrubRate: scrubRate,
 				Store: c.String("store"), Listen: c.String("listen"), Metrics: c.String("metrics"), Version: version,
 				CertFile: c.String("cert"), KeyFile: c.String("key"), ClientCAFile: c.String("client-ca"), Logger: log,
 				PointsMount: pointsMount, PointsAccess: pointsAcc, PrimaryStore: primaryStore, WarmStandby: c.Bool("warm-standby"),

@@ -315,7 +315,7 @@ func (rf *replicaFailover) handle(ctx context.Context, group string, p pki.Prima
 			return rep, applier.Refuse("group %s is failed over to this host already", group)
 		}
 		t := time.Now()
-		pt, refreshed, err := rf.rep.PreparePromote(ctx, group, filepath.Join(pstore, "failover", group))
+		pt, refreshed, blocks, err := rf.rep.PreparePromoteChecked(ctx, group, filepath.Join(pstore, "failover", group))
 		if err != nil {
 			return rep, err
 		}
@@ -324,7 +324,7 @@ func (rf *replicaFailover) handle(ctx context.Context, group string, p pki.Prima
 		if refreshed {
 			how = "brought forward (warm standby)"
 		}
-		rep.Message = fmt.Sprintf("point %s %s into %s in %.1f s", pt, how, pstore, time.Since(t).Seconds())
+		rep.Message = fmt.Sprintf("point %s %s into %s and every block re-read and checked (%d blocks) in %.1f s", pt, how, pstore, blocks, time.Since(t).Seconds())
 		return rep, nil
 	case "planned":
 		held, err := rf.rep.GroupImages(group)

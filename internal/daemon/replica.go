@@ -47,6 +47,10 @@ type ReplicaOptions struct {
 	// address, header, idle, body-progress and response timeouts (zero
 	// fields: netlimit.Default).
 	Limits netlimit.Limits
+	// ScrubInterval is the period of the scrub (scrub.go; 0 = no periodic
+	// scrub); ScrubRate its read limit in bytes/s (0 = unlimited).
+	ScrubInterval time.Duration
+	ScrubRate     int64
 }
 
 // OpenAuthority opens the replica's PKI state in STORE/pki.
@@ -157,6 +161,11 @@ func RunReplica(ctx context.Context, o ReplicaOptions, ready func()) error {
 	}
 	defer fw.stop()
 	fw.control(cmux)
+	sc := newScrubber(rep, o, log, m.reg)
+	sc.control(cmux)
+	scrubCtx, scrubCancel := context.WithCancel(ctx)
+	defer scrubCancel()
+	go sc.run(scrubCtx)
 	cs := controlServer(fm.handler(cmux))
 	go cs.Serve(cln)
 	defer func() { cs.Close(); os.Remove(sock) }()
@@ -297,6 +306,22 @@ func replicaControl(rep *applier.Replica, srv *applier.Server, auth *pki.Authori
 			reply(w, http.StatusBadRequest, apiError{Error: err.Error(), Code: "usage"})
 			return
 		}
+		if req.Prepared {
+			if o.PrimaryStore == "" {
+				reply(w, http.StatusNotFound, apiError{Error: "this replica keeps no promotion copies (serve has no --primary-store)", Code: "not_found"})
+				return
+			}
+			pr, err := rep.VerifyPrepared(r.Context(), req.Group, filepath.Join(o.PrimaryStore, "failover", req.Group), nil, false)
+			switch {
+			case errors.Is(err, applier.ErrNotPrepared):
+				reply(w, http.StatusNotFound, apiError{Error: err.Error(), Code: "not_found"})
+			case err != nil && !errors.Is(err, applier.ErrMismatch):
+				reply(w, http.StatusInternalServerError, apiError{Error: err.Error(), Code: "failure"})
+			default:
+				reply(w, http.StatusOK, pr) // a mismatch is in the report
+			}
+			return
+		}
 		rep2, err := rep.VerifyPoint(r.Context(), req.Group, req.Point)
 		if err != nil {
 			reply(w, http.StatusInternalServerError, apiError{Error: err.Error(), Code: "failure"})
@@ -315,6 +340,9 @@ type ExportRequest struct {
 	To    string `json:"to"`
 	// Replace lets an export replace existing files (refused otherwise).
 	Replace bool `json:"replace,omitempty"`
+	// Prepared (verify): check the group's prepared promotion copy instead
+	// of a point.
+	Prepared bool `json:"prepared,omitempty"`
 }
 
 // ExportPoint writes one image of a point to req.To, or every image of the
@@ -335,7 +363,15 @@ func ExportPoint(ctx context.Context, rep *applier.Replica, req ExportRequest) (
 		}
 		return []string{req.To}, rep.Export(ctx, req.Group, req.Point, req.Image, req.To)
 	}
-	imgs, err := rep.GroupImages(req.Group)
+	// The images of that point (a disk deleted and re-created on the
+	// primary is a retired image at later points, the new one at earlier
+	// ones), pinned while they are written.
+	pin, err := rep.PinPoint(req.Group, req.Point)
+	if err != nil {
+		return nil, err
+	}
+	defer pin.Release()
+	imgs, err := rep.PointImages(req.Group, pin.Point())
 	if err != nil {
 		return nil, err
 	}
@@ -354,8 +390,8 @@ func ExportPoint(ctx context.Context, rep *applier.Replica, req ExportRequest) (
 	}
 	var out []string
 	for _, im := range imgs {
-		dst := filepath.Join(req.To, filepath.Base(im.Name))
-		if err := rep.Export(ctx, req.Group, req.Point, im.ID, dst); err != nil {
+		dst := filepath.Join(req.To, im.File)
+		if err := rep.Export(ctx, req.Group, pin.Point(), im.ID, dst); err != nil {
 			return out, err
 		}
 		out = append(out, dst)

@@ -306,11 +306,26 @@ func SeedExport(ctx context.Context, st *tracker.Store, sh *shipper.Shipper, req
 		return sum, fmt.Errorf("seed written, but recording it as the replication base failed: %w", err)
 	}
 	committed = true
+	roots := map[string]string{} // GROUP/IMAGE → manifest root
+	for _, r := range ds.Roots {
+		roots[r.Name] = r.Root
+	}
+	if len(roots) < len(srcs) {
+		// An export resumed after its data was written: read the roots back.
+		if ms, err := dedup.ReadManifests(req.To, req.Key); err == nil {
+			for _, m := range ms {
+				roots[m.Name] = hex.EncodeToString(m.Root[:])
+			}
+		} else {
+			emit(SeedEvent{Type: "message", Message: fmt.Sprintf("reading the seed's manifest roots back failed (%v): the replica cannot check the seed's content at import", err)})
+		}
+	}
 	for _, g := range groups {
 		ss := shipper.SeedState{GroupCut: sd.GroupCut.String(), Time: sd.Time, To: req.To}
 		for _, si := range sd.Images {
 			if groupOf[si.Name()] == g.Name {
-				ss.Images = append(ss.Images, shipper.SeedImage{Name: si.Name(), ID: applier.SeedImageID(si.ID()), Generation: si.Generation(), Seq: si.Seq()})
+				ss.Images = append(ss.Images, shipper.SeedImage{Name: si.Name(), ID: applier.SeedImageID(si.ID()), Generation: si.Generation(), Seq: si.Seq(),
+					Root: roots[g.Name+"/"+si.Name()]})
 			}
 		}
 		if err := sh.SeedExported(g.Name, ss); err != nil {
@@ -370,7 +385,7 @@ func SeedImport(ctx context.Context, rep *applier.Replica, req SeedImportRequest
 			return sum, exitcode.With(exitcode.Corrupt, err)
 		}
 		si := applier.SeedImage{Group: g, Name: n, ID: applier.SeedImageID(m.ID), Generation: m.Generation, Seq: m.Seq,
-			Size: m.Size, Allocated: m.Allocated, CutTime: m.CutTime}
+			Size: m.Size, Allocated: m.Allocated, CutTime: m.CutTime, Root: hex.EncodeToString(m.Root[:])}
 		sum.Images = append(sum.Images, si)
 		byName[m.Name] = si
 		sum.Allocated += m.Allocated
@@ -382,6 +397,9 @@ func SeedImport(ctx context.Context, rep *applier.Replica, req SeedImportRequest
 		action[c.Group] = c.Action
 		if c.Action == "refuse" {
 			refused = append(refused, fmt.Sprintf("group %s: %s", c.Group, c.Reason))
+		}
+		if c.Warning != "" && c.Action == "import" {
+			emit(SeedEvent{Type: "message", Message: fmt.Sprintf("group %s: warning: %s", c.Group, c.Warning)})
 		}
 	}
 	if req.DryRun {
@@ -404,6 +422,16 @@ func SeedImport(ctx context.Context, rep *applier.Replica, req SeedImportRequest
 	}()
 	o := dedup.ImportOptions{
 		Progress: throttle(emit, time.Second, req.SlowForTest),
+		// The manifests read now must be the ones checked above (the
+		// volumes could have been swapped meanwhile).
+		Accept: func(ms []dedup.Manifest) error {
+			for _, m := range ms {
+				if si, ok := byName[m.Name]; ok && action[si.Group] == "import" && si.Root != hex.EncodeToString(m.Root[:]) {
+					return exitcode.With(exitcode.Refused, fmt.Errorf("%w: image %s: the seed changed since it was checked (manifest root %x, checked %.16s…)", applier.ErrWrongSeed, m.Name, m.Root[:8], si.Root))
+				}
+			}
+			return nil
+		},
 		ResumeAt: func(m dedup.Manifest) uint64 {
 			if s := sinks[m.Name]; s != nil {
 				n := s.ResumeAt()

@@ -117,9 +117,14 @@ type MissingBlocks struct {
 
 // SeedExpect announces, after 'standin seed export', the seed a group's
 // relationship starts from: the replica checks a seed import against it
-// (identity, generation and cut of every image).
+// (identity, generation and cut of every image, and its content).
 type SeedExpect struct {
 	GroupCut string       `json:"group_cut"`
 	Time     time.Time    `json:"time"`
 	Images   []ImageState `json:"images"` // Seq = the seed's cut
+	// Roots maps every image id to the root of its seed manifest (hex
+	// BLAKE3 over the image's chunk list, dedup.Manifest.Root): a seed
+	// with the right ids but other content has another root. Absent from
+	// primaries older than the check.
+	Roots map[string]string `json:"roots,omitempty"`
 }

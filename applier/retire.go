@@ -1,0 +1,120 @@
+package applier
+
+// Retired images. When a disk is deleted on the primary and created again
+// under the same name, the new disk is a new image (new id) of the same name.
+// Its first apply records, in the new image's state (Supersedes), the ids of
+// the images of the same name it replaces: from the point that apply
+// records on, those images are retired — no later point lists them, so
+// exports, the points mount's latest, test failovers, prepared copies and
+// failovers see only the group's current members. Older points still list
+// the retired image (what the group held then) and read it as before; the
+// points mount names it NAME.retired-ID8 so it never collides with the
+// current image of that name.
+//
+// The mark lives in the new image's state.json, written before the commit
+// record (step 4 of the apply): a rolled-back apply deletes the new image's
+// directory and with it the mark; a rolled-forward one keeps it.
+
+import (
+	"fmt"
+	"maps"
+	"path/filepath"
+	"slices"
+)
+
+// retiredBy maps every retired image id to the id of the present image that
+// replaced it. Called with g.mu held.
+func (g *group) retiredBy() map[string]string {
+	out := map[string]string{}
+	for id, im := range g.images {
+		if !im.st.Present {
+			continue
+		}
+		for _, old := range im.st.Supersedes {
+			if old != id {
+				out[old] = id
+			}
+		}
+	}
+	return out
+}
+
+// supersededBy returns the present, not yet retired images of g recorded
+// under name, other than the ids of the commit (a new image of that name
+// replaces them). Called with g.wmu held.
+func (g *group) supersededBy(name string, inCommit func(id string) bool) []string {
+	g.mu.RLock()
+	defer g.mu.RUnlock()
+	retired := g.retiredBy()
+	var out []string
+	for _, id := range slices.Sorted(maps.Keys(g.images)) {
+		im := g.images[id]
+		if im.st.Present && im.st.Name == name && retired[id] == "" && !inCommit(id) {
+			out = append(out, id)
+		}
+	}
+	return out
+}
+
+// checkNotRetired refuses a cycle of a retired image: the primary replaced
+// that disk, so a cycle of it is stale or foreign. Called with g.wmu held.
+func (g *group) checkNotRetired(path, id string) error {
+	g.mu.RLock()
+	by := g.retiredBy()[id]
+	g.mu.RUnlock()
+	if by != "" {
+		return fmt.Errorf("%s: %w: image %s was deleted and re-created on the primary (the replica now holds image %s of the same name); its old cycles are not applied", path, ErrForeign, id, by)
+	}
+	return nil
+}
+
+// retiredName is the points-mount file name of a retired image whose base
+// name b a current image uses.
+func retiredName(b, id string) string {
+	n := b + ".retired-" + id[:8]
+	if !storeNameOK(n) {
+		return id
+	}
+	return n
+}
+
+// PointImage is one image of a recovery point, with a file name unique in the
+// point (the base of its image name, or its id when that is not a valid store
+// name or is shared by another image of the point).
+type PointImage struct {
+	ID   string `json:"id"`
+	Name string `json:"name"`
+	File string `json:"file"`
+	Size int64  `json:"size"`
+}
+
+// PointImages lists the images of one point (an ID, "latest" or empty), in id
+// order. Pin the point first when the list is used to read it.
+func (r *Replica) PointImages(groupName, point string) ([]PointImage, error) {
+	g, err := r.group(groupName)
+	if err != nil {
+		return nil, err
+	}
+	g.mu.RLock()
+	defer g.mu.RUnlock()
+	p, err := g.findPoint(point)
+	if err != nil {
+		return nil, err
+	}
+	var out []PointImage
+	count := map[string]int{}
+	for _, x := range g.imagesAt(p.N, p.Seqs) {
+		b := filepath.Base(x.im.st.Name)
+		if !storeNameOK(b) {
+			b = x.id
+		}
+		count[b]++
+		out = append(out, PointImage{ID: x.id, Name: x.im.st.Name, File: b, Size: int64(x.size)})
+	}
+	for i := range out {
+		if count[out[i].File] > 1 {
+			out[i].File = out[i].ID
+		}
+	}
+	return out, nil
+}

@@ -1,0 +1,111 @@
+package applier
+
+import (
+	"context"
+	"errors"
+	"slices"
+	"testing"
+	"time"
+)
+
+// TestRecreatedImageRetires: b.img is deleted on the primary and created
+// again (a new image id, same name). From the point of the new image's base
+// on, the old image is no member any more: the point lists only a.img and the
+// new b.img (so exports, test failovers and promotions use those), the
+// primary sees only the current images, the points mount shows the old one
+// under a distinct retired name, older points still hold the old b.img, a
+// late cycle of the old image is refused, and all of it survives a reopen.
+func TestRecreatedImageRetires(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	s, a, b, rng := foStore(t, ReplicaOptions{}, 11)
+	old := b
+	nb := newTImage(0x52, "b.img") // re-created: new id, same name
+	a, nb = foApply(t, s, rng, 4, a, nb, cycOpt{nOps: 8}, cycOpt{})
+	ps, err := s.rep.Points(s.group)
+	if err != nil {
+		t.Fatal(err)
+	}
+	latest := ps[len(ps)-1]
+	if _, ok := latest.Seqs[old.idString()]; ok || len(latest.Seqs) != 2 {
+		t.Fatalf("latest point %s lists %v: the deleted b.img (%s) is still a member", latest.ID, latest.Seqs, old.idString())
+	}
+	s.check(true, true) // every point: exactly the model (old b.img at points 1..4, new at 5)
+
+	pis, err := s.rep.PointImages(s.group, "latest")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var files []string
+	for _, pi := range pis {
+		files = append(files, pi.File)
+		if pi.File == "b.img" && pi.ID != nb.idString() {
+			t.Errorf("latest b.img is image %s, want the re-created %s", pi.ID, nb.idString())
+		}
+	}
+	slices.Sort(files)
+	if !slices.Equal(files, []string{"a.img", "b.img"}) {
+		t.Errorf("latest point images %v, want a.img b.img", files)
+	}
+	pis, err = s.rep.PointImages(s.group, "4")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, pi := range pis {
+		if pi.File == "b.img" && pi.ID != old.idString() {
+			t.Errorf("point 4 b.img is image %s, want the old %s", pi.ID, old.idString())
+		}
+	}
+	gi, err := s.rep.GroupImages(s.group)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, im := range gi {
+		if im.ID == old.idString() {
+			t.Errorf("GroupImages still lists the retired image: %+v", gi)
+		}
+	}
+	pfs, err := s.rep.PointFiles(s.group)
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen := map[string]string{} // point/file → id
+	for _, pf := range pfs {
+		k := pf.Point + "/" + pf.File
+		if seen[k] != "" {
+			t.Errorf("points mount: two images named %s", k)
+		}
+		seen[k] = pf.ImageID
+		if pf.ImageID == old.idString() && pf.File != "b.img.retired-"+old.idString()[:8] {
+			t.Errorf("retired image shown as %q", pf.File)
+		}
+		if pf.ImageID == nb.idString() && pf.File != "b.img" {
+			t.Errorf("current b.img shown as %q", pf.File)
+		}
+	}
+	// A late cycle of the old image is refused, nothing changes.
+	p, _ := old.cycle(t, s.cyc, rng, [16]byte{9, 0xf0}, foStart.Add(time.Hour), cycOpt{nOps: 4})
+	if _, err := s.rep.ApplyGroup(ctx, s.group, []string{p}); !errors.Is(err, ErrForeign) {
+		t.Fatalf("cycle of the retired image: %v, want ErrForeign", err)
+	}
+	s.reopen(s.o)
+	a, nb = foApply(t, s, rng, 5, a, nb, cycOpt{nOps: 8}, cycOpt{nOps: 8})
+	ps, _ = s.rep.Points(s.group)
+	if _, ok := ps[len(ps)-1].Seqs[old.idString()]; ok {
+		t.Fatalf("after reopen the retired image is a member again: %v", ps[len(ps)-1].Seqs)
+	}
+	s.check(true, true)
+	// A failover promotes the current members only.
+	out, err := s.rep.Promote(ctx, s.group, "", "unplanned", "", t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ids []string
+	for _, pi := range out {
+		ids = append(ids, pi.ID)
+	}
+	slices.Sort(ids)
+	if want := []string{a.idString(), nb.idString()}; !slices.Equal(ids, want) {
+		t.Fatalf("promoted %v, want %v", ids, want)
+	}
+}

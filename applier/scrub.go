@@ -1,0 +1,433 @@
+package applier
+
+// Scrub: a periodic, throttled re-read of everything the replica would ever
+// hand out, so bit rot is found while a good copy (the primary) still exists,
+// not at failover.
+//
+// Per group it covers every retained point without reading each point in
+// full: the latest point is verified block by block (VerifyPoint: latest.img
+// against hashes.bin, through the undo logs where an apply is under way); an
+// image no longer in the latest point (retired) is verified at the newest
+// point that holds it; every undo log is re-read completely and checked
+// against its file hash (what older points read from them). Blocks of an
+// older point come either from latest.img (checked) or from an undo log
+// (checked), so this is equivalent to verifying every point, at the cost of
+// one read of the images plus the undo logs.
+//
+// The prepared promotion copy (warm standby or a prepared planned failover)
+// is re-read and every block compared with the hash file written with it
+// (VerifyPrepared). A damaged copy is dropped, so the next promotion copies
+// the point in full from the store (checked block by block).
+//
+// Findings become health reasons (Critical: the latest point or a promotion
+// copy is damaged; Warning: an older point) until the next scrub of the group
+// finds the group clean.
+
+import (
+	"context"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/standin/standin/internal/format"
+	"github.com/standin/standin/internal/fsutil"
+)
+
+// scrubState holds the last scrub findings and the running prepared-copy
+// verification.
+type scrubState struct {
+	mu       sync.Mutex
+	findings map[string][]ScrubFinding // group → findings of its last scrub
+	last     map[string]time.Time      // group → end of its last complete scrub
+	// interrupt cancels the running VerifyPrepared (a promotion is waiting).
+	interrupt context.CancelFunc
+}
+
+// ScrubFinding is one damage the scrub found.
+type ScrubFinding struct {
+	Group    string `json:"group"`
+	Severity string `json:"severity"` // "Critical" or "Warning"
+	What     string `json:"what"`     // "latest", "point", "undo", "prepared"
+	Message  string `json:"message"`
+}
+
+// ScrubReport is the outcome of one scrub.
+type ScrubReport struct {
+	Groups   int            `json:"groups"`
+	Bytes    int64          `json:"bytes"` // bytes read
+	Findings []ScrubFinding `json:"findings,omitempty"`
+	Seconds  float64        `json:"seconds"`
+}
+
+// ScrubOptions tune Scrub.
+type ScrubOptions struct {
+	// Rate limits the bytes read per second (0 = unlimited).
+	Rate int64
+	// PreparedDir returns where group's prepared promotion copy lives (""
+	// = none is kept).
+	PreparedDir func(group string) string
+}
+
+// pacer keeps reads at rate bytes/s on average.
+type pacer struct {
+	rate  int64
+	start time.Time
+	n     int64
+}
+
+func newPacer(rate int64) *pacer {
+	return &pacer{rate: rate, start: time.Now()}
+}
+
+func (p *pacer) pace(ctx context.Context, n int64) error {
+	p.n += n
+	if p.rate > 0 {
+		want := time.Duration(float64(p.n) / float64(p.rate) * float64(time.Second))
+		if d := want - time.Since(p.start); d > 0 {
+			t := time.NewTimer(d)
+			defer t.Stop()
+			select {
+			case <-t.C:
+			case <-ctx.Done():
+			}
+		}
+	}
+	return ctx.Err()
+}
+
+// Scrub verifies every group of the store (see the file comment) and records
+// the findings for Health. Damage is reported in the findings, not as an
+// error; the error is for a scrub that could not run (ctx ended, I/O).
+func (r *Replica) Scrub(ctx context.Context, o ScrubOptions) (ScrubReport, error) {
+	start := time.Now()
+	var rep ScrubReport
+	r.mu.Lock()
+	names := make([]string, 0, len(r.groups))
+	for n := range r.groups {
+		names = append(names, n)
+	}
+	r.mu.Unlock()
+	sort.Strings(names)
+	p := newPacer(o.Rate)
+	for _, name := range names {
+		dir := ""
+		if o.PreparedDir != nil {
+			dir = o.PreparedDir(name)
+		}
+		fs, err := r.scrubGroup(ctx, name, dir, p)
+		if err != nil {
+			if ctx.Err() != nil {
+				return rep, ctx.Err()
+			}
+			if errors.Is(err, ErrNoGroup) {
+				continue
+			}
+			fs = append(fs, ScrubFinding{Group: name, Severity: "Warning", What: "point", Message: "scrub could not read the group: " + err.Error()})
+		}
+		rep.Groups++
+		rep.Findings = append(rep.Findings, fs...)
+		r.scrub.mu.Lock()
+		if r.scrub.findings == nil {
+			r.scrub.findings, r.scrub.last = map[string][]ScrubFinding{}, map[string]time.Time{}
+		}
+		r.scrub.findings[name], r.scrub.last[name] = fs, time.Now()
+		r.scrub.mu.Unlock()
+	}
+	rep.Bytes, rep.Seconds = p.n, time.Since(start).Seconds()
+	return rep, nil
+}
+
+func (r *Replica) scrubGroup(ctx context.Context, name, preparedDir string, p *pacer) ([]ScrubFinding, error) {
+	g, err := r.group(name)
+	if err != nil {
+		return nil, err
+	}
+	var out []ScrubFinding
+	add := func(sev, what, f string, a ...any) {
+		out = append(out, ScrubFinding{Group: name, Severity: sev, What: what, Message: fmt.Sprintf(f, a...)})
+	}
+	g.mu.RLock()
+	loadErr := g.loadErr
+	var pts []pointRec
+	if loadErr == nil {
+		pts = slices.Clone(g.pts.Points)
+	}
+	type ulog struct {
+		image, path string
+		from, to    uint64
+	}
+	var logs []ulog
+	for id, im := range g.images {
+		for _, l := range im.logs {
+			logs = append(logs, ulog{id, l.path, l.from, l.to})
+		}
+	}
+	g.mu.RUnlock()
+	if loadErr != nil {
+		add("Critical", "latest", "group %s does not load: %v", name, loadErr)
+		return out, nil
+	}
+	// Latest point, then the newest point of every image not in it.
+	covered := map[string]bool{}
+	for i := len(pts) - 1; i >= 0; i-- {
+		pt := pts[i]
+		need := false
+		for id := range pt.Seqs {
+			if !covered[id] {
+				need = true
+			}
+		}
+		if !need {
+			continue
+		}
+		vr, err := r.verifyPoint(ctx, name, pointID(pt.N), p.pace)
+		switch {
+		case errors.Is(err, ErrMismatch) && i == len(pts)-1:
+			add("Critical", "latest", "latest point %s is damaged: image %s block %d reads %.16s…, recorded %.16s… (restore from the primary: 'standin replicate resync')", vr.Point, vr.Mismatch.Image, vr.Mismatch.Block, vr.Mismatch.Got, vr.Mismatch.Want)
+		case errors.Is(err, ErrMismatch):
+			add("Warning", "point", "point %s is damaged: image %s block %d reads %.16s…, recorded %.16s…", vr.Point, vr.Mismatch.Image, vr.Mismatch.Block, vr.Mismatch.Got, vr.Mismatch.Want)
+		case errors.Is(err, ErrPointGone) || errors.Is(err, ErrNoPoint):
+			// expired meanwhile
+		case err != nil:
+			if ctx.Err() != nil {
+				return out, ctx.Err()
+			}
+			add("Warning", "point", "point %s could not be verified: %v", pointID(pt.N), err)
+		}
+		for id := range pt.Seqs {
+			covered[id] = true
+		}
+	}
+	// Undo logs: every byte against the file hash.
+	for _, l := range logs {
+		f, err := os.Open(l.path)
+		if err != nil {
+			continue // merged or expired meanwhile
+		}
+		st, err := f.Stat()
+		if err == nil {
+			if err = p.pace(ctx, st.Size()); err != nil {
+				f.Close()
+				return out, err
+			}
+			_, err = parseUndo(f, l.from, l.to)
+		}
+		f.Close()
+		if err != nil {
+			if _, serr := os.Stat(l.path); serr != nil {
+				continue // gone meanwhile
+			}
+			add("Warning", "undo", "undo log %s of image %s (points before %d) is damaged: %v", filepath.Base(l.path), l.image, l.to+1, err)
+		}
+	}
+	if preparedDir != "" {
+		pr, err := r.VerifyPrepared(ctx, name, preparedDir, p.pace, true)
+		switch {
+		case errors.Is(err, ErrMismatch):
+			add("Critical", "prepared", "the promotion copy prepared at point %s is damaged (%v); it was dropped — the next promotion copies the point from the store", pr.Point, err)
+		case err != nil && !errors.Is(err, errNotPrepared) && !errors.Is(err, errPreparedChanged):
+			if ctx.Err() != nil {
+				return out, ctx.Err()
+			}
+			add("Warning", "prepared", "the promotion copy could not be verified: %v", err)
+		}
+	}
+	return out, nil
+}
+
+// ScrubHealth returns the health and reasons of group's last scrub findings
+// (health "Normal" and no reasons when it found nothing or never ran).
+func (r *Replica) ScrubHealth(group string) (health string, reasons []string, last time.Time) {
+	r.scrub.mu.Lock()
+	defer r.scrub.mu.Unlock()
+	health = "Normal"
+	for _, f := range r.scrub.findings[group] {
+		health = maxHealth(health, f.Severity)
+		reasons = append(reasons, "scrub: "+f.Message)
+	}
+	return health, reasons, r.scrub.last[group]
+}
+
+// PreparedReport is the outcome of VerifyPrepared.
+type PreparedReport struct {
+	Group    string         `json:"group"`
+	Point    string         `json:"point"` // the point the copy holds
+	Images   int            `json:"images"`
+	Blocks   uint64         `json:"blocks"`
+	Mismatch *BlockMismatch `json:"mismatch,omitempty"`
+	Dropped  bool           `json:"dropped,omitempty"`
+}
+
+var errPreparedChanged = errors.New("the prepared copy's verification was interrupted by a promotion (verify again)")
+
+// ErrNotPrepared: there is no prepared promotion copy to verify.
+var ErrNotPrepared = errNotPrepared
+
+// VerifyPrepared re-reads the prepared promotion copy of group in dstDir and
+// compares every block with the hash recorded when it was written (sizes
+// included). A mismatch is ErrMismatch; with drop, the damaged copy and its
+// pin are removed, so the next preparation or promotion copies anew. pace
+// (nil = unthrottled) is called with the bytes about to be read.
+//
+// It holds the prepared copies' lock while it reads (a warm standby refresh
+// waits), but a promotion does not wait: it interrupts the verification,
+// which then returns errPreparedChanged (no verdict).
+func (r *Replica) VerifyPrepared(ctx context.Context, groupName, dstDir string, pace func(context.Context, int64) error, drop bool) (PreparedReport, error) {
+	rep := PreparedReport{Group: groupName}
+	g, err := r.group(groupName)
+	if err != nil {
+		return rep, err
+	}
+	vctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	r.prepMu.Lock()
+	defer r.prepMu.Unlock()
+	r.scrub.mu.Lock()
+	r.scrub.interrupt = cancel
+	r.scrub.mu.Unlock()
+	defer func() {
+		r.scrub.mu.Lock()
+		r.scrub.interrupt = nil
+		r.scrub.mu.Unlock()
+	}()
+	var rec preparedRec
+	if err := fsutil.ReadJSON(filepath.Join(dstDir, preparedFile), &rec); err != nil {
+		return rep, fmt.Errorf("group %s: %w in %s", groupName, errNotPrepared, dstDir)
+	}
+	rep.Point = pointID(rec.Point)
+	verr := verifyPreparedFiles(vctx, rec, dstDir, pace, &rep)
+	if vctx.Err() != nil {
+		if ctx.Err() != nil {
+			return rep, ctx.Err()
+		}
+		return rep, errPreparedChanged
+	}
+	if errors.Is(verr, ErrMismatch) && drop {
+		r.o.Logger.Warn("prepared promotion copy damaged; dropped", "group", groupName, "point", rec.Point, "err", verr)
+		r.dropPrepared(g, dstDir)
+		rep.Dropped = true
+	}
+	return rep, verr
+}
+
+// interruptVerify stops a running VerifyPrepared (a promotion must not wait
+// for it). Called before taking prepMu.
+func (r *Replica) interruptVerify() {
+	r.scrub.mu.Lock()
+	if r.scrub.interrupt != nil {
+		r.scrub.interrupt()
+	}
+	r.scrub.mu.Unlock()
+}
+
+// verifyPreparedFiles checks the files of rec in dstDir.
+func verifyPreparedFiles(ctx context.Context, rec preparedRec, dstDir string, pace func(context.Context, int64) error, rep *PreparedReport) error {
+	const chunk = 256
+	buf := make([]byte, chunk*format.BlockSize)
+	hb := make([]byte, chunk*32)
+	for _, im := range rec.Images {
+		rep.Images++
+		mismatch := func(b uint64, want, got []byte) error {
+			rep.Mismatch = &BlockMismatch{Image: im.ID, Block: b, Want: hex.EncodeToString(want), Got: hex.EncodeToString(got)}
+			return fmt.Errorf("group %s: prepared copy %s.img.pre block %d: %w", rec.Group, im.ID, b, ErrMismatch)
+		}
+		f, err := os.Open(filepath.Join(dstDir, im.ID+".img.pre"))
+		if err != nil {
+			return fmt.Errorf("group %s: prepared copy of %s: %w: %v", rec.Group, im.ID, ErrMismatch, err)
+		}
+		hf, err := os.Open(filepath.Join(dstDir, im.ID+".hashes.pre"))
+		if err != nil {
+			f.Close()
+			return fmt.Errorf("group %s: prepared hashes of %s: %w: %v", rec.Group, im.ID, ErrMismatch, err)
+		}
+		err = func() error {
+			defer f.Close()
+			defer hf.Close()
+			nb := blocksOf(uint64(im.Size))
+			fst, err1 := f.Stat()
+			hst, err2 := hf.Stat()
+			if err := errors.Join(err1, err2); err != nil {
+				return err
+			}
+			if fst.Size() != im.Size || hst.Size() != int64(nb)*32 {
+				return fmt.Errorf("group %s: prepared copy of %s is %d bytes (hashes %d), recorded %d: %w", rec.Group, im.ID, fst.Size(), hst.Size(), im.Size, ErrMismatch)
+			}
+			for b := uint64(0); b < nb; b += chunk {
+				if err := ctx.Err(); err != nil {
+					return err
+				}
+				n := min(chunk, nb-b)
+				if pace != nil {
+					if err := pace(ctx, int64(n)*format.BlockSize); err != nil {
+						return err
+					}
+				}
+				clear(buf[:n*format.BlockSize])
+				end := min(int64(b+n)*format.BlockSize, im.Size)
+				if err := readFullAt(f, buf[:end-int64(b)*format.BlockSize], int64(b)*format.BlockSize); err != nil {
+					return err
+				}
+				if err := readFullAt(hf, hb[:n*32], int64(b)*32); err != nil {
+					return err
+				}
+				for i := uint64(0); i < n; i++ {
+					got := blockHash(buf[i*format.BlockSize : (i+1)*format.BlockSize])
+					rep.Blocks++
+					if string(got[:]) != string(hb[i*32:(i+1)*32]) {
+						return mismatch(b+i, hb[i*32:(i+1)*32], got[:])
+					}
+				}
+			}
+			return nil
+		}()
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// PreparePromoteChecked is PreparePromote for a coming planned failover: the
+// copy (brought forward or copied) is then re-read completely and every
+// block compared with its recorded hash, while the VM still runs on the
+// primary. A damaged copy is dropped and the point copied anew from the
+// store. The promotion itself then only re-reads (and checks against the
+// store's recorded hashes) the blocks changed after the prepared point.
+// blocks: the blocks verified.
+func (r *Replica) PreparePromoteChecked(ctx context.Context, groupName, dstDir string) (point string, refreshed bool, blocks uint64, err error) {
+	for attempt := 0; ; attempt++ {
+		point, refreshed, err = r.PreparePromote(ctx, groupName, dstDir)
+		if err != nil {
+			return point, refreshed, blocks, err
+		}
+		g, err := r.group(groupName)
+		if err != nil {
+			return point, refreshed, blocks, err
+		}
+		r.prepMu.Lock()
+		var rec preparedRec
+		rep := PreparedReport{Group: groupName}
+		verr := fsutil.ReadJSON(filepath.Join(dstDir, preparedFile), &rec)
+		if verr == nil {
+			verr = verifyPreparedFiles(ctx, rec, dstDir, nil, &rep)
+		}
+		blocks += rep.Blocks
+		if verr != nil && errors.Is(verr, ErrMismatch) {
+			r.o.Logger.Warn("prepared promotion copy damaged; copying the point anew", "group", groupName, "err", verr)
+			r.dropPrepared(g, dstDir)
+		}
+		r.prepMu.Unlock()
+		switch {
+		case verr == nil:
+			return point, refreshed, blocks, nil
+		case !errors.Is(verr, ErrMismatch) || attempt > 0:
+			return point, refreshed, blocks, fmt.Errorf("verifying the prepared copy: %w", verr)
+		}
+	}
+}
