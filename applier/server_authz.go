@@ -182,11 +182,9 @@ func authorizeImages(p pki.Primary, group string, held map[string]string, imgs [
 		if !p.Allowed(group, c.name) {
 			return fail(http.StatusForbidden, "forbidden", "primary %s (%s) may not send image %s/%s (allowed: %s)", p.Name, p.ID, group, c.name, p.Pattern)
 		}
-		for id, rec := range held {
-			if rec == c.name {
-				return fail(http.StatusConflict, "name_taken", "group %s already holds an image named %q (id %s); the new image %s may not take its name (give the new disk another name on the primary)", group, c.name, id, c.id)
-			}
-		}
+		// A new id under the name of a held image is that disk deleted and
+		// re-created on the primary: the name is allowed for p, so the held
+		// image is p's as well, and the apply retires it (retire.go).
 	}
 	if whole {
 		ids := make([]string, 0, len(held))
