@@ -11,8 +11,10 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -91,10 +93,33 @@ func FuzzServer(f *testing.F) {
 	f.Add(uint8(5), fuzzCycleBytes(f, 3))
 	f.Add(uint8(6), js(wire.PairRequest{Secret: pt.Secret, CSR: csr, Name: "other"}))
 
+	f.Add(uint8(7), append(binary.LittleEndian.AppendUint64(binary.LittleEndian.AppendUint64(nil, 0), 1000), fuzzCycleBytes(f, 3)[:100]...))
+	f.Add(uint8(8), []byte("vm1\x00"+id+"\x001\x003"))
 	f.Fuzz(func(t *testing.T, which uint8, body []byte) {
 		var req *http.Request
 		p := wire.Prefix + "/groups/vm1"
-		switch which % 7 {
+		switch which % 9 {
+		case 7: // a part of an upload: offset and total from the input
+			var off, total uint64
+			if len(body) >= 16 {
+				off, total, body = binary.LittleEndian.Uint64(body), binary.LittleEndian.Uint64(body[8:]), body[16:]
+			}
+			req = httptest.NewRequest("PUT", fmt.Sprintf("%s/uploads/%s/1/4?offset=%d&total=%d&name=disk0.img", p, id, off, total), bytes.NewReader(body))
+			defer func() {
+				del := httptest.NewRequest("DELETE", p+"/uploads/"+id+"/1/4?name=disk0.img", nil)
+				del.TLS = tlsState
+				h.ServeHTTP(httptest.NewRecorder(), del)
+			}()
+		case 8: // upload state and discard with path components from the input
+			c := strings.SplitN(string(body), "\x00", 4)
+			for len(c) < 4 {
+				c = append(c, "")
+			}
+			method := "GET"
+			if len(body) > 0 && body[len(body)-1]&1 == 1 {
+				method = "DELETE"
+			}
+			req = httptest.NewRequest(method, wire.Prefix+"/groups/"+url.PathEscape(c[0])+"/uploads/"+url.PathEscape(c[1])+"/"+url.PathEscape(c[2])+"/"+url.PathEscape(c[3])+"?name=disk0.img", nil)
 		case 0:
 			req = httptest.NewRequest("POST", p+"/commit", bytes.NewReader(body))
 		case 1:
@@ -121,12 +146,13 @@ func FuzzServer(f *testing.F) {
 		case 6:
 			req = httptest.NewRequest("POST", wire.Prefix+"/pair", bytes.NewReader(body))
 		}
-		if which%7 != 6 {
+		if which%9 != 6 {
 			req.TLS = tlsState
 		}
 		w := httptest.NewRecorder()
 		fuzzDeadline(t, 20*time.Second, func() { h.ServeHTTP(w, req) })
-		if w.Code/100 != 2 {
+		// 3xx, 404 and 405 of unmatched paths come from http.ServeMux.
+		if w.Code >= 400 && w.Code != http.StatusNotFound && w.Code != http.StatusMethodNotAllowed {
 			var e wire.Error
 			if err := json.Unmarshal(w.Body.Bytes(), &e); err != nil || e.Error == "" || e.Code == "" {
 				t.Fatalf("%s %s: status %d without a JSON error: %q", req.Method, req.URL, w.Code, w.Body.Bytes())
