@@ -4,7 +4,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 BIN     := bin/standin
 
-.PHONY: build test test-unit test-fuse test-integration bench demo lint fuzz clean deps
+.PHONY: build test test-unit test-fuse test-integration bench demo lint fuzz fuzz-short clean deps
 
 build:
 	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/standin
@@ -14,7 +14,7 @@ deps:
 	bash .ci/deps.sh
 
 # make test: everything CI runs. Needs root and /dev/fuse (fails, not skips, with CI=true).
-test: build lint test-unit test-integration
+test: build lint test-unit fuzz-short test-integration
 
 test-unit:
 	$(GO) test -race -count=1 -timeout 10m ./internal/... ./tracker/... ./shipper/... ./applier/... ./dedup/...
@@ -29,8 +29,14 @@ lint:
 	$(GO) vet ./...
 	bash .ci/depcheck.sh
 
+# fuzz-short: every fuzz target (decoders of files and request bodies) for a
+# few seconds each (scripts/fuzz.sh, ~3 min); make fuzz: 60 s each (~25 min).
+# Their seed corpora and any crasher kept in testdata/fuzz also run in test-unit.
+fuzz-short:
+	FUZZTIME=$${FUZZTIME:-4s} bash scripts/fuzz.sh
+
 fuzz:
-	$(GO) test -run '^$$' -fuzz FuzzOpen -fuzztime 60s -fuzzminimizetime 3s ./internal/format
+	FUZZTIME=$${FUZZTIME:-60s} bash scripts/fuzz.sh
 
 # make bench: data path, tracker and staging (bench/run.sh, ~15 min), then replication
 # (bench/repl.sh, ~10 min), then seed export vs borg/restic/casync/tar (bench/seed.sh,

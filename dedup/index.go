@@ -192,6 +192,10 @@ func decodeIndex(b []byte) (*seedIndex, error) {
 	if r.err != nil || uint64(ng) > uint64(len(r.b))/12 || ix.Images < 0 || ix.Images > 1<<24 {
 		return nil, errors.New("dedup: index: bad group count")
 	}
+	// Every image has a manifest shard entry (53 bytes at least) below.
+	if uint64(ix.Images) > uint64(len(r.b))/53 {
+		return nil, fmt.Errorf("dedup: index: %d images for %d bytes of shard entries", ix.Images, len(r.b))
+	}
 	var packs []*shardEntry
 	manifests := make([]bool, 0)
 	for gi := uint32(0); gi < ng; gi++ {

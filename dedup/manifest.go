@@ -1,9 +1,11 @@
 package dedup
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"time"
 
 	"github.com/klauspost/compress/zstd"
@@ -75,7 +77,27 @@ func encodeManifest(m *Manifest, enc *zstd.Encoder) []byte {
 	return w.b
 }
 
-var mdec, _ = zstd.NewReader(nil, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxMemory(maxManifestRaw))
+// manifestWindow is the largest zstd window of a run list: the encoder's
+// default window (8 MiB); smaller lists are single frames of their own size.
+const manifestWindow = 8 << 20
+
+// decodeRunList decompresses a manifest's run list of rawLen bytes. It
+// streams, so the memory used grows with the bytes actually decoded (plus
+// at most a manifestWindow window), never with a length the file claims
+// (rawLen, the zstd frame's content size).
+func decodeRunList(comp []byte, rawLen uint32) ([]byte, error) {
+	zr, err := zstd.NewReader(bytes.NewReader(comp), zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true),
+		zstd.WithDecoderMaxMemory(maxManifestRaw), zstd.WithDecoderMaxWindow(manifestWindow))
+	if err != nil {
+		return nil, err
+	}
+	defer zr.Close()
+	raw, err := io.ReadAll(io.LimitReader(zr, int64(rawLen)+1))
+	if err == nil && len(raw) != int(rawLen) {
+		err = fmt.Errorf("%d bytes, want %d", len(raw), rawLen)
+	}
+	return raw, err
+}
 
 // decodeManifest parses and validates a manifest against the seed's chunk
 // count. Every length and index is checked before use.
@@ -112,7 +134,7 @@ func decodeManifest(b []byte, totalChunks uint64) (*Manifest, error) {
 	if m.Chunks < 0 || uint64(m.Chunks) > nimg || rawLen > maxManifestRaw || uint64(rawLen) > 1+uint64(m.Chunks)*30 {
 		return nil, fmt.Errorf("dedup: manifest %q: bad counts", m.Name)
 	}
-	raw, err := mdec.DecodeAll(comp, make([]byte, 0, rawLen))
+	raw, err := decodeRunList(comp, rawLen)
 	if err != nil || len(raw) != int(rawLen) {
 		return nil, fmt.Errorf("dedup: manifest %q: chunk list damaged: %v", m.Name, err)
 	}

@@ -161,8 +161,19 @@ func doJSON(hc *http.Client, req *http.Request, out any) error {
 	if out == nil {
 		return nil
 	}
-	return json.NewDecoder(resp.Body).Decode(out)
+	lr := &io.LimitedReader{R: resp.Body, N: maxReplyBytes + 1}
+	if err := json.NewDecoder(lr).Decode(out); err != nil {
+		if lr.N <= 0 {
+			return fmt.Errorf("replica reply of more than %d bytes refused", maxReplyBytes)
+		}
+		return fmt.Errorf("replica reply: %w", err)
+	}
+	return nil
 }
+
+// maxReplyBytes bounds a JSON reply of the replica (the largest, a group's
+// state, is a few hundred bytes per image).
+const maxReplyBytes = 16 << 20
 
 func (c *client) uploadPath(group string, r wire.CycleRef) string {
 	return fmt.Sprintf("%s/groups/%s/uploads/%s/%d/%d", c.base, url.PathEscape(group), url.PathEscape(r.ID), r.Gen, r.Seq)

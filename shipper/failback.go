@@ -48,9 +48,24 @@ func readCandidates(path string) (*roaring.Bitmap, error) {
 	if err != nil {
 		return nil, err
 	}
+	b, err := ParseCandidates(data)
+	if err != nil {
+		return nil, fmt.Errorf("candidate blocks %s: %w", path, err)
+	}
+	return b, nil
+}
+
+// ParseCandidates decodes a serialized roaring bitmap of candidate blocks
+// (a file of WriteCandidates, or a failover request's candidates). The
+// bitmap is checked for consistency: a damaged one is an error here rather
+// than a panic when it is used.
+func ParseCandidates(data []byte) (*roaring.Bitmap, error) {
 	b := roaring.New()
 	if _, err := b.FromUnsafeBytes(data); err != nil {
-		return nil, fmt.Errorf("candidate blocks %s: %w", path, err)
+		return nil, err
+	}
+	if err := b.Validate(); err != nil {
+		return nil, fmt.Errorf("inconsistent bitmap: %w", err)
 	}
 	return b.Clone(), nil
 }

@@ -376,6 +376,11 @@ func readDirty(path string) (*roaring.Bitmap, error) {
 	if _, err := b.ReadFrom(bytes.NewReader(body[16:])); err != nil {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
+	// ReadFrom takes inconsistent containers (e.g. unsorted) that panic
+	// when used later.
+	if err := b.Validate(); err != nil {
+		return nil, fmt.Errorf("%s: inconsistent dirty map: %w", path, err)
+	}
 	return b, nil
 }
 

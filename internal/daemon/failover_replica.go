@@ -422,10 +422,9 @@ func (rf *replicaFailover) handle(ctx context.Context, group string, p pki.Prima
 			rep.Images = append(rep.Images, wire.FailoverImage{ID: im.ID, Name: im.Name, Generation: im.Generation, Seq: im.Seq})
 			c := roaring.New()
 			if x, ok := sent[im.ID]; ok && len(x.Candidates) > 0 {
-				if _, err := c.FromBuffer(x.Candidates); err != nil {
+				if c, err = shipper.ParseCandidates(x.Candidates); err != nil {
 					return rep, applier.Refuse("candidate blocks of image %s: %v", im.Name, err)
 				}
-				c = c.Clone()
 			} else if !ok {
 				return rep, applier.Refuse("image %s (%s) of group %s is missing from the old primary's request", im.Name, im.ID, group)
 			}
