@@ -35,14 +35,26 @@ for pkg in $pkgs; do
 	targets=$($GO test -list '^Fuzz' "$pkg" 2>/dev/null | grep -E '^Fuzz' | grep -E "$only_target" || true)
 	for t in $targets; do
 		start=$(date +%s)
-		$GO test -run '^$' -fuzz "^${t}\$" -fuzztime "$FUZZTIME" -fuzzminimizetime 10x -parallel "$PAR" "$pkg" >"$out" 2>&1
+		run() { $GO test -run '^$' -fuzz "^${t}\$" -fuzztime "$FUZZTIME" -fuzzminimizetime 10x -parallel "$PAR" "$pkg" >"$out" 2>&1; }
+		run
 		rc=$?
+		retried=
+		if [ $rc -ne 0 ] && ! grep -q 'failing input written to' "$out"; then
+			# A failure without an input (a worker the coordinator lost on a
+			# loaded machine) is shown and run once more; one with an input is
+			# a finding and fails at once.
+			echo "---- $pkg $t failed without a failing input; output, then one more run:"
+			grep -v '^fuzz: elapsed' "$out" | tail -20
+			run
+			rc=$?
+			retried=" (retried)"
+		fi
 		secs=$(($(date +%s) - start))
 		execs=$(grep -oE 'execs: [0-9]+' "$out" | tail -1 | grep -oE '[0-9]+')
 		execs=${execs:-0}
 		total=$((total + execs))
 		if [ $rc -eq 0 ]; then
-			res=ok
+			res=ok$retried
 		else
 			res=FAIL
 			fail=1
