@@ -69,6 +69,7 @@ type Image struct {
 	wanted      bits // extents waiting for the next intent commit
 	touched     bits // extents touched since the last checkpoint snapshot
 	unclean     bool // started after a crash: active extents were added
+	dropped     bool // blocks left dirty ∪ frozen since the image was last synced
 	recovered   uint64
 	lastErr     error
 	removed     bool
@@ -318,8 +319,24 @@ func (im *Image) checkpointLocked() error {
 	// touched for a whole interval.
 	recent := im.touched
 	im.touched = nil
+	dropped := im.dropped
+	im.dropped = false
 	im.mu.Unlock()
 
+	// Ordering rule (docs/design.md): a block leaves the durable recovery
+	// sets (this dirty map and the active extents) only after its data is
+	// durable in the image. Every block not in snap whose write is not known
+	// durable was written before a cut that completed before the snapshot,
+	// so one fdatasync of the image here covers them all. It is needed when
+	// a staged cut or a committed seed dropped blocks since the last sync,
+	// or when an extent retires below.
+	synced := false
+	if dropped {
+		if err := im.syncImage(); err != nil {
+			return err
+		}
+		synced = true
+	}
 	if err := im.writeDirty(snap); err != nil {
 		return fmt.Errorf("tracker: checkpoint of %s: %w", im.Name(), err)
 	}
@@ -327,14 +344,49 @@ func (im *Image) checkpointLocked() error {
 	im.mu.Lock()
 	keep := im.touched.clone()
 	keep.or(recent)
+	retiring := !sameBits(keep.and(im.active), im.active)
+	im.mu.Unlock()
+	if !retiring {
+		return nil // the active file on disk already holds exactly im.active
+	}
+	if !synced {
+		if err := im.syncImage(); err != nil {
+			return err
+		}
+	}
+	im.mu.Lock()
+	keep = im.touched.clone() // touched only grew: next only shrinks less
+	keep.or(recent)
 	next := keep.and(im.active)
 	changed := im.active.clone() // every word that may change
 	im.active = next
 	im.mu.Unlock()
-	if changed.empty() {
-		return nil
-	}
 	return im.writeActive(next, changed)
+}
+
+// syncImage makes the image's data durable (fdatasync) before a checkpoint
+// drops blocks from the recovery sets. A failure is sticky: after a failed
+// fdatasync the kernel may have dropped the unwritten pages, so the image
+// refuses writes until a restart recovers from the unchanged sets on disk.
+func (im *Image) syncImage() error {
+	if err := fdatasync(im.f); err != nil {
+		im.mu.Lock()
+		defer im.mu.Unlock()
+		im.dropped = true
+		im.setErrLocked(fmt.Errorf("tracker: syncing image %s before a checkpoint: %w", im.meta.Name, err))
+		return im.lastErr
+	}
+	return nil
+}
+
+// sameBits reports whether a and b have the same set bits.
+func sameBits(a, b bits) bool {
+	for i := 0; i < max(len(a), len(b)); i++ {
+		if a.word(i) != b.word(i) {
+			return false
+		}
+	}
+	return true
 }
 
 // dirty file: magic, u64 length, roaring bytes, BLAKE3-256 of what precedes.
@@ -406,6 +458,13 @@ func (im *Image) close() error {
 	im.mu.Lock()
 	removed, failed := im.removed, im.lastErr != nil
 	im.mu.Unlock()
+	if !removed && len(errs) == 0 && !failed {
+		// The clean flag makes recovery ignore the active extents: the
+		// image must be durable first (ordering rule).
+		if err := im.syncImage(); err != nil {
+			errs = append(errs, err)
+		}
+	}
 	switch {
 	case removed:
 		errs = append(errs, os.RemoveAll(im.dir))

@@ -280,6 +280,7 @@ func (sd *Seed) Commit() error {
 		}
 		im.meta.LastCut = si.t
 		im.frozen, im.stage = nil, nil
+		im.dropped = true // the checkpoint below syncs the image before it drops them
 		im.mu.Unlock()
 		si.st.discard()
 		dir := im.s.cycleDir(im.id)

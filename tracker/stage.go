@@ -350,6 +350,7 @@ func (im *Image) stageCycle(ctx context.Context, c *cutImage, o CutOptions) (inf
 	im.meta.LastCycleBytes = sum.Bytes
 	cbwBlocks := c.st.copied
 	im.frozen, im.stage = nil, nil
+	im.dropped = true // the checkpoint below syncs the image before it drops them
 	im.mu.Unlock()
 	c.st.discard()
 	if err := im.saveMeta(); err != nil {

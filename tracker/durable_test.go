@@ -1,0 +1,135 @@
+package tracker
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+)
+
+// syncLog records, in order, which files were fdatasynced.
+type syncLog struct {
+	mu    sync.Mutex
+	names []string
+}
+
+func recordSyncs(t *testing.T) *syncLog {
+	l := &syncLog{}
+	orig := fdatasync
+	fdatasync = func(f *os.File) error {
+		l.mu.Lock()
+		l.names = append(l.names, filepath.Base(f.Name()))
+		l.mu.Unlock()
+		return orig(f)
+	}
+	t.Cleanup(func() { fdatasync = orig })
+	return l
+}
+
+func (l *syncLog) take() []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	out := l.names
+	l.names = nil
+	return out
+}
+
+func indexOf(s []string, v string) int {
+	for i, x := range s {
+		if x == v {
+			return i
+		}
+	}
+	return -1
+}
+
+// TestImageDurableBeforeDropped: the ordering rule. A block written without
+// fsync leaves the durable dirty map once its cycle is staged, and its
+// write-intent extent retires at a later checkpoint; each of these must be
+// preceded by an fdatasync of the image, or a power cut leaves the primary
+// with the old block, the replica with the new one and nothing dirty.
+func TestImageDurableBeforeDropped(t *testing.T) {
+	log := recordSyncs(t)
+	s, dir := newStore(t, Options{CheckpointInterval: time.Hour})
+	p := createImage(t, dir, "a.img", 64<<20)
+	im, err := s.Image("a.img")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(p, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := s.Cut(context.Background(), nil); err != nil { // base cycle
+		t.Fatal(err)
+	}
+	write(t, im, f, make([]byte, 8192), 20<<20)
+	log.take()
+
+	// The cut stages the block; its checkpoint drops it from the dirty map.
+	if _, err := s.Cut(context.Background(), nil); err != nil {
+		t.Fatal(err)
+	}
+	if got := log.take(); indexOf(got, "a.img") < 0 {
+		t.Errorf("cut dropped the staged blocks from the durable dirty map without syncing the image (syncs: %v)", got)
+	}
+	if d, err := readDirty(filepath.Join(im.dir, "dirty")); err != nil || !d.IsEmpty() {
+		t.Fatalf("dirty map after the cut: %v, %v; want empty", d, err)
+	}
+
+	// The cut's checkpoint kept the extent (touched in the last interval);
+	// the next one retires it: the image must be synced before the active file.
+	if err := im.Checkpoint(); err != nil {
+		t.Fatal(err)
+	}
+	got := log.take()
+	ii, ai := indexOf(got, "a.img"), indexOf(got, "active")
+	if ai < 0 {
+		t.Fatalf("retiring checkpoint did not rewrite the active file (syncs %v)", got)
+	}
+	if ii < 0 || ii > ai {
+		t.Errorf("extent retired before the image was synced (syncs in order: %v)", got)
+	}
+	// Nothing dropped, nothing retiring: no sync at all.
+	if err := im.Checkpoint(); err != nil {
+		t.Fatal(err)
+	}
+	if got := log.take(); len(got) != 0 {
+		t.Errorf("idle checkpoint synced %v, want nothing", got)
+	}
+	if n := im.Status(false).ActiveExtents; n != 0 {
+		t.Errorf("%d active extents after two idle checkpoints, want 0", n)
+	}
+}
+
+// TestSeedCommitSyncsImage: a committed seed drops the frozen blocks from the
+// durable dirty map; the image is synced first.
+func TestSeedCommitSyncsImage(t *testing.T) {
+	log := recordSyncs(t)
+	s, dir := newStore(t, Options{CheckpointInterval: time.Hour})
+	p := createImage(t, dir, "a.img", 16<<20)
+	im, err := s.Image("a.img")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(p, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	write(t, im, f, make([]byte, 4096), 1<<20)
+	sd, err := s.SeedCut(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	log.take()
+	if err := sd.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	if got := log.take(); indexOf(got, "a.img") < 0 {
+		t.Errorf("seed commit dropped blocks from the durable dirty map without syncing the image (syncs: %v)", got)
+	}
+}
