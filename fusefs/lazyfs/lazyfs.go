@@ -737,7 +737,9 @@ func (n *node) syncDir() syscall.Errno {
 	}
 	defer unlock()
 	dir := n.rel("")
-	in := func(p string) bool { return p != "" && filepath.Dir(p) == filepath.Clean(dir) || (dir == "" && filepath.Dir(p) == ".") }
+	in := func(p string) bool {
+		return p != "" && filepath.Dir(p) == filepath.Clean(dir) || (dir == "" && filepath.Dir(p) == ".")
+	}
 	keep := n.fs.journal[:0]
 	for _, op := range n.fs.journal {
 		durable := in(op.path) || (op.kind == opRename && in(op.from))
