@@ -6,7 +6,7 @@
 // SIGUSR1 is a power cut: everything not made durable (file data without
 // fsync, directory entries without an fsync of their directory) is dropped,
 // the mount goes away and lazyfs exits 0 after printing what it dropped.
-// SIGUSR2 makes everything durable (sync). SIGTERM or SIGINT make everything
+// SIGUSR2 makes everything durable (sync) and prints "synced". SIGTERM or SIGINT make everything
 // durable and unmount. lazyfs prints "ready" once the mount is up.
 package main
 
@@ -57,6 +57,7 @@ func main() {
 				if err := f.Sync(); err != nil {
 					fmt.Fprintln(os.Stderr, "lazyfs: sync:", err)
 				}
+				fmt.Println("synced")
 			default:
 				if err := f.Unmount(); err != nil {
 					fmt.Fprintln(os.Stderr, "lazyfs: unmount:", err)
