@@ -432,7 +432,10 @@ func TestPowerCutReplica(t *testing.T) {
 	e.Rep = startReplica(t, e.RStore)
 	e.Pri = startDaemon(t, e.PStore, e.Mnt)
 	e.pair("pcr/*", e.Rep.Addr)
-	e.enable(e.Rep.Addr, "--interval", "1s")
+	// 32 Mbit/s: an upload of a few MiB takes a second or two, so cuts hit
+	// uploads as well as applies. Writes stay in the first 8 MiB: a cycle
+	// carries at most that.
+	e.enable(e.Rep.Addr, "--interval", "1s", "--bandwidth", "32Mbit")
 	e.now()
 	lz.sync()
 
@@ -448,15 +451,16 @@ func TestPowerCutReplica(t *testing.T) {
 				defer wg.Done()
 				rng := rand.New(rand.NewPCG(e.rng.Uint64(), uint64(w)))
 				for !stop.Load() {
-					if _, err := writeRandomErr(rng, filepath.Join(e.Mnt, "a.img"), 20, 16, 0, e.Sizes["a.img"]); err != nil {
+					if _, err := writeRandomErr(rng, filepath.Join(e.Mnt, "a.img"), 10, 64, 0, 8*mib); err != nil {
 						errs[w] = err
 						return
 					}
-					time.Sleep(time.Duration(rng.IntN(100)) * time.Millisecond)
+					time.Sleep(time.Duration(100+rng.IntN(300)) * time.Millisecond)
 				}
 			}()
 		}
 		time.Sleep(time.Duration(1000+e.rng.IntN(4000)) * time.Millisecond)
+		parts, partBytes := inboxFiles(e.RStore, e.Group, ".part")
 		e.Rep.Kill()
 		cut := lz.powerCut()
 		stop.Store(true)
@@ -468,7 +472,8 @@ func TestPowerCutReplica(t *testing.T) {
 		}
 		lz.start()
 		e.Rep.Restart()
-		t.Logf("cut %d: lazyfs %s; points after restart %v", i, strings.TrimPrefix(cut, "lazyfs: "), pointIDs(listPoints(t, e.RStore, e.Group)))
+		t.Logf("cut %d: %d uploads in flight (%d bytes); lazyfs %s; points after restart %v", i, parts, partBytes,
+			strings.TrimPrefix(cut, "lazyfs: "), pointIDs(listPoints(t, e.RStore, e.Group)))
 		e.verifyPoints()
 		e.checkConverged(fmt.Sprintf("power cut %d of the replica", i))
 		if !t.Failed() {
