@@ -314,22 +314,33 @@ func (e *replEnv) checkConverged(what string) {
 	e.verifyPoints()
 }
 
-// verifyPoints runs points verify on every point of the group; a point that
-// retention expired meanwhile (cycles keep arriving) is skipped.
+// verifyPoints runs points verify on every point of the group: no mismatch,
+// some blocks checked. A point that retention expired meanwhile (cycles keep
+// arriving) is skipped.
 func (e *replEnv) verifyPoints() {
 	e.t.Helper()
 	for _, p := range listPoints(e.t, e.RStore, e.Group) {
 		r := standin(cmdTimeout, "points", "verify", "--store", e.RStore, "--group", e.Group, "--point", p.Point, "--json")
 		if r.Code != 0 {
-			still := false
+			gone := strings.Contains(r.Stderr, "no such recovery point")
 			for _, q := range listPoints(e.t, e.RStore, e.Group) {
-				still = still || q.Point == p.Point
+				gone = gone && q.Point != p.Point
 			}
-			if !still {
-				continue
+			if !gone {
+				e.t.Errorf("points verify %s/%s: %s", e.Group, p.Point, r)
 			}
+			continue
 		}
-		verifyPoint(e.t, e.RStore, e.Group, p.Point)
+		var v verifyReport
+		if err := jsonUnmarshal(r.Stdout, &v); err != nil {
+			e.t.Fatalf("points verify --json: %v\n%s", err, r.Stdout)
+		}
+		if m := strings.TrimSpace(string(v.Mismatch)); m != "" && m != "null" {
+			e.t.Errorf("points verify %s/%s: mismatch %s", e.Group, p.Point, m)
+		}
+		if v.Blocks == 0 {
+			e.t.Errorf("points verify %s/%s checked 0 blocks: %s", e.Group, p.Point, r.Stdout)
+		}
 	}
 }
 
