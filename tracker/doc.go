@@ -10,10 +10,10 @@
 //   - dirty: a checkpoint of the dirty map (plus a frozen set still being
 //     staged), written atomically every CheckpointInterval, after each cut
 //     and at shutdown; after it is durable, extents not touched during the
-//     last whole interval are cleared from active. Before a checkpoint drops
-//     blocks (staged by a cut or a seed) or retires an extent, the image is
-//     fdatasynced: a block leaves the recovery sets only once its data is
-//     durable in the image.
+//     last whole interval are cleared from active. The first checkpoint
+//     after blocks left the dirty map (staged by a cut or a seed, or clipped
+//     past a shrunken end) fdatasyncs the image before it writes: a block
+//     leaves the recovery sets only once its data is durable in the image.
 //   - clean: present only after a clean shutdown; removed before the first
 //     write is accepted.
 //

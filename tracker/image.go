@@ -297,9 +297,28 @@ func (im *Image) setErrLocked(err error) {
 // dirty = checkpoint ∪ active extents, which covers every block written since
 // the last durable cycle (I1).
 func (im *Image) Checkpoint() error {
+	// The image's writeback (rule 6) runs before commitMu is taken, so
+	// writes that need an intent commit meanwhile do not wait for it;
+	// checkpointLocked syncs again only if blocks were dropped since.
+	if err := im.syncIfDropped(); err != nil {
+		return err
+	}
 	im.commitMu.Lock()
 	defer im.commitMu.Unlock()
 	return im.checkpointLocked()
+}
+
+// syncIfDropped fdatasyncs the image if blocks left dirty ∪ frozen since its
+// last sync.
+func (im *Image) syncIfDropped() error {
+	im.mu.Lock()
+	d := im.dropped
+	im.dropped = false
+	im.mu.Unlock()
+	if !d {
+		return nil
+	}
+	return im.syncImage()
 }
 
 func (im *Image) checkpointLocked() error {
@@ -323,19 +342,19 @@ func (im *Image) checkpointLocked() error {
 	im.dropped = false
 	im.mu.Unlock()
 
-	// Ordering rule (docs/design.md): a block leaves the durable recovery
-	// sets (this dirty map and the active extents) only after its data is
-	// durable in the image. Every block not in snap whose write is not known
-	// durable was written before a cut that completed before the snapshot,
-	// so one fdatasync of the image here covers them all. It is needed when
-	// a staged cut or a committed seed dropped blocks since the last sync,
-	// or when an extent retires below.
-	synced := false
+	// Ordering rule 6 (docs/design.md): a block leaves the durable recovery
+	// sets only after its data is durable in the image. A block whose data
+	// may not be durable is in dirty ∪ frozen, or it was dropped from there
+	// (a staged cut, a committed seed, a cut clipping blocks past the end)
+	// and dropped is set until the image is synced. So if dropped is clear,
+	// every block outside snap is durable, and so is every block of an
+	// extent that retires below; if it is set, one fdatasync here covers the
+	// dropped blocks, whose writes finished before the cut that dropped
+	// them, before this snapshot.
 	if dropped {
 		if err := im.syncImage(); err != nil {
 			return err
 		}
-		synced = true
 	}
 	if err := im.writeDirty(snap); err != nil {
 		return fmt.Errorf("tracker: checkpoint of %s: %w", im.Name(), err)
@@ -344,20 +363,11 @@ func (im *Image) checkpointLocked() error {
 	im.mu.Lock()
 	keep := im.touched.clone()
 	keep.or(recent)
-	retiring := !sameBits(keep.and(im.active), im.active)
-	im.mu.Unlock()
-	if !retiring {
-		return nil // the active file on disk already holds exactly im.active
-	}
-	if !synced {
-		if err := im.syncImage(); err != nil {
-			return err
-		}
-	}
-	im.mu.Lock()
-	keep = im.touched.clone() // touched only grew: next only shrinks less
-	keep.or(recent)
 	next := keep.and(im.active)
+	if sameBits(next, im.active) {
+		im.mu.Unlock()
+		return nil // nothing retires: the active file on disk holds exactly im.active
+	}
 	changed := im.active.clone() // every word that may change
 	im.active = next
 	im.mu.Unlock()

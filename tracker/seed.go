@@ -279,8 +279,10 @@ func (sd *Seed) Commit() error {
 			im.meta.NextSeq = si.seq + 1
 		}
 		im.meta.LastCut = si.t
+		if im.frozen != nil && !im.frozen.IsEmpty() {
+			im.dropped = true // the checkpoint below syncs the image before it drops them
+		}
 		im.frozen, im.stage = nil, nil
-		im.dropped = true // the checkpoint below syncs the image before it drops them
 		im.mu.Unlock()
 		si.st.discard()
 		dir := im.s.cycleDir(im.id)
