@@ -146,3 +146,72 @@ func TestSeedCommitSyncsImage(t *testing.T) {
 		t.Errorf("seed commit dropped blocks from the durable dirty map without syncing the image (syncs: %v)", got)
 	}
 }
+
+// TestConcurrentCheckpointWaitsForImageSync: while one checkpoint is still
+// syncing the image for dropped blocks, another (the periodic one) must not
+// write the dirty map without those blocks before an image sync completed.
+func TestConcurrentCheckpointWaitsForImageSync(t *testing.T) {
+	s, dir := newStore(t, Options{CheckpointInterval: time.Hour})
+	p := createImage(t, dir, "a.img", 16<<20)
+	im, err := s.Image("a.img")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(p, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := s.Cut(context.Background(), nil); err != nil { // base cycle
+		t.Fatal(err)
+	}
+	write(t, im, f, make([]byte, 4096), 1<<20)
+
+	var mu sync.Mutex
+	completed := 0 // image syncs that returned
+	first := true
+	release := make(chan struct{})
+	blocked := make(chan struct{})
+	orig := fdatasync
+	fdatasync = func(fl *os.File) error {
+		if filepath.Base(fl.Name()) != "a.img" {
+			return orig(fl)
+		}
+		mu.Lock()
+		hold := first
+		first = false
+		mu.Unlock()
+		if hold {
+			close(blocked)
+			<-release
+		}
+		err := orig(fl)
+		mu.Lock()
+		completed++
+		mu.Unlock()
+		return err
+	}
+	t.Cleanup(func() { fdatasync = orig })
+
+	// The cut drops the block; its checkpoint's image sync hangs.
+	cutDone := make(chan error, 1)
+	go func() { _, err := s.Cut(context.Background(), nil); cutDone <- err }()
+	<-blocked
+	// A concurrent checkpoint must sync the image itself before it writes.
+	if err := im.Checkpoint(); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	n := completed
+	mu.Unlock()
+	if n == 0 {
+		t.Errorf("a checkpoint wrote the dirty map without the staged block while the image sync was still running")
+	}
+	if d, err := readDirty(filepath.Join(im.dir, "dirty")); err != nil || !d.IsEmpty() {
+		t.Errorf("dirty map after the concurrent checkpoint: %v, %v; want empty", d, err)
+	}
+	close(release)
+	if err := <-cutDone; err != nil {
+		t.Fatal(err)
+	}
+}

@@ -65,11 +65,12 @@ type Image struct {
 	dirty       *roaring.Bitmap // changed since the last cut
 	frozen      *roaring.Bitmap // cut but not yet durable as a cycle file
 	stage       *stage
-	active      bits // extents whose intent mark is durable on disk
-	wanted      bits // extents waiting for the next intent commit
-	touched     bits // extents touched since the last checkpoint snapshot
-	unclean     bool // started after a crash: active extents were added
-	dropped     bool // blocks left dirty ∪ frozen since the image was last synced
+	active      bits   // extents whose intent mark is durable on disk
+	wanted      bits   // extents waiting for the next intent commit
+	touched     bits   // extents touched since the last checkpoint snapshot
+	unclean     bool   // started after a crash: active extents were added
+	drops       uint64 // counts removals of blocks from dirty ∪ frozen
+	syncedDrops uint64 // the drops an image fdatasync completed after
 	recovered   uint64
 	lastErr     error
 	removed     bool
@@ -312,13 +313,12 @@ func (im *Image) Checkpoint() error {
 // last sync.
 func (im *Image) syncIfDropped() error {
 	im.mu.Lock()
-	d := im.dropped
-	im.dropped = false
+	g, done := im.drops, im.syncedDrops
 	im.mu.Unlock()
-	if !d {
+	if g == done {
 		return nil
 	}
-	return im.syncImage()
+	return im.syncImage(g)
 }
 
 func (im *Image) checkpointLocked() error {
@@ -338,21 +338,21 @@ func (im *Image) checkpointLocked() error {
 	// touched for a whole interval.
 	recent := im.touched
 	im.touched = nil
-	dropped := im.dropped
-	im.dropped = false
+	drops, synced := im.drops, im.syncedDrops
 	im.mu.Unlock()
 
 	// Ordering rule 6 (docs/design.md): a block leaves the durable recovery
 	// sets only after its data is durable in the image. A block whose data
 	// may not be durable is in dirty ∪ frozen, or it was dropped from there
-	// (a staged cut, a committed seed, a cut clipping blocks past the end)
-	// and dropped is set until the image is synced. So if dropped is clear,
-	// every block outside snap is durable, and so is every block of an
-	// extent that retires below; if it is set, one fdatasync here covers the
-	// dropped blocks, whose writes finished before the cut that dropped
-	// them, before this snapshot.
-	if dropped {
-		if err := im.syncImage(); err != nil {
+	// (a staged cut, a committed seed, a cut clipping blocks past the end),
+	// which counted in drops; syncedDrops says which drops an image sync
+	// completed after (a concurrent Checkpoint may still be syncing). So if
+	// they are equal, every block outside snap is durable, and so is every
+	// block of an extent that retires below; if not, one fdatasync here
+	// covers the dropped blocks, whose writes finished before the cut that
+	// dropped them, before this snapshot.
+	if drops != synced {
+		if err := im.syncImage(drops); err != nil {
 			return err
 		}
 	}
@@ -378,14 +378,15 @@ func (im *Image) checkpointLocked() error {
 // drops blocks from the recovery sets. A failure is sticky: after a failed
 // fdatasync the kernel may have dropped the unwritten pages, so the image
 // refuses writes until a restart recovers from the unchanged sets on disk.
-func (im *Image) syncImage() error {
-	if err := fdatasync(im.f); err != nil {
-		im.mu.Lock()
-		defer im.mu.Unlock()
-		im.dropped = true
+func (im *Image) syncImage(drops uint64) error {
+	err := fdatasync(im.f)
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	if err != nil {
 		im.setErrLocked(fmt.Errorf("tracker: syncing image %s before a checkpoint: %w", im.meta.Name, err))
 		return im.lastErr
 	}
+	im.syncedDrops = max(im.syncedDrops, drops)
 	return nil
 }
 
@@ -471,7 +472,10 @@ func (im *Image) close() error {
 	if !removed && len(errs) == 0 && !failed {
 		// The clean flag makes recovery ignore the active extents: the
 		// image must be durable first (ordering rule).
-		if err := im.syncImage(); err != nil {
+		im.mu.Lock()
+		drops := im.drops
+		im.mu.Unlock()
+		if err := im.syncImage(drops); err != nil {
 			errs = append(errs, err)
 		}
 	}

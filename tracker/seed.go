@@ -280,7 +280,7 @@ func (sd *Seed) Commit() error {
 		}
 		im.meta.LastCut = si.t
 		if im.frozen != nil && !im.frozen.IsEmpty() {
-			im.dropped = true // the checkpoint below syncs the image before it drops them
+			im.drops++ // the checkpoint below syncs the image before it drops them
 		}
 		im.frozen, im.stage = nil, nil
 		im.mu.Unlock()

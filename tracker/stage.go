@@ -202,7 +202,7 @@ func (s *Store) CutWith(ctx context.Context, names []string, o CutOptions) ([]Cy
 			// Blocks past the end leave the dirty set here: the shrink
 			// must be durable before a checkpoint drops them (rule 6).
 			f.RemoveRange(nblocks, maxBlocks)
-			im.dropped = true
+			im.drops++
 		}
 		im.dirty = roaring.New()
 		im.frozen = f
@@ -353,7 +353,7 @@ func (im *Image) stageCycle(ctx context.Context, c *cutImage, o CutOptions) (inf
 	im.meta.LastCycleBytes = sum.Bytes
 	cbwBlocks := c.st.copied
 	if !im.frozen.IsEmpty() {
-		im.dropped = true // the checkpoint below syncs the image before it drops them
+		im.drops++ // the checkpoint below syncs the image before it drops them
 	}
 	im.frozen, im.stage = nil, nil
 	im.mu.Unlock()
