@@ -24,6 +24,12 @@ test-unit:
 test-integration: build
 	STANDIN_BIN=$(CURDIR)/$(BIN) $(GO) test -p 1 -count=1 -timeout 25m ./integration/...
 
+# make soak: the power-cut campaigns long (TestPowerCut*: the primary and the replica store
+# on fusefs/lazyfs, STANDIN_POWERCUTS cuts per store, default 30; ~15 min).
+.PHONY: soak
+soak: build
+	STANDIN_POWERCUTS=$${STANDIN_POWERCUTS:-30} STANDIN_BIN=$(CURDIR)/$(BIN) $(GO) test -p 1 -count=1 -v -timeout 60m -run 'TestPowerCut' ./integration/
+
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); if [ -n "$$out" ]; then echo "gofmt: $$out"; exit 1; fi
 	$(GO) vet ./...

@@ -10,7 +10,10 @@
 //   - dirty: a checkpoint of the dirty map (plus a frozen set still being
 //     staged), written atomically every CheckpointInterval, after each cut
 //     and at shutdown; after it is durable, extents not touched during the
-//     last whole interval are cleared from active.
+//     last whole interval are cleared from active. The first checkpoint
+//     after blocks left the dirty map (staged by a cut or a seed, or clipped
+//     past a shrunken end) fdatasyncs the image before it writes: a block
+//     leaves the recovery sets only once its data is durable in the image.
 //   - clean: present only after a clean shutdown; removed before the first
 //     write is accepted.
 //

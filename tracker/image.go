@@ -65,10 +65,12 @@ type Image struct {
 	dirty       *roaring.Bitmap // changed since the last cut
 	frozen      *roaring.Bitmap // cut but not yet durable as a cycle file
 	stage       *stage
-	active      bits // extents whose intent mark is durable on disk
-	wanted      bits // extents waiting for the next intent commit
-	touched     bits // extents touched since the last checkpoint snapshot
-	unclean     bool // started after a crash: active extents were added
+	active      bits   // extents whose intent mark is durable on disk
+	wanted      bits   // extents waiting for the next intent commit
+	touched     bits   // extents touched since the last checkpoint snapshot
+	unclean     bool   // started after a crash: active extents were added
+	drops       uint64 // counts removals of blocks from dirty ∪ frozen
+	syncedDrops uint64 // the drops an image fdatasync completed after
 	recovered   uint64
 	lastErr     error
 	removed     bool
@@ -296,9 +298,27 @@ func (im *Image) setErrLocked(err error) {
 // dirty = checkpoint ∪ active extents, which covers every block written since
 // the last durable cycle (I1).
 func (im *Image) Checkpoint() error {
+	// The image's writeback (rule 6) runs before commitMu is taken, so
+	// writes that need an intent commit meanwhile do not wait for it;
+	// checkpointLocked syncs again only if blocks were dropped since.
+	if err := im.syncIfDropped(); err != nil {
+		return err
+	}
 	im.commitMu.Lock()
 	defer im.commitMu.Unlock()
 	return im.checkpointLocked()
+}
+
+// syncIfDropped fdatasyncs the image if blocks left dirty ∪ frozen since its
+// last sync.
+func (im *Image) syncIfDropped() error {
+	im.mu.Lock()
+	g, done := im.drops, im.syncedDrops
+	im.mu.Unlock()
+	if g == done {
+		return nil
+	}
+	return im.syncImage(g)
 }
 
 func (im *Image) checkpointLocked() error {
@@ -318,8 +338,24 @@ func (im *Image) checkpointLocked() error {
 	// touched for a whole interval.
 	recent := im.touched
 	im.touched = nil
+	drops, synced := im.drops, im.syncedDrops
 	im.mu.Unlock()
 
+	// Ordering rule 6 (docs/design.md): a block leaves the durable recovery
+	// sets only after its data is durable in the image. A block whose data
+	// may not be durable is in dirty ∪ frozen, or it was dropped from there
+	// (a staged cut, a committed seed, a cut clipping blocks past the end),
+	// which counted in drops; syncedDrops says which drops an image sync
+	// completed after (a concurrent Checkpoint may still be syncing). So if
+	// they are equal, every block outside snap is durable, and so is every
+	// block of an extent that retires below; if not, one fdatasync here
+	// covers the dropped blocks, whose writes finished before the cut that
+	// dropped them, before this snapshot.
+	if drops != synced {
+		if err := im.syncImage(drops); err != nil {
+			return err
+		}
+	}
 	if err := im.writeDirty(snap); err != nil {
 		return fmt.Errorf("tracker: checkpoint of %s: %w", im.Name(), err)
 	}
@@ -328,13 +364,40 @@ func (im *Image) checkpointLocked() error {
 	keep := im.touched.clone()
 	keep.or(recent)
 	next := keep.and(im.active)
+	if sameBits(next, im.active) {
+		im.mu.Unlock()
+		return nil // nothing retires: the active file on disk holds exactly im.active
+	}
 	changed := im.active.clone() // every word that may change
 	im.active = next
 	im.mu.Unlock()
-	if changed.empty() {
-		return nil
-	}
 	return im.writeActive(next, changed)
+}
+
+// syncImage makes the image's data durable (fdatasync) before a checkpoint
+// drops blocks from the recovery sets. A failure is sticky: after a failed
+// fdatasync the kernel may have dropped the unwritten pages, so the image
+// refuses writes until a restart recovers from the unchanged sets on disk.
+func (im *Image) syncImage(drops uint64) error {
+	err := fdatasync(im.f)
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	if err != nil {
+		im.setErrLocked(fmt.Errorf("tracker: syncing image %s before a checkpoint: %w", im.meta.Name, err))
+		return im.lastErr
+	}
+	im.syncedDrops = max(im.syncedDrops, drops)
+	return nil
+}
+
+// sameBits reports whether a and b have the same set bits.
+func sameBits(a, b bits) bool {
+	for i := 0; i < max(len(a), len(b)); i++ {
+		if a.word(i) != b.word(i) {
+			return false
+		}
+	}
+	return true
 }
 
 // dirty file: magic, u64 length, roaring bytes, BLAKE3-256 of what precedes.
@@ -411,6 +474,16 @@ func (im *Image) close() error {
 	im.mu.Lock()
 	removed, failed := im.removed, im.lastErr != nil
 	im.mu.Unlock()
+	if !removed && len(errs) == 0 && !failed {
+		// The clean flag makes recovery ignore the active extents: the
+		// image must be durable first (ordering rule).
+		im.mu.Lock()
+		drops := im.drops
+		im.mu.Unlock()
+		if err := im.syncImage(drops); err != nil {
+			errs = append(errs, err)
+		}
+	}
 	switch {
 	case removed:
 		errs = append(errs, os.RemoveAll(im.dir))

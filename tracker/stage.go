@@ -198,8 +198,11 @@ func (s *Store) CutWith(ctx context.Context, names []string, o CutOptions) ([]Cy
 		}
 		nblocks := (uint64(size) + BlockSize - 1) / BlockSize
 		f := im.dirty
-		if nblocks < maxBlocks {
+		if nblocks < maxBlocks && f.IntersectsWithInterval(nblocks, maxBlocks) {
+			// Blocks past the end leave the dirty set here: the shrink
+			// must be durable before a checkpoint drops them (rule 6).
 			f.RemoveRange(nblocks, maxBlocks)
+			im.drops++
 		}
 		im.dirty = roaring.New()
 		im.frozen = f
@@ -349,6 +352,9 @@ func (im *Image) stageCycle(ctx context.Context, c *cutImage, o CutOptions) (inf
 	im.meta.LastCut = c.hdr.CutTime
 	im.meta.LastCycleBytes = sum.Bytes
 	cbwBlocks := c.st.copied
+	if !im.frozen.IsEmpty() {
+		im.drops++ // the checkpoint below syncs the image before it drops them
+	}
 	im.frozen, im.stage = nil, nil
 	im.mu.Unlock()
 	c.st.discard()

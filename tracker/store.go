@@ -578,7 +578,8 @@ func cycleInfo(h format.Header, path string, bytes int64, data, zero uint64) Cyc
 	}
 }
 
-func fdatasync(f *os.File) error { return unix.Fdatasync(int(f.Fd())) }
+// fdatasync is a variable so a test can record the order of syncs.
+var fdatasync = func(f *os.File) error { return unix.Fdatasync(int(f.Fd())) }
 
 // crashForTest drops the store as a kill -9 would: no checkpoint, no clean
 // flag, descriptors closed, lock released.

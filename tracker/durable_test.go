@@ -1,0 +1,217 @@
+package tracker
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+)
+
+// syncLog records, in order, which files were fdatasynced.
+type syncLog struct {
+	mu    sync.Mutex
+	names []string
+}
+
+func recordSyncs(t *testing.T) *syncLog {
+	l := &syncLog{}
+	orig := fdatasync
+	fdatasync = func(f *os.File) error {
+		l.mu.Lock()
+		l.names = append(l.names, filepath.Base(f.Name()))
+		l.mu.Unlock()
+		return orig(f)
+	}
+	t.Cleanup(func() { fdatasync = orig })
+	return l
+}
+
+func (l *syncLog) take() []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	out := l.names
+	l.names = nil
+	return out
+}
+
+func indexOf(s []string, v string) int {
+	for i, x := range s {
+		if x == v {
+			return i
+		}
+	}
+	return -1
+}
+
+// TestImageDurableBeforeDropped: ordering rule 6. A block written without
+// fsync leaves the durable dirty map once its cycle is staged, and its
+// write-intent extent retires at a later checkpoint; the image must be
+// fdatasynced before the first of these, or a power cut leaves the primary
+// with the old block, the replica with the new one and nothing dirty.
+func TestImageDurableBeforeDropped(t *testing.T) {
+	log := recordSyncs(t)
+	s, dir := newStore(t, Options{CheckpointInterval: time.Hour})
+	p := createImage(t, dir, "a.img", 64<<20)
+	im, err := s.Image("a.img")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(p, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := s.Cut(context.Background(), nil); err != nil { // base cycle
+		t.Fatal(err)
+	}
+	write(t, im, f, make([]byte, 8192), 20<<20)
+	log.take()
+
+	// The cut stages the block; its checkpoint drops it from the dirty map.
+	if _, err := s.Cut(context.Background(), nil); err != nil {
+		t.Fatal(err)
+	}
+	if got := log.take(); indexOf(got, "a.img") < 0 {
+		t.Errorf("cut dropped the staged blocks from the durable dirty map without syncing the image (syncs: %v)", got)
+	}
+	if d, err := readDirty(filepath.Join(im.dir, "dirty")); err != nil || !d.IsEmpty() {
+		t.Fatalf("dirty map after the cut: %v, %v; want empty", d, err)
+	}
+
+	// The cut's checkpoint kept the extent (touched in the last interval);
+	// the next one retires it. The staged blocks are durable already, so it
+	// needs no image sync of its own.
+	if err := im.Checkpoint(); err != nil {
+		t.Fatal(err)
+	}
+	if got := log.take(); indexOf(got, "active") < 0 || indexOf(got, "a.img") >= 0 {
+		t.Errorf("retiring checkpoint synced %v, want only the active file", got)
+	}
+	// Nothing dropped, nothing retiring: no sync at all.
+	if err := im.Checkpoint(); err != nil {
+		t.Fatal(err)
+	}
+	if got := log.take(); len(got) != 0 {
+		t.Errorf("idle checkpoint synced %v, want nothing", got)
+	}
+	if n := im.Status(false).ActiveExtents; n != 0 {
+		t.Errorf("%d active extents after the cut's and an idle checkpoint, want 0", n)
+	}
+	// A shrink: the cut clips the blocks past the end out of the dirty
+	// set; the image (its new size) is synced before they leave it.
+	end, err := im.BeginResize(16 << 20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Truncate(16 << 20); err != nil {
+		t.Fatal(err)
+	}
+	end()
+	log.take()
+	if _, err := s.Cut(context.Background(), nil); err != nil {
+		t.Fatal(err)
+	}
+	if got := log.take(); indexOf(got, "a.img") < 0 {
+		t.Errorf("cut after a shrink dropped the blocks past the end without syncing the image (syncs: %v)", got)
+	}
+}
+
+// TestSeedCommitSyncsImage: a committed seed drops the frozen blocks from the
+// durable dirty map; the image is synced first.
+func TestSeedCommitSyncsImage(t *testing.T) {
+	log := recordSyncs(t)
+	s, dir := newStore(t, Options{CheckpointInterval: time.Hour})
+	p := createImage(t, dir, "a.img", 16<<20)
+	im, err := s.Image("a.img")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(p, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	write(t, im, f, make([]byte, 4096), 1<<20)
+	sd, err := s.SeedCut(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	log.take()
+	if err := sd.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	if got := log.take(); indexOf(got, "a.img") < 0 {
+		t.Errorf("seed commit dropped blocks from the durable dirty map without syncing the image (syncs: %v)", got)
+	}
+}
+
+// TestConcurrentCheckpointWaitsForImageSync: while one checkpoint is still
+// syncing the image for dropped blocks, another (the periodic one) must not
+// write the dirty map without those blocks before an image sync completed.
+func TestConcurrentCheckpointWaitsForImageSync(t *testing.T) {
+	s, dir := newStore(t, Options{CheckpointInterval: time.Hour})
+	p := createImage(t, dir, "a.img", 16<<20)
+	im, err := s.Image("a.img")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(p, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := s.Cut(context.Background(), nil); err != nil { // base cycle
+		t.Fatal(err)
+	}
+	write(t, im, f, make([]byte, 4096), 1<<20)
+
+	var mu sync.Mutex
+	completed := 0 // image syncs that returned
+	first := true
+	release := make(chan struct{})
+	blocked := make(chan struct{})
+	orig := fdatasync
+	fdatasync = func(fl *os.File) error {
+		if filepath.Base(fl.Name()) != "a.img" {
+			return orig(fl)
+		}
+		mu.Lock()
+		hold := first
+		first = false
+		mu.Unlock()
+		if hold {
+			close(blocked)
+			<-release
+		}
+		err := orig(fl)
+		mu.Lock()
+		completed++
+		mu.Unlock()
+		return err
+	}
+	t.Cleanup(func() { fdatasync = orig })
+
+	// The cut drops the block; its checkpoint's image sync hangs.
+	cutDone := make(chan error, 1)
+	go func() { _, err := s.Cut(context.Background(), nil); cutDone <- err }()
+	<-blocked
+	// A concurrent checkpoint must sync the image itself before it writes.
+	if err := im.Checkpoint(); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	n := completed
+	mu.Unlock()
+	if n == 0 {
+		t.Errorf("a checkpoint wrote the dirty map without the staged block while the image sync was still running")
+	}
+	if d, err := readDirty(filepath.Join(im.dir, "dirty")); err != nil || !d.IsEmpty() {
+		t.Errorf("dirty map after the concurrent checkpoint: %v, %v; want empty", d, err)
+	}
+	close(release)
+	if err := <-cutDone; err != nil {
+		t.Fatal(err)
+	}
+}
