@@ -13,6 +13,7 @@ import (
 	"slices"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/uuid"
@@ -44,6 +45,8 @@ type Replica struct {
 	pins pinTable // pins.go
 
 	prepMu sync.Mutex // prepared promotion copies (prepare.go)
+
+	sizeOK atomic.Uint64 // largest image size the store's filesystem was seen to hold (validate.go)
 }
 
 // ReplicaOptions configure a Replica.
@@ -899,6 +902,14 @@ func (r *Replica) applyGroup(ctx context.Context, groupName string, paths []stri
 	if err := ctx.Err(); err != nil {
 		return res, err
 	}
+	// Everything that could fail after the commit record is checked now.
+	var planned []*openedCycle
+	for _, it := range plan {
+		planned = append(planned, it.c)
+	}
+	if err := r.checkHoldable(g, planned); err != nil {
+		return res, err
+	}
 	// Resolve every ref block before anything changes (refs.go).
 	missing := map[string][][2]uint64{}
 	hdrs := map[string]format.Header{}
@@ -1014,6 +1025,14 @@ func (r *Replica) applyGroup(ctx context.Context, groupName string, paths []stri
 	if err := fsutil.WriteJSON(filepath.Join(g.dir, "apply.json"), j); err != nil {
 		return res, err
 	}
+	committed := true
+	defer func() {
+		if committed && err != nil {
+			// Recovery retries with the next commit; until it succeeds (or
+			// the apply is dropped, see Repair) the group shows it pending.
+			g.setPending(fmt.Errorf("%w: point %d: %v", ErrPending, N, err))
+		}
+	}()
 	if err := r.hook("journal"); err != nil {
 		return res, err
 	}
@@ -1050,6 +1069,7 @@ func (r *Replica) applyGroup(ctx context.Context, groupName string, paths []stri
 	if err := fsutil.SyncDir(g.dir); err != nil {
 		return res, err
 	}
+	committed = false
 	removeRefs()
 	res.Point, res.Time, res.AppConsistent = pointID(N), j.Time, j.AppConsistent
 	res.Dropped, res.Reclaimed, err = r.retain(g)

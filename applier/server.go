@@ -108,6 +108,10 @@ func classify(err error) *httpErr {
 		return &httpErr{http.StatusForbidden, pki.Code(err), err}
 	case errors.Is(err, format.ErrCorrupt), errors.Is(err, format.ErrNotCycle), errors.Is(err, format.ErrVersion):
 		return &httpErr{http.StatusUnprocessableEntity, "corrupt", err}
+	case errors.Is(err, ErrUnholdable):
+		return &httpErr{http.StatusUnprocessableEntity, "refused", err}
+	case errors.Is(err, ErrPending):
+		return &httpErr{http.StatusConflict, "pending", err}
 	case errors.Is(err, ErrMissingChunks):
 		return &httpErr{http.StatusConflict, "missing_chunks", err}
 	case errors.Is(err, ErrFailedOver):

@@ -1,0 +1,93 @@
+package applier
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/google/uuid"
+
+	"github.com/standin/standin/internal/format"
+)
+
+// MaxImageSize is the largest image the replica accepts: 2^32 blocks of
+// 4 KiB (16 TiB), the product's per-image limit (the primary tracks blocks in
+// 32-bit bitmaps).
+const MaxImageSize = uint64(1) << 44
+
+// ErrUnholdable is returned for a cycle the replica could never apply: an
+// image larger than MaxImageSize or than the replica's filesystem can hold,
+// an unusable image name. It is refused before anything changes.
+var ErrUnholdable = errors.New("cycle cannot be held by this replica")
+
+// checkHoldable checks, before anything of an apply is written, everything
+// about the cycles that could otherwise only fail after the commit record
+// (and so leave the group with an apply that can never finish): the image
+// size against MaxImageSize and against what the filesystem of the store
+// can hold (a sparse file of that size is created and removed), every extent
+// within the image, and the image name.
+func (r *Replica) checkHoldable(g *group, cs []*openedCycle) error {
+	var biggest uint64
+	for _, c := range cs {
+		h := c.r.Header()
+		id := uuid.UUID(h.ImageID).String()
+		if h.ImageSize == 0 || h.ImageSize > MaxImageSize {
+			return fmt.Errorf("%s: %w: image %s (%q) claims %d bytes; the limit is 1..%d (16 TiB) per image",
+				c.path, ErrUnholdable, id, h.Name, h.ImageSize, MaxImageSize)
+		}
+		if err := checkImageName(h.Name); err != nil {
+			return fmt.Errorf("%s: %w: image %s: %v", c.path, ErrUnholdable, id, err)
+		}
+		nb := h.Blocks()
+		for i, e := range c.r.Extents() {
+			if e.End() > nb || e.End() < e.Start {
+				return fmt.Errorf("%s: %w: extent %d (blocks %d..%d) beyond the image's %d blocks", c.path, format.ErrCorrupt, i, e.Start, e.End(), nb)
+			}
+		}
+		biggest = max(biggest, h.ImageSize)
+	}
+	return r.checkFileSize(g.dir, biggest)
+}
+
+// checkFileSize makes sure the filesystem of dir can hold a (sparse) file of
+// size bytes: the largest size that passed is remembered.
+func (r *Replica) checkFileSize(dir string, size uint64) error {
+	if size <= r.sizeOK.Load() {
+		return nil
+	}
+	f, err := os.CreateTemp(dir, ".sizecheck.tmp-*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(f.Name())
+	defer f.Close()
+	if err := f.Truncate(int64(size)); err != nil {
+		return fmt.Errorf("%w: the filesystem of %s cannot hold an image of %d bytes: %v", ErrUnholdable, filepath.Dir(dir), size, err)
+	}
+	for {
+		cur := r.sizeOK.Load()
+		if size <= cur || r.sizeOK.CompareAndSwap(cur, size) {
+			return nil
+		}
+	}
+}
+
+// checkImageName accepts what the primary's mount can name: a relative
+// path without "." or ".." elements, empty elements or NUL bytes
+// (format.MaxNameLen and UTF-8 are checked by the format reader).
+func checkImageName(name string) error {
+	if name == "" {
+		return errors.New("empty image name")
+	}
+	if strings.ContainsRune(name, 0) || strings.HasPrefix(name, "/") {
+		return fmt.Errorf("image name %q is not a relative path", name)
+	}
+	for _, el := range strings.Split(name, "/") {
+		if el == "" || el == "." || el == ".." {
+			return fmt.Errorf("image name %q has an empty, \".\" or \"..\" element", name)
+		}
+	}
+	return nil
+}
