@@ -138,6 +138,9 @@ type journalItem struct {
 	Seq  uint64 `json:"seq"`
 	Path string `json:"path"`
 	Refs string `json:"refs,omitempty"` // refs file with the copied ref blocks (refs.go)
+	// Prev is the image's state at the last recorded point (what a drop
+	// rolls back to; repair.go).
+	Prev *imageState `json:"prev,omitempty"`
 }
 
 // journal (GROUP/apply.json) is the commit record of an apply: once it is
@@ -149,6 +152,9 @@ type journal struct {
 	Items []journalItem `json:"items"`
 	// AppConsistent is recorded in the point (also by a roll-forward).
 	AppConsistent bool `json:"app_consistent,omitempty"`
+	// Dropping: the apply is being rolled back to the last point
+	// (DropPending); recovery finishes that instead of rolling forward.
+	Dropping bool `json:"dropping,omitempty"`
 }
 
 type imageState struct {
@@ -582,6 +588,13 @@ func (r *Replica) recoverGroup(g *group, override map[string]string) error {
 	case err != nil && !errors.Is(err, fs.ErrNotExist):
 		g.setPending(err)
 		return err
+	case err == nil && j.Point >= g.pts.Next && j.Dropping:
+		// A drop of an apply that could not finish was decided: finish it.
+		if err := r.finishDrop(g, &j); err != nil {
+			err = fmt.Errorf("%w: dropping point %d: %v", ErrPending, j.Point, err)
+			g.setPending(err)
+			return err
+		}
 	case err == nil && j.Point >= g.pts.Next:
 		// Committed but not recorded: roll forward.
 		r.o.Logger.Info("completing interrupted apply", "group", g.name, "point", j.Point)
@@ -1001,6 +1014,7 @@ func (r *Replica) applyGroup(ctx context.Context, groupName string, paths []stri
 	for _, it := range plan {
 		h := it.c.r.Header()
 		st := it.im.st
+		prev := st
 		st.Applying, st.ApplyingSeq, st.ApplyingGen, st.ApplyingPoint, st.ApplyingPath = true, h.Seq, h.Generation, N, it.c.path
 		if err := fsutil.WriteJSON(filepath.Join(it.im.dir, "state.json"), st); err != nil {
 			return res, err
@@ -1015,7 +1029,7 @@ func (r *Replica) applyGroup(ctx context.Context, groupName string, paths []stri
 			return res, err
 		}
 		h = it.c.r.Header()
-		ji := journalItem{ID: it.id, Gen: h.Generation, Seq: h.Seq, Path: it.c.path}
+		ji := journalItem{ID: it.id, Gen: h.Generation, Seq: h.Seq, Path: it.c.path, Prev: &prev}
 		if it.refs != nil {
 			ji.Refs = it.refs.path
 		}

@@ -569,8 +569,8 @@ func (s *Server) Health() ([]GroupHealth, error) {
 			}
 		}
 		if g.Pending != "" {
-			gh.Health = maxHealth(gh.Health, "Warning")
-			gh.Reasons = append(gh.Reasons, "interrupted apply pending: "+g.Pending)
+			gh.Health = maxHealth(gh.Health, "Critical")
+			gh.Reasons = append(gh.Reasons, pendingReason(s.rep.dir, g.Group, g.Pending))
 		}
 		if h != nil && h.lastErr != "" {
 			gh.Health = maxHealth(gh.Health, "Warning")

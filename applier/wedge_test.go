@@ -5,10 +5,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -119,4 +121,150 @@ func TestCheckImageName(t *testing.T) {
 			t.Errorf("%q accepted", n)
 		}
 	}
+}
+
+// TestDropPendingApply: an apply whose cycle file disappears after its commit
+// record (crashed at several steps) wedges the group: recovery cannot finish,
+// new cycles are refused, health is Critical and names the repair command.
+// DropPending (also crashed at each of its steps and finished by the next
+// open) rolls it back to the last point: every point stays verifiable, and
+// the same cut then applies.
+func TestDropPendingApply(t *testing.T) {
+	t.Parallel()
+	for _, applyStage := range []string{"journal", "data-partial", "state-applied"} {
+		for _, dropStage := range []string{"", "drop-journal", "drop-data", "drop-state"} {
+			t.Run(applyStage+"/"+dropStage, func(t *testing.T) {
+				t.Parallel()
+				testDropPending(t, applyStage, dropStage)
+			})
+		}
+	}
+}
+
+func testDropPending(t *testing.T, applyStage, dropStage string) {
+	ctx := context.Background()
+	var armed atomic.Value // the stage to crash at ("" = none)
+	armed.Store("")
+	hook := func(st string) error {
+		if armed.Load().(string) == st {
+			armed.Store("")
+			return errCrash
+		}
+		return nil
+	}
+	clock := time.Date(2026, 7, 1, 0, 0, 0, 0, time.UTC)
+	o := ReplicaOptions{Now: func() time.Time { return clock }, testHook: hook}
+	s := newTStore(t, o, Retention{Points: 10, Every: time.Minute})
+	rng := rand.New(rand.NewPCG(77, uint64(len(applyStage)*10+len(dropStage))))
+	a, b, c := newTImage(1, "a.img"), newTImage(2, "dir/b.img"), newTImage(3, "c.img")
+	for i := 0; i < 3; i++ {
+		clock = clock.Add(5 * time.Minute)
+		pa, na := a.cycle(t, s.cyc, rng, [16]byte{byte(i)}, clock, cycOpt{nOps: 12, resize: true})
+		pb, nb := b.cycle(t, s.cyc, rng, [16]byte{byte(i)}, clock, cycOpt{nOps: 12})
+		res, err := s.rep.ApplyGroup(ctx, s.group, []string{pa, pb})
+		if err != nil {
+			t.Fatal(err)
+		}
+		a, b = na, nb
+		s.record(res.Point, a, b)
+	}
+	last, _ := s.rep.Points(s.group)
+	lastID := last[len(last)-1].ID
+	// The cut that wedges: a resized, a new generation of b, a new member c.
+	clock = clock.Add(5 * time.Minute)
+	pa, na := a.cycle(t, s.cyc, rng, [16]byte{9}, clock, cycOpt{nOps: 20, resize: true})
+	pb, nb := b.cycle(t, s.cyc, rng, [16]byte{9}, clock, cycOpt{base: true})
+	pc, nc := c.cycle(t, s.cyc, rng, [16]byte{9}, clock, cycOpt{})
+	cut := []string{pa, pb, pc}
+	armed.Store(applyStage)
+	if _, err := s.rep.ApplyGroup(ctx, s.group, cut); !errors.Is(err, errCrash) {
+		t.Fatalf("apply: %v", err)
+	}
+	// The cycle file of b is lost after the commit record.
+	if err := os.Rename(pb, pb+".saved"); err != nil {
+		t.Fatal(err)
+	}
+	s.reopen(o)
+	s.check(false, true) // still at the last point, complete
+	gs, _ := s.rep.Status()
+	if gs[0].Pending == "" {
+		t.Fatal("status does not show the pending apply")
+	}
+	srv, err := NewServer(s.rep, nil, t.TempDir(), slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs, err := srv.Health()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if hs[0].Health != "Critical" || !strings.Contains(strings.Join(hs[0].Reasons, ";"), "standin replicate repair --store "+s.dir+" --group "+s.group) {
+		t.Fatalf("health %s %q", hs[0].Health, hs[0].Reasons)
+	}
+	rep, err := s.rep.Pending(s.group)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !rep.Pending || rep.Kind != "apply" || !rep.Droppable || rep.LastPoint != lastID || len(rep.Items) != 3 || rep.Items[1].Cycle != "missing" || rep.Items[0].Cycle != "ok" {
+		t.Fatalf("pending report %+v", rep)
+	}
+	if applyStage == "state-applied" && !rep.Items[0].Done {
+		t.Fatalf("image a finished before the crash, report says %+v", rep.Items[0])
+	}
+	// Wedged: the next cycles are refused.
+	clock = clock.Add(5 * time.Minute)
+	if _, err := s.rep.ApplyGroup(ctx, s.group, []string{pa, pc}); !errors.Is(err, ErrPending) {
+		t.Fatalf("apply while wedged: %v", err)
+	}
+	if he := classify(fmt.Errorf("x: %w", ErrPending)); he.status != 409 || he.code != "pending" {
+		t.Fatalf("pending classified %+v", he)
+	}
+	// Drop it (crashing at dropStage first, finished by the next open).
+	if dropStage != "" {
+		armed.Store(dropStage)
+		if _, err := s.rep.DropPending(s.group); !errors.Is(err, errCrash) {
+			t.Fatalf("drop with a crash at %s: %v", dropStage, err)
+		}
+		s.check(false, true)
+		s.reopen(o)
+	} else {
+		rep, err := s.rep.DropPending(s.group)
+		if err != nil || !rep.Dropped || rep.Pending {
+			t.Fatalf("drop: %v %+v", err, rep)
+		}
+	}
+	gs, _ = s.rep.Status()
+	if gs[0].Pending != "" {
+		t.Fatalf("still pending after the drop: %s", gs[0].Pending)
+	}
+	if rep, _ := s.rep.Pending(s.group); rep.Pending {
+		t.Fatalf("pending report after the drop: %+v", rep)
+	}
+	if fileExists(filepath.Join(s.dir, "groups", s.group, "apply.json")) {
+		t.Fatal("commit record left behind")
+	}
+	ps, _ := s.rep.Points(s.group)
+	if ps[len(ps)-1].ID != lastID {
+		t.Fatalf("latest point %s, want %s", ps[len(ps)-1].ID, lastID)
+	}
+	s.check(true, true)
+	st, ok, _ := s.rep.ImageState(s.group, a.idString())
+	if !ok || st.Seq != a.seq || st.Applying {
+		t.Fatalf("image a after the drop: %+v, want seq %d", st, a.seq)
+	}
+	if _, ok, _ := s.rep.ImageState(s.group, c.idString()); ok {
+		t.Fatal("the new image c survived the drop")
+	}
+	// The primary sends the cut again: it applies.
+	if err := os.Rename(pb+".saved", pb); err != nil {
+		t.Fatal(err)
+	}
+	res, err := s.rep.ApplyGroup(ctx, s.group, cut)
+	if err != nil || res.Skipped {
+		t.Fatalf("the cut after the drop: %v %+v", err, res)
+	}
+	s.record(res.Point, na, nb, nc)
+	s.check(true, true)
+	s.reopen(ReplicaOptions{Now: o.Now})
+	s.check(false, true)
 }
