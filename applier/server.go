@@ -417,6 +417,7 @@ func (s *Server) finishUpload(group, path, name string, ref wire.CycleRef, p pki
 // commit applies a cut's uploaded cycles as one recovery point.
 func (s *Server) commit(w http.ResponseWriter, r *http.Request, p pki.Primary) {
 	group := r.PathValue("group")
+	defer s.afterCommit(group)()
 	var req wire.CommitRequest
 	if err := json.NewDecoder(io.LimitReader(r.Body, 1<<20)).Decode(&req); err != nil || len(req.Cycles) == 0 {
 		s.reply(w, r, nil, fail(http.StatusBadRequest, "bad_request", "commit request: %v", err))

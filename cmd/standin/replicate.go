@@ -163,6 +163,7 @@ func replicateCommand() *cli.Command {
 				},
 			},
 			extendCommand(),
+			repairCommand(),
 			{
 				Name:         "list",
 				Usage:        "list replication groups with their health",
