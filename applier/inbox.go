@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/standin/standin/internal/format"
 	"github.com/standin/standin/internal/fsutil"
 )
 
@@ -181,5 +182,27 @@ func (s *Server) afterCommit(group string) func() {
 		if _, err := s.CollectInbox(group); err != nil {
 			s.log.Warn("inbox collection", "group", group, "err", err)
 		}
+	}
+}
+
+// discardCorrupt removes the inbox files among paths (of a commit that
+// failed on corrupt input) whose whole-file hash no longer matches: the
+// upload state then asks the primary for them again from byte 0, and the
+// next commit (or the recovery of a pending apply) uses the new copy.
+func (s *Server) discardCorrupt(group string, paths []string) {
+	for _, p := range paths {
+		if filepath.Dir(p) != filepath.Join(s.inbox, group) {
+			continue
+		}
+		unlock := s.lock(p)
+		c, err := openCycleWith(p, false)
+		if err == nil {
+			c.f.Close()
+		} else if errors.Is(err, format.ErrCorrupt) || errors.Is(err, format.ErrNotCycle) || errors.Is(err, format.ErrVersion) {
+			if os.Remove(p) == nil {
+				s.log.Warn("inbox: removed a damaged cycle file; the primary sends it again", "group", group, "file", p, "err", err)
+			}
+		}
+		unlock()
 	}
 }

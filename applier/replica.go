@@ -634,7 +634,7 @@ func (r *Replica) recoverGroup(g *group, override map[string]string) error {
 				err = r.markApplied(g, im, c.r.Header())
 			}
 			if err != nil {
-				err = fmt.Errorf("%w: point %d, image %s: %v", ErrPending, j.Point, it.ID, err)
+				err = fmt.Errorf("%w: point %d, image %s: %w", ErrPending, j.Point, it.ID, err)
 				g.setPending(err)
 				return err
 			}

@@ -106,12 +106,12 @@ func classify(err error) *httpErr {
 		return &httpErr{http.StatusUnauthorized, pki.Code(err), err}
 	case pki.Code(err) != "" && pki.Code(err) != "failure":
 		return &httpErr{http.StatusForbidden, pki.Code(err), err}
+	case errors.Is(err, ErrPending):
+		return &httpErr{http.StatusConflict, "pending", err}
 	case errors.Is(err, format.ErrCorrupt), errors.Is(err, format.ErrNotCycle), errors.Is(err, format.ErrVersion):
 		return &httpErr{http.StatusUnprocessableEntity, "corrupt", err}
 	case errors.Is(err, ErrUnholdable):
 		return &httpErr{http.StatusUnprocessableEntity, "refused", err}
-	case errors.Is(err, ErrPending):
-		return &httpErr{http.StatusConflict, "pending", err}
 	case errors.Is(err, ErrMissingChunks):
 		return &httpErr{http.StatusConflict, "missing_chunks", err}
 	case errors.Is(err, ErrFailedOver):
@@ -455,6 +455,9 @@ func (s *Server) commit(w http.ResponseWriter, r *http.Request, p pki.Primary) {
 		s.OnApply(group, res, err)
 	}
 	if err != nil {
+		if errors.Is(err, format.ErrCorrupt) {
+			s.discardCorrupt(group, paths)
+		}
 		s.reply(w, r, nil, err)
 		return
 	}
