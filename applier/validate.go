@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"strings"
 
 	"github.com/google/uuid"
@@ -57,14 +56,8 @@ func (r *Replica) checkFileSize(dir string, size uint64) error {
 	if size <= r.sizeOK.Load() {
 		return nil
 	}
-	f, err := os.CreateTemp(dir, ".sizecheck.tmp-*")
-	if err != nil {
+	if err := sparseSizeOK(dir, size); err != nil {
 		return err
-	}
-	defer os.Remove(f.Name())
-	defer f.Close()
-	if err := f.Truncate(int64(size)); err != nil {
-		return fmt.Errorf("%w: the filesystem of %s cannot hold an image of %d bytes: %v", ErrUnholdable, filepath.Dir(dir), size, err)
 	}
 	for {
 		cur := r.sizeOK.Load()
@@ -72,6 +65,23 @@ func (r *Replica) checkFileSize(dir string, size uint64) error {
 			return nil
 		}
 	}
+}
+
+// sparseSizeOK creates a sparse file of size bytes in dir and removes it.
+func sparseSizeOK(dir string, size uint64) error {
+	if size > MaxImageSize {
+		return fmt.Errorf("%w: an image of %d bytes is over the limit of %d (16 TiB)", ErrUnholdable, size, MaxImageSize)
+	}
+	f, err := os.CreateTemp(dir, ".sizecheck.tmp-*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(f.Name())
+	defer f.Close()
+	if err := f.Truncate(int64(size)); err != nil {
+		return fmt.Errorf("%w: the filesystem of %s cannot hold an image of %d bytes: %v", ErrUnholdable, dir, size, err)
+	}
+	return nil
 }
 
 // checkImageName accepts what the primary's mount can name: a relative

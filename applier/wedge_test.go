@@ -268,3 +268,25 @@ func testDropPending(t *testing.T, applyStage, dropStage string) {
 	s.reopen(ReplicaOptions{Now: o.Now})
 	s.check(false, true)
 }
+
+// TestApplyFilesRefusesHugeImage: 'cycle apply' to a plain file refuses a
+// 2^62-byte image before the target's state says "applying", so the target
+// keeps taking cycles.
+func TestApplyFilesRefusesHugeImage(t *testing.T) {
+	dir := t.TempDir()
+	target := filepath.Join(dir, "disk.img")
+	ti := newTImage(63, "disk.img")
+	rng := rand.New(rand.NewPCG(63, 1))
+	p0, t0 := ti.cycle(t, dir, rng, [16]byte{1}, time.Now(), cycOpt{})
+	if _, err := ApplyFiles(target, []string{p0}); err != nil {
+		t.Fatal(err)
+	}
+	bad := writeSizedCycle(t, dir, t0, 1<<62, 2)
+	if _, err := ApplyFiles(target, []string{bad}); !errors.Is(err, ErrUnholdable) {
+		t.Fatalf("got %v, want ErrUnholdable", err)
+	}
+	p1, _ := t0.cycle(t, dir, rng, [16]byte{3}, time.Now(), cycOpt{nOps: 5})
+	if _, err := ApplyFiles(target, []string{p1}); err != nil {
+		t.Fatalf("the next cycle after the refusal: %v", err)
+	}
+}
