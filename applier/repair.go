@@ -107,7 +107,17 @@ func (r *Replica) pendingReport(g *group) PendingReport {
 			pi.Name = im.st.Name
 			pi.Done = !im.st.Applying && im.st.Present && im.st.Generation == it.Gen && im.st.Seq == it.Seq
 		}
-		if c, err := openCycle(it.Path); err != nil {
+		rep.Items = append(rep.Items, pi)
+	}
+	g.mu.RUnlock()
+	for i := range rep.Items {
+		pi := &rep.Items[i]
+		if pi.Done {
+			pi.Cycle = "not needed (applied)"
+			continue
+		}
+		// The whole-file hash: what recovery checks first.
+		if c, err := openCycleWith(pi.Path, false); err != nil {
 			if errors.Is(err, fs.ErrNotExist) {
 				pi.Cycle = "missing"
 			} else {
@@ -119,9 +129,7 @@ func (r *Replica) pendingReport(g *group) PendingReport {
 			}
 			c.f.Close()
 		}
-		rep.Items = append(rep.Items, pi)
 	}
-	g.mu.RUnlock()
 	if j.Point < next {
 		rep.WhyNot = "the point was recorded; the next commit finishes the clean-up"
 		return rep

@@ -205,7 +205,7 @@ func testDropPending(t *testing.T, applyStage, dropStage string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !rep.Pending || rep.Kind != "apply" || !rep.Droppable || rep.LastPoint != lastID || len(rep.Items) != 3 || rep.Items[1].Cycle != "missing" || rep.Items[0].Cycle != "ok" {
+	if !rep.Pending || rep.Kind != "apply" || !rep.Droppable || rep.LastPoint != lastID || len(rep.Items) != 3 || rep.Items[1].Cycle != "missing" || rep.Items[2].Cycle != "ok" || (rep.Items[0].Cycle != "ok") == !rep.Items[0].Done {
 		t.Fatalf("pending report %+v", rep)
 	}
 	if applyStage == "state-applied" && !rep.Items[0].Done {
