@@ -47,6 +47,15 @@ func (r *Replica) inboxView(groupName string) inboxView {
 		return v
 	}
 	v.exists = true
+	// The commit record first: a drop (repair.go) rolls the image states
+	// back before it removes the record, so a cycle it made needed again
+	// is either protected by the record or not applied in the states.
+	var j journal
+	if err := fsutil.ReadJSON(filepath.Join(g.dir, "apply.json"), &j); err == nil {
+		for _, it := range j.Items {
+			v.pending[it.Path] = true
+		}
+	}
 	g.mu.RLock()
 	for id, im := range g.images {
 		if im.st.Present {
@@ -57,12 +66,6 @@ func (r *Replica) inboxView(groupName string) inboxView {
 		}
 	}
 	g.mu.RUnlock()
-	var j journal
-	if err := fsutil.ReadJSON(filepath.Join(g.dir, "apply.json"), &j); err == nil {
-		for _, it := range j.Items {
-			v.pending[it.Path] = true
-		}
-	}
 	return v
 }
 
@@ -119,8 +122,14 @@ func (s *Server) CollectInbox(group string) (InboxCollected, error) {
 			}
 			p := filepath.Join(dir, e.Name())
 			cyc := strings.TrimSuffix(strings.TrimSuffix(p, ".hash"), ".part")
-			unlock := s.lock(cyc) // an upload of this cycle holds it
 			fi, err := os.Lstat(p)
+			if err != nil || inboxObsolete(v, m[1], gen, seq, p, cyc, now.Sub(fi.ModTime())) == "" {
+				continue
+			}
+			// A candidate: decide again under the lock an upload of the
+			// cycle holds (only candidates wait for it).
+			unlock := s.lock(cyc)
+			fi, err = os.Lstat(p)
 			if err != nil || !fi.Mode().IsRegular() {
 				unlock()
 				continue
