@@ -2,6 +2,8 @@ package main
 
 import (
 	"fmt"
+	"os"
+	"path/filepath"
 
 	"github.com/urfave/cli/v2"
 
@@ -31,7 +33,11 @@ clear error. Every recovery point stays complete throughout.`,
 			var rep applier.PendingReport
 			err := daemon.NewClient(store).Call(c.Context, "/replica/repair", req, &rep)
 			if exitcode.Code(err) == exitcode.NoDaemon {
-				// No replica daemon: work on the store directly.
+				// No replica daemon: work on the store directly (only on
+				// an existing replica store: opening one creates it).
+				if fi, serr := os.Stat(filepath.Join(store, "groups")); serr != nil || !fi.IsDir() {
+					return exitcode.With(exitcode.NotFound, fmt.Errorf("%s is not a replica store (no groups directory) and no replica daemon answers for it", store))
+				}
 				r, oerr := applier.OpenReplica(store, applier.ReplicaOptions{})
 				if oerr != nil {
 					return fmt.Errorf("replica store %s: %w", store, oerr)
