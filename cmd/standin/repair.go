@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -45,6 +46,9 @@ clear error. Every recovery point stays complete throughout.`,
 				rep, err = daemon.Repair(r, req)
 				if cerr := r.Close(); err == nil {
 					err = cerr
+				}
+				if errors.Is(err, applier.ErrNoGroup) || errors.Is(err, applier.ErrBadName) {
+					return exitcode.With(exitcode.NotFound, err)
 				}
 				if err != nil && !rep.Pending {
 					return err
