@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"path/filepath"
 
 	"github.com/google/uuid"
 	"golang.org/x/sys/unix"
@@ -124,6 +125,19 @@ func ApplyFiles(target string, paths []string) ([]Result, error) {
 		}
 		sim = State{ID: id, Generation: h.Generation, Seq: h.Seq, Name: h.Name}
 		simHave = true
+	}
+	// A size the target's filesystem cannot hold would fail after the state
+	// says "applying": refuse it before.
+	var biggest uint64
+	for i, c := range cs {
+		if plan[i] {
+			biggest = max(biggest, c.r.Header().ImageSize)
+		}
+	}
+	if biggest > 0 {
+		if err := sparseSizeOK(filepath.Dir(target), biggest); err != nil {
+			return nil, fmt.Errorf("%s: %w", target, err)
+		}
 	}
 	var results []Result
 	for i, c := range cs {

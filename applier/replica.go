@@ -13,6 +13,7 @@ import (
 	"slices"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/uuid"
@@ -45,7 +46,8 @@ type Replica struct {
 
 	prepMu sync.Mutex // prepared promotion copies (prepare.go)
 
-	scrub scrubState // scrub.go
+	scrub  scrubState    // scrub.go
+	sizeOK atomic.Uint64 // largest image size the store's filesystem was seen to hold (validate.go)
 }
 
 // ReplicaOptions configure a Replica.
@@ -137,6 +139,9 @@ type journalItem struct {
 	Seq  uint64 `json:"seq"`
 	Path string `json:"path"`
 	Refs string `json:"refs,omitempty"` // refs file with the copied ref blocks (refs.go)
+	// Prev is the image's state at the last recorded point (what a drop
+	// rolls back to; repair.go).
+	Prev *imageState `json:"prev,omitempty"`
 }
 
 // journal (GROUP/apply.json) is the commit record of an apply: once it is
@@ -148,6 +153,9 @@ type journal struct {
 	Items []journalItem `json:"items"`
 	// AppConsistent is recorded in the point (also by a roll-forward).
 	AppConsistent bool `json:"app_consistent,omitempty"`
+	// Dropping: the apply is being rolled back to the last point
+	// (DropPending); recovery finishes that instead of rolling forward.
+	Dropping bool `json:"dropping,omitempty"`
 }
 
 type imageState struct {
@@ -590,6 +598,13 @@ func (r *Replica) recoverGroup(g *group, override map[string]string) error {
 	case err != nil && !errors.Is(err, fs.ErrNotExist):
 		g.setPending(err)
 		return err
+	case err == nil && j.Point >= g.pts.Next && j.Dropping:
+		// A drop of an apply that could not finish was decided: finish it.
+		if err := r.finishDrop(g, &j); err != nil {
+			err = fmt.Errorf("%w: dropping point %d: %v", ErrPending, j.Point, err)
+			g.setPending(err)
+			return err
+		}
 	case err == nil && j.Point >= g.pts.Next:
 		// Committed but not recorded: roll forward.
 		r.o.Logger.Info("completing interrupted apply", "group", g.name, "point", j.Point)
@@ -629,7 +644,7 @@ func (r *Replica) recoverGroup(g *group, override map[string]string) error {
 				err = r.markApplied(g, im, c.r.Header())
 			}
 			if err != nil {
-				err = fmt.Errorf("%w: point %d, image %s: %v", ErrPending, j.Point, it.ID, err)
+				err = fmt.Errorf("%w: point %d, image %s: %w", ErrPending, j.Point, it.ID, err)
 				g.setPending(err)
 				return err
 			}
@@ -917,6 +932,14 @@ func (r *Replica) applyGroup(ctx context.Context, groupName string, paths []stri
 	if err := ctx.Err(); err != nil {
 		return res, err
 	}
+	// Everything that could fail after the commit record is checked now.
+	var planned []*openedCycle
+	for _, it := range plan {
+		planned = append(planned, it.c)
+	}
+	if err := r.checkHoldable(g, planned); err != nil {
+		return res, err
+	}
 	// Resolve every ref block before anything changes (refs.go).
 	missing := map[string][][2]uint64{}
 	hdrs := map[string]format.Header{}
@@ -1008,6 +1031,7 @@ func (r *Replica) applyGroup(ctx context.Context, groupName string, paths []stri
 	for _, it := range plan {
 		h := it.c.r.Header()
 		st := it.im.st
+		prev := st
 		st.Applying, st.ApplyingSeq, st.ApplyingGen, st.ApplyingPoint, st.ApplyingPath = true, h.Seq, h.Generation, N, it.c.path
 		if it.new {
 			st.Supersedes = g.supersededBy(h.Name, func(id string) bool { return slices.ContainsFunc(plan, func(x item) bool { return x.id == id }) })
@@ -1025,7 +1049,7 @@ func (r *Replica) applyGroup(ctx context.Context, groupName string, paths []stri
 			return res, err
 		}
 		h = it.c.r.Header()
-		ji := journalItem{ID: it.id, Gen: h.Generation, Seq: h.Seq, Path: it.c.path}
+		ji := journalItem{ID: it.id, Gen: h.Generation, Seq: h.Seq, Path: it.c.path, Prev: &prev}
 		if it.refs != nil {
 			ji.Refs = it.refs.path
 		}
@@ -1035,6 +1059,14 @@ func (r *Replica) applyGroup(ctx context.Context, groupName string, paths []stri
 	if err := fsutil.WriteJSON(filepath.Join(g.dir, "apply.json"), j); err != nil {
 		return res, err
 	}
+	committed := true
+	defer func() {
+		if committed && err != nil {
+			// Recovery retries with the next commit; until it succeeds (or
+			// the apply is dropped, see Repair) the group shows it pending.
+			g.setPending(fmt.Errorf("%w: point %d: %v", ErrPending, N, err))
+		}
+	}()
 	if err := r.hook("journal"); err != nil {
 		return res, err
 	}
@@ -1071,6 +1103,7 @@ func (r *Replica) applyGroup(ctx context.Context, groupName string, paths []stri
 	if err := fsutil.SyncDir(g.dir); err != nil {
 		return res, err
 	}
+	committed = false
 	removeRefs()
 	res.Point, res.Time, res.AppConsistent = pointID(N), j.Time, j.AppConsistent
 	res.Dropped, res.Reclaimed, err = r.retain(g)

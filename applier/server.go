@@ -121,10 +121,14 @@ func classify(err error) *httpErr {
 		return &httpErr{http.StatusBadRequest, pki.Code(err), err}
 	case pki.Code(err) != "" && pki.Code(err) != "failure":
 		return &httpErr{http.StatusForbidden, pki.Code(err), err}
+	case errors.Is(err, ErrPending):
+		return &httpErr{http.StatusConflict, "pending", err}
 	case errors.Is(err, format.ErrCorrupt), errors.Is(err, format.ErrNotCycle), errors.Is(err, format.ErrVersion):
 		return &httpErr{http.StatusUnprocessableEntity, "corrupt", err}
 	case errors.Is(err, ErrQuota):
 		return &httpErr{http.StatusInsufficientStorage, "quota", err}
+	case errors.Is(err, ErrUnholdable):
+		return &httpErr{http.StatusUnprocessableEntity, "refused", err}
 	case errors.Is(err, ErrMissingChunks):
 		return &httpErr{http.StatusConflict, "missing_chunks", err}
 	case errors.Is(err, ErrFailedOver):
@@ -456,6 +460,7 @@ func (s *Server) finishUpload(group, path, name string, ref wire.CycleRef, p pki
 // commit applies a cut's uploaded cycles as one recovery point.
 func (s *Server) commit(w http.ResponseWriter, r *http.Request, p pki.Primary) {
 	group := r.PathValue("group")
+	defer s.afterCommit(group)()
 	var req wire.CommitRequest
 	if err := json.NewDecoder(io.LimitReader(r.Body, 1<<20)).Decode(&req); err != nil || len(req.Cycles) == 0 {
 		s.reply(w, r, nil, fail(http.StatusBadRequest, "bad_request", "commit request: %v", err))
@@ -497,6 +502,9 @@ func (s *Server) commit(w http.ResponseWriter, r *http.Request, p pki.Primary) {
 		s.OnApply(group, res, err)
 	}
 	if err != nil {
+		if errors.Is(err, format.ErrCorrupt) {
+			s.discardCorrupt(group, paths)
+		}
 		s.reply(w, r, nil, err)
 		return
 	}
@@ -611,8 +619,8 @@ func (s *Server) Health() ([]GroupHealth, error) {
 			}
 		}
 		if g.Pending != "" {
-			gh.Health = maxHealth(gh.Health, "Warning")
-			gh.Reasons = append(gh.Reasons, "interrupted apply pending: "+g.Pending)
+			gh.Health = maxHealth(gh.Health, "Critical")
+			gh.Reasons = append(gh.Reasons, pendingReason(s.rep.dir, g.Group, g.Pending))
 		}
 		if h != nil && h.lastErr != "" {
 			gh.Health = maxHealth(gh.Health, "Warning")

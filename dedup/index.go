@@ -292,7 +292,7 @@ func manifestSeen(m *[]bool, n uint64) bool {
 }
 
 func readFileLimited(path string, limit int64) ([]byte, error) {
-	f, err := os.Open(path)
+	f, err := openRegular(path)
 	if err != nil {
 		return nil, err
 	}

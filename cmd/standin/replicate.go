@@ -166,6 +166,7 @@ func replicateCommand() *cli.Command {
 				},
 			},
 			extendCommand(),
+			repairCommand(),
 			{
 				Name:         "list",
 				Usage:        "list replication groups with their health",

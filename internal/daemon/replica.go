@@ -93,6 +93,10 @@ func RunReplica(ctx context.Context, o ReplicaOptions, ready func()) error {
 	if err != nil {
 		return err
 	}
+	// Cycles applied by the recovery above, and older leftovers, leave the inbox.
+	if _, err := srv.CollectInbox(""); err != nil {
+		log.Warn("inbox collection", "err", err)
+	}
 	m := newReplicaMetrics()
 	srv.OnReceive = func(group string, n int64) { m.received.WithLabelValues(group).Add(float64(n)) }
 	rf := newReplicaFailover(rep, o.PrimaryStore, o.WarmStandby, log)
@@ -153,6 +157,7 @@ func RunReplica(ctx context.Context, o ReplicaOptions, ready func()) error {
 	}
 	os.Chmod(sock, 0o600)
 	cmux := replicaControl(rep, srv, auth, o, ln.Addr().String())
+	repairControl(cmux, rep)
 	rf.control(cmux)
 	// Extended replication: forwards of groups to third hosts (forward.go).
 	fw, err := startForwarder(ctx, rep, srv, o.Store, log)
