@@ -51,14 +51,7 @@ func FuzzServer(f *testing.F) {
 	if err != nil {
 		f.Fatal(err)
 	}
-	pt, err := pki.ParseToken(tok)
-	if err != nil {
-		f.Fatal(err)
-	}
-	_, csr, err := pki.NewCSR("prim")
-	if err != nil {
-		f.Fatal(err)
-	}
+	pt, _, csr := tokenCSR(f, tok, "prim")
 	certPEM, _, _, err := auth.Join(pt.Secret, csr, "prim")
 	if err != nil {
 		f.Fatal(err)

@@ -79,14 +79,7 @@ func authzServer(t *testing.T, rep *Replica, names, patterns []string) (*Server,
 // pairVia pairs through the pairing endpoint, as standin pair join does.
 func pairVia(t *testing.T, addr, tok, name string) (wire.PairReply, []byte, tReply) {
 	t.Helper()
-	pt, err := pki.ParseToken(tok)
-	if err != nil {
-		t.Fatal(err)
-	}
-	key, csr, err := pki.NewCSR(name)
-	if err != nil {
-		t.Fatal(err)
-	}
+	pt, key, csr := tokenCSR(t, tok, name)
 	hc := &http.Client{Timeout: 20 * time.Second, Transport: &http.Transport{TLSClientConfig: pki.PinnedClientTLS(pt.CAFingerprint, "127.0.0.1")}}
 	b, _ := json.Marshal(wire.PairRequest{Secret: pt.Secret, CSR: csr, Name: name})
 	resp, err := hc.Post("https://"+addr+wire.Prefix+"/pair", "application/json", bytes.NewReader(b))

@@ -53,6 +53,21 @@ func tlsServer(t testing.TB, rep *Replica, inbox string) (*Server, *pki.Authorit
 	return srv, auth, ln.Addr().String()
 }
 
+// tokenCSR parses the pairing token tok and makes a key and CSR for a
+// primary named name.
+func tokenCSR(t testing.TB, tok, name string) (pt pki.Token, key, csr []byte) {
+	t.Helper()
+	pt, err := pki.ParseToken(tok)
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, csr, err = pki.NewCSR(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pt, key, csr
+}
+
 // joinPEM pairs a primary named name for the group pattern directly with
 // auth (token for addr, ParseToken, NewCSR, Join) and returns its key,
 // certificate and CA in PEM, and the paired primary.
@@ -62,14 +77,7 @@ func joinPEM(t testing.TB, auth *pki.Authority, addr, pattern, name string) (key
 	if err != nil {
 		t.Fatal(err)
 	}
-	pt, err := pki.ParseToken(tok)
-	if err != nil {
-		t.Fatal(err)
-	}
-	key, csr, err := pki.NewCSR(name)
-	if err != nil {
-		t.Fatal(err)
-	}
+	pt, key, csr := tokenCSR(t, tok, name)
 	cert, ca, p, err = auth.Join(pt.Secret, csr, name)
 	if err != nil {
 		t.Fatal(err)
