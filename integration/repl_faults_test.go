@@ -293,20 +293,7 @@ func TestReplKillApplier(t *testing.T) {
 		e.writeSeq("a.img", 0, 48*mib)
 		e.writeSeq("b.img", 0, 8*mib)
 		want = e.frozen()
-		c0 := e.status().Cycles
-		mustStandin(t, "replicate", "now", "--store", e.PStore, "--group", e.Group)
-		deadline := time.Now().Add(60 * time.Second)
-		for i := 0; time.Now().Before(deadline); i++ {
-			if _, err := os.Stat(journal); err == nil {
-				e.Rep.Kill()
-				killed = true
-				break
-			}
-			if i%500 == 499 && e.status().Cycles > c0 {
-				break
-			}
-			time.Sleep(time.Millisecond)
-		}
+		killed = e.replicateKillMidApply()
 		if !killed {
 			t.Logf("attempt %d: apply finished before apply.json was seen; again", attempt)
 		}

@@ -447,6 +447,29 @@ func (e *replEnv) writeSeq(name string, off, size int64) {
 }
 
 // stagedBytes sums the staged (unshipped) cycle files of the primary.
+// replicateKillMidApply starts a replication round of the group and kills
+// the replica daemon (SIGKILL) as soon as its apply journal (apply.json)
+// appears. It returns false when the round completed first (or 60 s passed)
+// without the replica being caught mid-apply.
+func (e *replEnv) replicateKillMidApply() bool {
+	e.t.Helper()
+	journal := filepath.Join(e.RStore, "groups", e.Group, "apply.json")
+	c0 := e.status().Cycles
+	mustStandin(e.t, "replicate", "now", "--store", e.PStore, "--group", e.Group)
+	deadline := time.Now().Add(60 * time.Second)
+	for i := 0; time.Now().Before(deadline); i++ {
+		if _, err := os.Stat(journal); err == nil {
+			e.Rep.Kill()
+			return true
+		}
+		if i%500 == 499 && e.status().Cycles > c0 {
+			return false
+		}
+		time.Sleep(time.Millisecond)
+	}
+	return false
+}
+
 func stagedFiles(pstore string) (n int, bytes int64) {
 	files, _ := filepath.Glob(filepath.Join(pstore, "cycles", "*", "*.cyc"))
 	for _, f := range files {
