@@ -267,24 +267,16 @@ func checkAcked(t testing.TB, img string, log *ackLog) (checked int) {
 // data at the start of every 4 MiB extent, durable.
 func prefillSparse(t testing.TB, path string, size int64, rng *rand.Rand) {
 	t.Helper()
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR|os.O_TRUNC, 0o600)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	if err := f.Truncate(size); err != nil {
-		t.Fatal(err)
-	}
 	buf := make([]byte, 64<<10)
-	for off := int64(0); off < size; off += extentSize {
-		fillRandom(rng, buf)
-		if _, err := f.WriteAt(buf, off); err != nil {
-			t.Fatal(err)
+	createImage(t, path, size, func(f *os.File) error {
+		for off := int64(0); off < size; off += extentSize {
+			fillRandom(rng, buf)
+			if _, err := f.WriteAt(buf, off); err != nil {
+				return err
+			}
 		}
-	}
-	if err := f.Sync(); err != nil {
-		t.Fatal(err)
-	}
+		return nil
+	})
 }
 
 // checkConverged ships what the primary holds and compares the replica's

@@ -310,6 +310,25 @@ func newReplEnv(t *testing.T, group string, imgs ...imgSpec) *replEnv {
 // few holes so the image is sparse.
 func prefill(t testing.TB, path string, size int64, rng *rand.Rand) {
 	t.Helper()
+	buf := make([]byte, 1<<20)
+	createImage(t, path, size, func(f *os.File) error {
+		for off := int64(0); off < size; off += int64(len(buf)) {
+			if (off>>20)%4 == 3 {
+				continue // a hole every 4 MiB
+			}
+			fillRandom(rng, buf)
+			if _, err := f.WriteAt(buf[:min(int64(len(buf)), size-off)], off); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// createImage creates (or truncates) path as a sparse file of size bytes,
+// lets write fill it and makes it durable (fsync).
+func createImage(t testing.TB, path string, size int64, write func(f *os.File) error) {
+	t.Helper()
 	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR|os.O_TRUNC, 0o600)
 	if err != nil {
 		t.Fatal(err)
@@ -318,15 +337,8 @@ func prefill(t testing.TB, path string, size int64, rng *rand.Rand) {
 	if err := f.Truncate(size); err != nil {
 		t.Fatal(err)
 	}
-	buf := make([]byte, 1<<20)
-	for off := int64(0); off < size; off += int64(len(buf)) {
-		if (off>>20)%4 == 3 {
-			continue // a hole every 4 MiB
-		}
-		fillRandom(rng, buf)
-		if _, err := f.WriteAt(buf[:min(int64(len(buf)), size-off)], off); err != nil {
-			t.Fatal(err)
-		}
+	if err := write(f); err != nil {
+		t.Fatal(err)
 	}
 	if err := f.Sync(); err != nil {
 		t.Fatal(err)
