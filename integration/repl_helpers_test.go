@@ -372,6 +372,16 @@ func (e *replEnv) enable(replicaAddr string, extra ...string) {
 	mustStandin(e.t, append(args, extra...)...)
 }
 
+// start pairs the primary with the replica for the group's images
+// ("GROUP/*"), enables replication of the group with extra flags and ships
+// a first cycle (now).
+func (e *replEnv) start(extra ...string) {
+	e.t.Helper()
+	e.pair(e.Group+"/*", e.Rep.Addr)
+	e.enable(e.Rep.Addr, extra...)
+	e.now()
+}
+
 func (e *replEnv) now() {
 	e.t.Helper()
 	mustStandin(e.t, "replicate", "now", "--store", e.PStore, "--group", e.Group, "--wait", "--timeout", "90s")

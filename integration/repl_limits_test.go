@@ -26,9 +26,7 @@ func openFDs(pid int) int {
 func TestReplLimits(t *testing.T) {
 	requireTools(t, "prlimit")
 	e := newReplEnv(t, "vmL", imgSpec{"a.img", 8 * mib})
-	e.pair("vmL/*", e.Rep.Addr)
-	e.enable(e.Rep.Addr, "--interval", "5m")
-	e.now()
+	e.start("--interval", "5m")
 	pid := e.Rep.cmd.Process.Pid
 	// The replica runs with 256 file descriptors, like a small container.
 	mustRun(t, cmdTimeout, "prlimit", "--pid", strconv.Itoa(pid), "--nofile=256:256")

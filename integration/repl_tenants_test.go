@@ -27,9 +27,7 @@ import (
 // exactly B's image (BLAKE3).
 func TestReplTenantIsolation(t *testing.T) {
 	e := newReplEnv(t, "vmB", imgSpec{"b.img", 8 * mib})
-	e.pair("vmB/*", e.Rep.Addr)
-	e.enable(e.Rep.Addr, "--interval", "5m")
-	e.now()
+	e.start("--interval", "5m")
 	e.checkPoint("latest", e.frozen(), "B's base")
 
 	// Tenant A: a second primary host (own store and mount) on the same replica.

@@ -22,9 +22,7 @@ func TestReplInboxEmptyAfterKills(t *testing.T) {
 		kills = v
 	}
 	e := newReplEnv(t, "vm9", imgSpec{"a.img", 64 * mib}, imgSpec{"b.img", 16 * mib})
-	e.pair("vm9/*", e.Rep.Addr)
-	e.enable(e.Rep.Addr, "--interval", "5m", "--any-point-window", "1h")
-	e.now()
+	e.start("--interval", "5m", "--any-point-window", "1h")
 	caught := 0
 	for k := 0; k < kills; k++ {
 		killed := false
@@ -93,9 +91,7 @@ func replicaGroupHealth(t *testing.T, rstore, group string) (string, []string) {
 // latest is the cut before, and replication then catches up.
 func TestReplRepairDropPending(t *testing.T) {
 	e := newReplEnv(t, "vm10", imgSpec{"a.img", 64 * mib}, imgSpec{"b.img", 16 * mib})
-	e.pair("vm10/*", e.Rep.Addr)
-	e.enable(e.Rep.Addr, "--interval", "5m", "--any-point-window", "1h")
-	e.now()
+	e.start("--interval", "5m", "--any-point-window", "1h")
 	var prev map[string]string
 	wedged := false
 	for attempt := 1; attempt <= 4 && !wedged; attempt++ {
