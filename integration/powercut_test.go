@@ -101,14 +101,7 @@ func startLazy(t testing.TB, backing, mnt string) *lazyProc {
 	return l
 }
 
-func (l *lazyProc) running() bool {
-	select {
-	case <-l.done:
-		return false
-	default:
-		return true
-	}
-}
+func (l *lazyProc) running() bool { return !exited(l.done) }
 
 func (l *lazyProc) start() {
 	l.t.Helper()
@@ -119,13 +112,7 @@ func (l *lazyProc) start() {
 	}
 	l.done = make(chan struct{})
 	l.cmd = exec.Command(lazyfsBinary(l.t), l.Backing, l.Mnt)
-	l.cmd.Stdout, l.cmd.Stderr = &l.out, &l.out
-	l.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := l.cmd.Start(); err != nil {
-		l.t.Fatalf("start lazyfs: %v", err)
-	}
-	done, cmd := l.done, l.cmd
-	go func() { cmd.Wait(); close(done) }()
+	startChild(l.t, "lazyfs", l.cmd, &l.out, l.done)
 	if !waitFor(readyTimeout, 20*time.Millisecond, func() bool { return !l.running() || isMounted(l.Mnt) }) || !l.running() {
 		l.t.Fatalf("lazyfs not mounted at %s:\n%s", l.Mnt, l.out.String())
 	}

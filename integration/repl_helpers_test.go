@@ -76,15 +76,8 @@ func (r *replicaProc) start() {
 	r.done = make(chan struct{})
 	r.cmd = exec.Command(standinBin, append([]string{"serve", "--store", r.Store, "--listen", r.Addr}, r.Args...)...)
 	r.cmd.Env = append(os.Environ(), r.Env...)
-	w := io.MultiWriter(r.out, &r.logAll)
-	r.cmd.Stdout, r.cmd.Stderr = w, w
-	r.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := r.cmd.Start(); err != nil {
-		r.t.Fatalf("start replica: %v", err)
-	}
+	startChild(r.t, "replica", r.cmd, io.MultiWriter(r.out, &r.logAll), r.done)
 	done := r.done
-	cmd := r.cmd
-	go func() { cmd.Wait(); close(done) }()
 	deadline := time.Now().Add(readyTimeout)
 	for {
 		select {
@@ -107,12 +100,27 @@ func (r *replicaProc) start() {
 	}
 }
 
-func (r *replicaProc) running() bool {
+func (r *replicaProc) running() bool { return !exited(r.done) }
+
+// startChild starts the child process cmd with its output to out, to be
+// killed with the test binary (Pdeathsig), and closes done once it exited.
+func startChild(t testing.TB, what string, cmd *exec.Cmd, out io.Writer, done chan struct{}) {
+	t.Helper()
+	cmd.Stdout, cmd.Stderr = out, out
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start %s: %v", what, err)
+	}
+	go func() { cmd.Wait(); close(done) }()
+}
+
+// exited reports whether done (closed when a child process exited) is closed.
+func exited(done <-chan struct{}) bool {
 	select {
-	case <-r.done:
-		return false
-	default:
+	case <-done:
 		return true
+	default:
+		return false
 	}
 }
 
