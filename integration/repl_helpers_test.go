@@ -301,17 +301,34 @@ func newReplEnv(t *testing.T, group string, imgs ...imgSpec) *replEnv {
 	e := &replEnv{t: t, dir: dir, PStore: filepath.Join(dir, "pstore"), Mnt: filepath.Join(dir, "mnt"),
 		RStore: filepath.Join(dir, "rstore"), Group: group, Sizes: map[string]int64{},
 		rng: rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 7))}
+	e.prefillImages(imgs...)
+	e.Rep = startReplica(t, e.RStore)
+	e.Pri = startDaemon(t, e.PStore, e.Mnt)
+	return e
+}
+
+// prefillImages adds the images to the group and creates them, prefilled,
+// in the primary's store.
+func (e *replEnv) prefillImages(imgs ...imgSpec) {
+	e.t.Helper()
 	if err := os.MkdirAll(filepath.Join(e.PStore, "images"), 0o700); err != nil {
-		t.Fatal(err)
+		e.t.Fatal(err)
 	}
 	for _, im := range imgs {
 		e.Names = append(e.Names, im.Name)
 		e.Sizes[im.Name] = im.Size
-		prefill(t, filepath.Join(e.PStore, "images", im.Name), im.Size, e.rng)
+		prefill(e.t, filepath.Join(e.PStore, "images", im.Name), im.Size, e.rng)
 	}
-	e.Rep = startReplica(t, e.RStore)
-	e.Pri = startDaemon(t, e.PStore, e.Mnt)
-	return e
+}
+
+// otherHost starts a second primary host (its own store and mount, its
+// images prefilled with rng) for group, on the same replica as e.
+func (e *replEnv) otherHost(dir, pstore, mnt, group string, rng *rand.Rand, imgs ...imgSpec) *replEnv {
+	e.t.Helper()
+	h := &replEnv{t: e.t, dir: dir, PStore: pstore, Mnt: mnt, RStore: e.RStore, Rep: e.Rep, Group: group, Sizes: map[string]int64{}, rng: rng}
+	h.prefillImages(imgs...)
+	h.Pri = startDaemon(e.t, h.PStore, h.Mnt)
+	return h
 }
 
 // prefill writes random data over most of a new file of size bytes, leaving a

@@ -32,14 +32,8 @@ func TestReplTenantIsolation(t *testing.T) {
 
 	// Tenant A: a second primary host (own store and mount) on the same replica.
 	dirA := filepath.Join(e.dir, "hostA")
-	a := &replEnv{t: t, dir: dirA, PStore: filepath.Join(dirA, "pstore"), Mnt: filepath.Join(dirA, "mnt"),
-		RStore: e.RStore, Rep: e.Rep, Group: "vmA", Names: []string{"a.img"}, Sizes: map[string]int64{"a.img": 4 * mib},
-		rng: rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 8))}
-	if err := os.MkdirAll(filepath.Join(a.PStore, "images"), 0o700); err != nil {
-		t.Fatal(err)
-	}
-	prefill(t, filepath.Join(a.PStore, "images", "a.img"), 4*mib, a.rng)
-	a.Pri = startDaemon(t, a.PStore, a.Mnt)
+	a := e.otherHost(dirA, filepath.Join(dirA, "pstore"), filepath.Join(dirA, "mnt"), "vmA",
+		rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 8)), imgSpec{"a.img", 4 * mib})
 	a.pair("*/a.img", e.Rep.Addr)
 	a.enable(e.Rep.Addr, "--interval", "5m")
 	a.now()
