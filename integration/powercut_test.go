@@ -349,9 +349,7 @@ func TestPowerCutPrimary(t *testing.T) {
 	env := []string{"STANDIN_TEST_CHECKPOINT_INTERVAL=500ms"}
 	e.Rep = startReplica(t, e.RStore)
 	e.Pri = startDaemon(t, e.PStore, e.Mnt, env...)
-	e.pair("pcp/*", e.Rep.Addr)
-	e.enable(e.Rep.Addr, "--interval", "1s")
-	e.now()
+	e.start("--interval", "1s")
 	lz.sync() // the set-up is durable; from here on only fsync makes anything durable
 
 	n := powerCutCount()
@@ -413,20 +411,14 @@ func TestPowerCutReplica(t *testing.T) {
 	seed := uint64(time.Now().UnixNano())
 	t.Logf("seed %d", seed)
 	e := &replEnv{t: t, dir: base, PStore: filepath.Join(base, "pstore"), Mnt: filepath.Join(base, "mnt"),
-		RStore: filepath.Join(lz.Mnt, "rstore"), Group: "pcr", Names: []string{"a.img"},
-		Sizes: map[string]int64{"a.img": 32 * mib}, rng: rand.New(rand.NewPCG(seed, 2))}
-	if err := os.MkdirAll(filepath.Join(e.PStore, "images"), 0o700); err != nil {
-		t.Fatal(err)
-	}
-	prefill(t, filepath.Join(e.PStore, "images", "a.img"), e.Sizes["a.img"], e.rng)
+		RStore: filepath.Join(lz.Mnt, "rstore"), Group: "pcr", Sizes: map[string]int64{}, rng: rand.New(rand.NewPCG(seed, 2))}
+	e.prefillImages(imgSpec{"a.img", 32 * mib})
 	e.Rep = startReplica(t, e.RStore)
 	e.Pri = startDaemon(t, e.PStore, e.Mnt)
-	e.pair("pcr/*", e.Rep.Addr)
 	// 32 Mbit/s: an upload of a few MiB takes a second or two, so cuts hit
 	// uploads as well as applies. Writes stay in the first 8 MiB: a cycle
 	// carries at most that.
-	e.enable(e.Rep.Addr, "--interval", "1s", "--bandwidth", "32Mbit")
-	e.now()
+	e.start("--interval", "1s", "--bandwidth", "32Mbit")
 	lz.sync()
 
 	n := powerCutCount()
