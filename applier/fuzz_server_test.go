@@ -65,13 +65,7 @@ func FuzzServer(f *testing.F) {
 	h := srv.Handler()
 	id := "11420707-0707-4007-8007-070707070711"
 
-	js := func(v any) []byte {
-		b, err := json.Marshal(v)
-		if err != nil {
-			f.Fatal(err)
-		}
-		return b
-	}
+	js := func(v any) []byte { return mustJSON(f, v) }
 	hashes, err := os.ReadFile(filepath.Join(src, fuzzImageDir, "hashes.bin"))
 	if err != nil {
 		f.Fatal(err)
