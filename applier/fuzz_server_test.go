@@ -8,7 +8,6 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"fmt"
-	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -20,7 +19,6 @@ import (
 
 	"github.com/RoaringBitmap/roaring/v2"
 
-	"github.com/standin/standin/internal/pki"
 	"github.com/standin/standin/internal/wire"
 )
 
@@ -39,14 +37,7 @@ func FuzzServer(f *testing.F) {
 		f.Fatal(err)
 	}
 	f.Cleanup(func() { rep.Close() })
-	auth, err := pki.OpenAuthority(f.TempDir(), []string{"127.0.0.1"})
-	if err != nil {
-		f.Fatal(err)
-	}
-	srv, err := NewServer(rep, auth, f.TempDir(), slog.New(slog.DiscardHandler))
-	if err != nil {
-		f.Fatal(err)
-	}
+	srv, auth := newTestServer(f, rep, f.TempDir())
 	tok, err := auth.NewToken("127.0.0.1:1", "*", 0)
 	if err != nil {
 		f.Fatal(err)

@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
-	"log/slog"
 	"math/rand/v2"
 	"net"
 	"net/http"
@@ -45,14 +44,7 @@ func newSrvEnv(t *testing.T, serve func(s *Server, ln net.Listener) *http.Server
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { rep.Close() })
-	auth, err := pki.OpenAuthority(t.TempDir(), []string{"127.0.0.1"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv, err := NewServer(rep, auth, dir+"/inbox", slog.New(slog.DiscardHandler))
-	if err != nil {
-		t.Fatal(err)
-	}
+	srv, auth := newTestServer(t, rep, dir+"/inbox")
 	ln := listenLoopback(t)
 	if serve != nil {
 		hs := serve(srv, ln)

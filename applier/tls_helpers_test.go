@@ -40,17 +40,25 @@ func listenLoopback(t testing.TB) net.Listener {
 // the server, the authority and the listening address.
 func tlsServer(t testing.TB, rep *Replica, inbox string) (*Server, *pki.Authority, string) {
 	t.Helper()
+	srv, auth := newTestServer(t, rep, inbox)
+	ln := listenLoopback(t)
+	serveTLSOn(t, srv, auth, ln)
+	return srv, auth, ln.Addr().String()
+}
+
+// newTestServer opens a fresh authority for 127.0.0.1 and a Server for rep
+// with its inbox at inbox (not serving yet).
+func newTestServer(t testing.TB, rep *Replica, inbox string) (*Server, *pki.Authority) {
+	t.Helper()
 	auth, err := pki.OpenAuthority(t.TempDir(), []string{"127.0.0.1"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln := listenLoopback(t)
 	srv, err := NewServer(rep, auth, inbox, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
-	serveTLSOn(t, srv, auth, ln)
-	return srv, auth, ln.Addr().String()
+	return srv, auth
 }
 
 // tokenCSR parses the pairing token tok and makes a key and CSR for a
