@@ -336,13 +336,9 @@ func TestPowerCutPrimary(t *testing.T) {
 	lz := startLazy(t, filepath.Join(base, "pdisk"), filepath.Join(base, "plazy"))
 	seed := uint64(time.Now().UnixNano())
 	t.Logf("seed %d", seed)
-	e := &replEnv{t: t, dir: base, PStore: filepath.Join(lz.Mnt, "pstore"), Mnt: filepath.Join(base, "mnt"),
-		RStore: filepath.Join(base, "rstore"), Group: "pcp", Names: []string{"a.img"},
-		Sizes: map[string]int64{"a.img": 256 * mib}, rng: rand.New(rand.NewPCG(seed, 1))}
-	if err := os.MkdirAll(filepath.Join(e.PStore, "images"), 0o700); err != nil {
-		t.Fatal(err)
-	}
-	prefillSparse(t, filepath.Join(e.PStore, "images", "a.img"), e.Sizes["a.img"], e.rng)
+	e := bareReplEnv(t, base, filepath.Join(lz.Mnt, "pstore"), filepath.Join(base, "mnt"), filepath.Join(base, "rstore"), "pcp",
+		rand.New(rand.NewPCG(seed, 1)))
+	e.prefillImagesWith(prefillSparse, imgSpec{"a.img", 256 * mib})
 	// Write-intent extents retire after 0.5-1 s idle, so a power cut a few
 	// seconds after a burst finds extents that were written, shipped and
 	// retired.
@@ -410,8 +406,8 @@ func TestPowerCutReplica(t *testing.T) {
 	lz := startLazy(t, filepath.Join(base, "rdisk"), filepath.Join(base, "rlazy"))
 	seed := uint64(time.Now().UnixNano())
 	t.Logf("seed %d", seed)
-	e := &replEnv{t: t, dir: base, PStore: filepath.Join(base, "pstore"), Mnt: filepath.Join(base, "mnt"),
-		RStore: filepath.Join(lz.Mnt, "rstore"), Group: "pcr", Sizes: map[string]int64{}, rng: rand.New(rand.NewPCG(seed, 2))}
+	e := bareReplEnv(t, base, filepath.Join(base, "pstore"), filepath.Join(base, "mnt"), filepath.Join(lz.Mnt, "rstore"), "pcr",
+		rand.New(rand.NewPCG(seed, 2)))
 	e.prefillImages(imgSpec{"a.img", 32 * mib})
 	e.Rep = startReplica(t, e.RStore)
 	e.Pri = startDaemon(t, e.PStore, e.Mnt)

@@ -298,18 +298,31 @@ func newReplEnv(t *testing.T, group string, imgs ...imgSpec) *replEnv {
 	t.Helper()
 	requireRoot(t)
 	dir := testDir(t)
-	e := &replEnv{t: t, dir: dir, PStore: filepath.Join(dir, "pstore"), Mnt: filepath.Join(dir, "mnt"),
-		RStore: filepath.Join(dir, "rstore"), Group: group, Sizes: map[string]int64{},
-		rng: rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 7))}
+	e := bareReplEnv(t, dir, filepath.Join(dir, "pstore"), filepath.Join(dir, "mnt"), filepath.Join(dir, "rstore"), group,
+		rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 7)))
 	e.prefillImages(imgs...)
 	e.Rep = startReplica(t, e.RStore)
 	e.Pri = startDaemon(t, e.PStore, e.Mnt)
 	return e
 }
 
+// bareReplEnv returns the environment of a group's primary (store pstore,
+// mount mnt) and replica (store rstore), with no image, process or pairing
+// yet.
+func bareReplEnv(t *testing.T, dir, pstore, mnt, rstore, group string, rng *rand.Rand) *replEnv {
+	return &replEnv{t: t, dir: dir, PStore: pstore, Mnt: mnt, RStore: rstore, Group: group, Sizes: map[string]int64{}, rng: rng}
+}
+
 // prefillImages adds the images to the group and creates them, prefilled,
 // in the primary's store.
 func (e *replEnv) prefillImages(imgs ...imgSpec) {
+	e.t.Helper()
+	e.prefillImagesWith(prefill, imgs...)
+}
+
+// prefillImagesWith adds the images to the group and creates them in the
+// primary's store with fill.
+func (e *replEnv) prefillImagesWith(fill func(t testing.TB, path string, size int64, rng *rand.Rand), imgs ...imgSpec) {
 	e.t.Helper()
 	if err := os.MkdirAll(filepath.Join(e.PStore, "images"), 0o700); err != nil {
 		e.t.Fatal(err)
@@ -317,7 +330,7 @@ func (e *replEnv) prefillImages(imgs ...imgSpec) {
 	for _, im := range imgs {
 		e.Names = append(e.Names, im.Name)
 		e.Sizes[im.Name] = im.Size
-		prefill(e.t, filepath.Join(e.PStore, "images", im.Name), im.Size, e.rng)
+		fill(e.t, filepath.Join(e.PStore, "images", im.Name), im.Size, e.rng)
 	}
 }
 
@@ -325,7 +338,8 @@ func (e *replEnv) prefillImages(imgs ...imgSpec) {
 // images prefilled with rng) for group, on the same replica as e.
 func (e *replEnv) otherHost(dir, pstore, mnt, group string, rng *rand.Rand, imgs ...imgSpec) *replEnv {
 	e.t.Helper()
-	h := &replEnv{t: e.t, dir: dir, PStore: pstore, Mnt: mnt, RStore: e.RStore, Rep: e.Rep, Group: group, Sizes: map[string]int64{}, rng: rng}
+	h := bareReplEnv(e.t, dir, pstore, mnt, e.RStore, group, rng)
+	h.Rep = e.Rep
 	h.prefillImages(imgs...)
 	h.Pri = startDaemon(e.t, h.PStore, h.Mnt)
 	return h
