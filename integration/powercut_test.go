@@ -323,6 +323,19 @@ func (e *replEnv) verifyPoints() {
 	}
 }
 
+// powerCutSetup makes the test directory base with a lazyfs mount in it
+// (backing base/<prefix>disk, mounted at base/<prefix>lazy) and picks (and
+// logs) the seed of the run.
+func powerCutSetup(t *testing.T, prefix string) (string, *lazyProc, uint64) {
+	t.Helper()
+	requireRoot(t)
+	base := testDir(t)
+	lz := startLazy(t, filepath.Join(base, prefix+"disk"), filepath.Join(base, prefix+"lazy"))
+	seed := uint64(time.Now().UnixNano())
+	t.Logf("seed %d", seed)
+	return base, lz, seed
+}
+
 // TestPowerCutPrimary: the primary store is on lazyfs. A writer goes through
 // the standin mount (O_DIRECT and buffered, some fsyncs) while cycles are cut
 // and shipped every second; at a random moment the mount daemon is killed
@@ -331,11 +344,7 @@ func (e *replEnv) verifyPoints() {
 // what it recovered, the replica's latest point must equal the primary image
 // and every point must verify.
 func TestPowerCutPrimary(t *testing.T) {
-	requireRoot(t)
-	base := testDir(t)
-	lz := startLazy(t, filepath.Join(base, "pdisk"), filepath.Join(base, "plazy"))
-	seed := uint64(time.Now().UnixNano())
-	t.Logf("seed %d", seed)
+	base, lz, seed := powerCutSetup(t, "p")
 	e := bareReplEnv(t, base, filepath.Join(lz.Mnt, "pstore"), filepath.Join(base, "mnt"), filepath.Join(base, "rstore"), "pcp",
 		rand.New(rand.NewPCG(seed, 1)))
 	e.prefillImagesWith(prefillSparse, imgSpec{"a.img", 256 * mib})
@@ -401,11 +410,7 @@ func TestPowerCutPrimary(t *testing.T) {
 // everything not durable. After a restart every recovery point must verify
 // and the replica must converge to the primary.
 func TestPowerCutReplica(t *testing.T) {
-	requireRoot(t)
-	base := testDir(t)
-	lz := startLazy(t, filepath.Join(base, "rdisk"), filepath.Join(base, "rlazy"))
-	seed := uint64(time.Now().UnixNano())
-	t.Logf("seed %d", seed)
+	base, lz, seed := powerCutSetup(t, "r")
 	e := bareReplEnv(t, base, filepath.Join(base, "pstore"), filepath.Join(base, "mnt"), filepath.Join(lz.Mnt, "rstore"), "pcr",
 		rand.New(rand.NewPCG(seed, 2)))
 	e.prefillImages(imgSpec{"a.img", 32 * mib})
