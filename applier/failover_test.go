@@ -3,14 +3,9 @@ package applier
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
-	"log"
-	"log/slog"
 	"math/rand/v2"
-	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -25,7 +20,6 @@ import (
 
 	"github.com/standin/standin/internal/format"
 	"github.com/standin/standin/internal/fsutil"
-	"github.com/standin/standin/internal/pki"
 	"github.com/standin/standin/internal/wire"
 )
 
@@ -707,57 +701,12 @@ func TestFailedOverServerRefuses(t *testing.T) {
 	if _, err := s.rep.Promote(context.Background(), s.group, "", "planned", "", t.TempDir()); err != nil {
 		t.Fatal(err)
 	}
-	auth, err := pki.OpenAuthority(t.TempDir(), []string{"127.0.0.1"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv, err := NewServer(s.rep, auth, t.TempDir(), slog.New(slog.DiscardHandler))
-	if err != nil {
-		t.Fatal(err)
-	}
-	hs := &http.Server{Handler: srv.Handler(), TLSConfig: auth.ServerTLS(), ErrorLog: log.New(io.Discard, "", 0)}
-	go hs.ServeTLS(ln, "", "")
-	t.Cleanup(func() { hs.Close() })
-	tok, err := auth.NewToken(ln.Addr().String(), "*", 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pt, err := pki.ParseToken(tok)
-	if err != nil {
-		t.Fatal(err)
-	}
-	key, csr, err := pki.NewCSR("prim")
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, ca, _, err := auth.Join(pt.Secret, csr, "prim")
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg, err := pki.ClientTLS(ca, cert, key, "127.0.0.1")
-	if err != nil {
-		t.Fatal(err)
-	}
-	hc := &http.Client{Timeout: 20 * time.Second, Transport: &http.Transport{TLSClientConfig: cfg}}
-	base := "https://" + ln.Addr().String() + wire.Prefix
+	srv, auth, addr := tlsServer(t, s.rep, t.TempDir())
+	c := pairTLS(t, auth, addr, "*", "prim")
 	id := a.idString()
 	do := func(method, path, body string) (int, wire.Error) {
 		t.Helper()
-		req, _ := http.NewRequest(method, base+path, strings.NewReader(body))
-		resp, err := hc.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer resp.Body.Close()
-		var we wire.Error
-		if resp.StatusCode != http.StatusOK {
-			json.NewDecoder(resp.Body).Decode(&we)
-		}
-		return resp.StatusCode, we
+		return c.do(method, path, []byte(body))
 	}
 	reqs := func(group string) [][3]string {
 		up := fmt.Sprintf("/groups/%s/uploads/%s/%d/%d", group, id, a.gen, a.seq+1)

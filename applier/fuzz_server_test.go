@@ -8,7 +8,6 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"fmt"
-	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -20,7 +19,6 @@ import (
 
 	"github.com/RoaringBitmap/roaring/v2"
 
-	"github.com/standin/standin/internal/pki"
 	"github.com/standin/standin/internal/wire"
 )
 
@@ -39,26 +37,12 @@ func FuzzServer(f *testing.F) {
 		f.Fatal(err)
 	}
 	f.Cleanup(func() { rep.Close() })
-	auth, err := pki.OpenAuthority(f.TempDir(), []string{"127.0.0.1"})
-	if err != nil {
-		f.Fatal(err)
-	}
-	srv, err := NewServer(rep, auth, f.TempDir(), slog.New(slog.DiscardHandler))
-	if err != nil {
-		f.Fatal(err)
-	}
+	srv, auth := newTestServer(f, rep, f.TempDir())
 	tok, err := auth.NewToken("127.0.0.1:1", "*", 0)
 	if err != nil {
 		f.Fatal(err)
 	}
-	pt, err := pki.ParseToken(tok)
-	if err != nil {
-		f.Fatal(err)
-	}
-	_, csr, err := pki.NewCSR("prim")
-	if err != nil {
-		f.Fatal(err)
-	}
+	pt, _, csr := tokenCSR(f, tok, "prim")
 	certPEM, _, _, err := auth.Join(pt.Secret, csr, "prim")
 	if err != nil {
 		f.Fatal(err)
@@ -72,13 +56,7 @@ func FuzzServer(f *testing.F) {
 	h := srv.Handler()
 	id := "11420707-0707-4007-8007-070707070711"
 
-	js := func(v any) []byte {
-		b, err := json.Marshal(v)
-		if err != nil {
-			f.Fatal(err)
-		}
-		return b
-	}
+	js := func(v any) []byte { return mustJSON(f, v) }
 	hashes, err := os.ReadFile(filepath.Join(src, fuzzImageDir, "hashes.bin"))
 	if err != nil {
 		f.Fatal(err)

@@ -353,6 +353,16 @@ func copyTree(tb testing.TB, src, dst string) {
 	}
 }
 
+// mustJSON marshals v, failing the test on an error.
+func mustJSON(t testing.TB, v any) []byte {
+	t.Helper()
+	b, err := json.Marshal(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
 // FuzzReplicaState replaces one state file of a real group (chosen by
 // which) with the input, opens the store and uses the group: recovery and
 // every reader must refuse damage with an error, never panic or hang.
@@ -361,13 +371,7 @@ func FuzzReplicaState(f *testing.F) {
 	now := time.Date(2025, 6, 1, 13, 0, 0, 0, time.UTC)
 	t0 := now.Add(-time.Hour)
 	id := "11420707-0707-4007-8007-070707070711"
-	js := func(v any) []byte {
-		b, err := json.Marshal(v)
-		if err != nil {
-			f.Fatal(err)
-		}
-		return b
-	}
+	js := func(v any) []byte { return mustJSON(f, v) }
 	made := map[string][]byte{
 		"groups/vm1/pins.json":         js(pinsFile{Pins: []PinRecord{{Owner: "fwd", Point: 2, Time: t0}}}),
 		"groups/vm1/failover.json":     js(FailoverState{Kind: "planned", Time: t0, Point: "3", Images: []FailoverImage{{ID: id, Name: "disk0.img"}}}),

@@ -8,10 +8,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
-	"log"
-	"log/slog"
 	"math/rand/v2"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -82,14 +79,7 @@ func authzServer(t *testing.T, rep *Replica, names, patterns []string) (*Server,
 // pairVia pairs through the pairing endpoint, as standin pair join does.
 func pairVia(t *testing.T, addr, tok, name string) (wire.PairReply, []byte, tReply) {
 	t.Helper()
-	pt, err := pki.ParseToken(tok)
-	if err != nil {
-		t.Fatal(err)
-	}
-	key, csr, err := pki.NewCSR(name)
-	if err != nil {
-		t.Fatal(err)
-	}
+	pt, key, csr := tokenCSR(t, tok, name)
 	hc := &http.Client{Timeout: 20 * time.Second, Transport: &http.Transport{TLSClientConfig: pki.PinnedClientTLS(pt.CAFingerprint, "127.0.0.1")}}
 	b, _ := json.Marshal(wire.PairRequest{Secret: pt.Secret, CSR: csr, Name: name})
 	resp, err := hc.Post("https://"+addr+wire.Prefix+"/pair", "application/json", bytes.NewReader(b))
@@ -112,37 +102,19 @@ func pairVia(t *testing.T, addr, tok, name string) (wire.PairReply, []byte, tRep
 
 func authzServerIn(t *testing.T, rep *Replica, inbox string, names, patterns []string) (*Server, []*tenant) {
 	t.Helper()
-	auth, err := pki.OpenAuthority(t.TempDir(), []string{"127.0.0.1"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv, err := NewServer(rep, auth, inbox, slog.New(slog.DiscardHandler))
-	if err != nil {
-		t.Fatal(err)
-	}
-	hs := &http.Server{Handler: srv.Handler(), TLSConfig: auth.ServerTLS(), ErrorLog: log.New(io.Discard, "", 0)}
-	go hs.ServeTLS(ln, "", "")
-	t.Cleanup(func() { hs.Close() })
+	srv, auth, addr := tlsServer(t, rep, inbox)
 	var out []*tenant
 	for i, pat := range patterns {
-		tok, err := auth.NewToken(ln.Addr().String(), pat, 0)
+		tok, err := auth.NewToken(addr, pat, 0)
 		if err != nil {
 			t.Fatal(err)
 		}
-		pr, key, r := pairVia(t, ln.Addr().String(), tok, names[i])
+		pr, key, r := pairVia(t, addr, tok, names[i])
 		if r.status != http.StatusOK {
 			t.Fatalf("pairing %s: %d %+v", names[i], r.status, r.we)
 		}
-		cfg, err := pki.ClientTLS(pr.CA, pr.Cert, key, "127.0.0.1")
-		if err != nil {
-			t.Fatal(err)
-		}
-		out = append(out, &tenant{t: t, name: names[i], auth: auth, addr: ln.Addr().String(), base: "https://" + ln.Addr().String() + wire.Prefix,
-			hc: &http.Client{Timeout: 20 * time.Second, Transport: &http.Transport{TLSClientConfig: cfg}}})
+		out = append(out, &tenant{t: t, name: names[i], auth: auth, addr: addr, base: "https://" + addr + wire.Prefix,
+			hc: mtlsClient(t, key, pr.Cert, pr.CA)})
 	}
 	return srv, out
 }

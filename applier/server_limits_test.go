@@ -8,8 +8,6 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
-	"log"
-	"log/slog"
 	"math/rand/v2"
 	"net"
 	"net/http"
@@ -46,53 +44,22 @@ func newSrvEnv(t *testing.T, serve func(s *Server, ln net.Listener) *http.Server
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { rep.Close() })
-	auth, err := pki.OpenAuthority(t.TempDir(), []string{"127.0.0.1"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv, err := NewServer(rep, auth, dir+"/inbox", slog.New(slog.DiscardHandler))
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var hs *http.Server
+	srv, auth := newTestServer(t, rep, dir+"/inbox")
+	ln := listenLoopback(t)
 	if serve != nil {
-		hs = serve(srv, ln)
+		hs := serve(srv, ln)
+		t.Cleanup(func() { hs.Close() })
 	} else {
-		hs = &http.Server{Handler: srv.Handler(), TLSConfig: auth.ServerTLS(), ErrorLog: log.New(io.Discard, "", 0)}
-		go hs.ServeTLS(ln, "", "")
+		serveTLSOn(t, srv, auth, ln)
 	}
-	t.Cleanup(func() { hs.Close() })
 	return &srvEnv{t: t, rep: rep, auth: auth, srv: srv, addr: ln.Addr().String(), cyc: t.TempDir(), rng: rand.New(rand.NewPCG(1, 2))}
 }
 
 // pair pairs a primary named name and returns its client and ID.
 func (e *srvEnv) pair(name string) (*http.Client, string) {
 	e.t.Helper()
-	tok, err := e.auth.NewToken(e.addr, "*", 0)
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	pt, err := pki.ParseToken(tok)
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	key, csr, err := pki.NewCSR(name)
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	cert, ca, p, err := e.auth.Join(pt.Secret, csr, name)
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	cfg, err := pki.ClientTLS(ca, cert, key, "127.0.0.1")
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	return &http.Client{Timeout: 20 * time.Second, Transport: &http.Transport{TLSClientConfig: cfg}}, p.ID
+	c := pairTLS(e.t, e.auth, e.addr, "*", name)
+	return c.hc, c.id
 }
 
 func (e *srvEnv) do(hc *http.Client, method, path string, body io.Reader, n int64) (*http.Response, wire.Error) {

@@ -1,23 +1,14 @@
 package applier
 
 import (
-	"bytes"
-	"encoding/json"
 	"fmt"
-	"io"
-	"log"
-	"log/slog"
 	"math/rand/v2"
-	"net"
 	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/standin/standin/internal/pki"
-	"github.com/standin/standin/internal/wire"
 )
 
 // TestServerRefusesHugeImage: over real mutual TLS, a commit of an uploaded
@@ -36,58 +27,9 @@ func TestServerRefusesHugeImage(t *testing.T) {
 	}
 	s.record(res.Point, a0)
 
-	auth, err := pki.OpenAuthority(t.TempDir(), []string{"127.0.0.1"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
 	inbox := t.TempDir()
-	srv, err := NewServer(s.rep, auth, inbox, slog.New(slog.DiscardHandler))
-	if err != nil {
-		t.Fatal(err)
-	}
-	hs := &http.Server{Handler: srv.Handler(), TLSConfig: auth.ServerTLS(), ErrorLog: log.New(io.Discard, "", 0)}
-	go hs.ServeTLS(ln, "", "")
-	t.Cleanup(func() { hs.Close() })
-	tok, err := auth.NewToken(ln.Addr().String(), s.group+"/*", 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pt, err := pki.ParseToken(tok)
-	if err != nil {
-		t.Fatal(err)
-	}
-	key, csr, err := pki.NewCSR("prim")
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, ca, _, err := auth.Join(pt.Secret, csr, "prim")
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg, err := pki.ClientTLS(ca, cert, key, "127.0.0.1")
-	if err != nil {
-		t.Fatal(err)
-	}
-	hc := &http.Client{Timeout: 20 * time.Second, Transport: &http.Transport{TLSClientConfig: cfg}}
-	base := "https://" + ln.Addr().String() + wire.Prefix
-	do := func(method, path string, body []byte) (int, wire.Error) {
-		t.Helper()
-		req, _ := http.NewRequest(method, base+path, bytes.NewReader(body))
-		resp, err := hc.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer resp.Body.Close()
-		var we wire.Error
-		if resp.StatusCode != http.StatusOK {
-			json.NewDecoder(resp.Body).Decode(&we)
-		}
-		return resp.StatusCode, we
-	}
+	srv, auth, addr := tlsServer(t, s.rep, inbox)
+	do := pairTLS(t, auth, addr, s.group+"/*", "prim").do
 	up := fmt.Sprintf("/groups/%s/uploads/%s/%d/%d", s.group, a0.idString(), a0.gen, a0.seq+1)
 	commit := []byte(fmt.Sprintf(`{"cycles":[{"id":%q,"generation":%d,"seq":%d}]}`, a0.idString(), a0.gen, a0.seq+1))
 	upload := func(p string) {

@@ -101,14 +101,7 @@ func startLazy(t testing.TB, backing, mnt string) *lazyProc {
 	return l
 }
 
-func (l *lazyProc) running() bool {
-	select {
-	case <-l.done:
-		return false
-	default:
-		return true
-	}
-}
+func (l *lazyProc) running() bool { return !exited(l.done) }
 
 func (l *lazyProc) start() {
 	l.t.Helper()
@@ -119,13 +112,7 @@ func (l *lazyProc) start() {
 	}
 	l.done = make(chan struct{})
 	l.cmd = exec.Command(lazyfsBinary(l.t), l.Backing, l.Mnt)
-	l.cmd.Stdout, l.cmd.Stderr = &l.out, &l.out
-	l.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := l.cmd.Start(); err != nil {
-		l.t.Fatalf("start lazyfs: %v", err)
-	}
-	done, cmd := l.done, l.cmd
-	go func() { cmd.Wait(); close(done) }()
+	startChild(l.t, "lazyfs", l.cmd, &l.out, l.done)
 	if !waitFor(readyTimeout, 20*time.Millisecond, func() bool { return !l.running() || isMounted(l.Mnt) }) || !l.running() {
 		l.t.Fatalf("lazyfs not mounted at %s:\n%s", l.Mnt, l.out.String())
 	}
@@ -267,24 +254,16 @@ func checkAcked(t testing.TB, img string, log *ackLog) (checked int) {
 // data at the start of every 4 MiB extent, durable.
 func prefillSparse(t testing.TB, path string, size int64, rng *rand.Rand) {
 	t.Helper()
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR|os.O_TRUNC, 0o600)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	if err := f.Truncate(size); err != nil {
-		t.Fatal(err)
-	}
 	buf := make([]byte, 64<<10)
-	for off := int64(0); off < size; off += extentSize {
-		fillRandom(rng, buf)
-		if _, err := f.WriteAt(buf, off); err != nil {
-			t.Fatal(err)
+	createImage(t, path, size, func(f *os.File) error {
+		for off := int64(0); off < size; off += extentSize {
+			fillRandom(rng, buf)
+			if _, err := f.WriteAt(buf, off); err != nil {
+				return err
+			}
 		}
-	}
-	if err := f.Sync(); err != nil {
-		t.Fatal(err)
-	}
+		return nil
+	})
 }
 
 // checkConverged ships what the primary holds and compares the replica's
@@ -344,6 +323,19 @@ func (e *replEnv) verifyPoints() {
 	}
 }
 
+// powerCutSetup makes the test directory base with a lazyfs mount in it
+// (backing base/<prefix>disk, mounted at base/<prefix>lazy) and picks (and
+// logs) the seed of the run.
+func powerCutSetup(t *testing.T, prefix string) (string, *lazyProc, uint64) {
+	t.Helper()
+	requireRoot(t)
+	base := testDir(t)
+	lz := startLazy(t, filepath.Join(base, prefix+"disk"), filepath.Join(base, prefix+"lazy"))
+	seed := uint64(time.Now().UnixNano())
+	t.Logf("seed %d", seed)
+	return base, lz, seed
+}
+
 // TestPowerCutPrimary: the primary store is on lazyfs. A writer goes through
 // the standin mount (O_DIRECT and buffered, some fsyncs) while cycles are cut
 // and shipped every second; at a random moment the mount daemon is killed
@@ -352,27 +344,17 @@ func (e *replEnv) verifyPoints() {
 // what it recovered, the replica's latest point must equal the primary image
 // and every point must verify.
 func TestPowerCutPrimary(t *testing.T) {
-	requireRoot(t)
-	base := testDir(t)
-	lz := startLazy(t, filepath.Join(base, "pdisk"), filepath.Join(base, "plazy"))
-	seed := uint64(time.Now().UnixNano())
-	t.Logf("seed %d", seed)
-	e := &replEnv{t: t, dir: base, PStore: filepath.Join(lz.Mnt, "pstore"), Mnt: filepath.Join(base, "mnt"),
-		RStore: filepath.Join(base, "rstore"), Group: "pcp", Names: []string{"a.img"},
-		Sizes: map[string]int64{"a.img": 256 * mib}, rng: rand.New(rand.NewPCG(seed, 1))}
-	if err := os.MkdirAll(filepath.Join(e.PStore, "images"), 0o700); err != nil {
-		t.Fatal(err)
-	}
-	prefillSparse(t, filepath.Join(e.PStore, "images", "a.img"), e.Sizes["a.img"], e.rng)
+	base, lz, seed := powerCutSetup(t, "p")
+	e := bareReplEnv(t, base, filepath.Join(lz.Mnt, "pstore"), filepath.Join(base, "mnt"), filepath.Join(base, "rstore"), "pcp",
+		rand.New(rand.NewPCG(seed, 1)))
+	e.prefillImagesWith(prefillSparse, imgSpec{"a.img", 256 * mib})
 	// Write-intent extents retire after 0.5-1 s idle, so a power cut a few
 	// seconds after a burst finds extents that were written, shipped and
 	// retired.
 	env := []string{"STANDIN_TEST_CHECKPOINT_INTERVAL=500ms"}
 	e.Rep = startReplica(t, e.RStore)
 	e.Pri = startDaemon(t, e.PStore, e.Mnt, env...)
-	e.pair("pcp/*", e.Rep.Addr)
-	e.enable(e.Rep.Addr, "--interval", "1s")
-	e.now()
+	e.start("--interval", "1s")
 	lz.sync() // the set-up is durable; from here on only fsync makes anything durable
 
 	n := powerCutCount()
@@ -428,26 +410,16 @@ func TestPowerCutPrimary(t *testing.T) {
 // everything not durable. After a restart every recovery point must verify
 // and the replica must converge to the primary.
 func TestPowerCutReplica(t *testing.T) {
-	requireRoot(t)
-	base := testDir(t)
-	lz := startLazy(t, filepath.Join(base, "rdisk"), filepath.Join(base, "rlazy"))
-	seed := uint64(time.Now().UnixNano())
-	t.Logf("seed %d", seed)
-	e := &replEnv{t: t, dir: base, PStore: filepath.Join(base, "pstore"), Mnt: filepath.Join(base, "mnt"),
-		RStore: filepath.Join(lz.Mnt, "rstore"), Group: "pcr", Names: []string{"a.img"},
-		Sizes: map[string]int64{"a.img": 32 * mib}, rng: rand.New(rand.NewPCG(seed, 2))}
-	if err := os.MkdirAll(filepath.Join(e.PStore, "images"), 0o700); err != nil {
-		t.Fatal(err)
-	}
-	prefill(t, filepath.Join(e.PStore, "images", "a.img"), e.Sizes["a.img"], e.rng)
+	base, lz, seed := powerCutSetup(t, "r")
+	e := bareReplEnv(t, base, filepath.Join(base, "pstore"), filepath.Join(base, "mnt"), filepath.Join(lz.Mnt, "rstore"), "pcr",
+		rand.New(rand.NewPCG(seed, 2)))
+	e.prefillImages(imgSpec{"a.img", 32 * mib})
 	e.Rep = startReplica(t, e.RStore)
 	e.Pri = startDaemon(t, e.PStore, e.Mnt)
-	e.pair("pcr/*", e.Rep.Addr)
 	// 32 Mbit/s: an upload of a few MiB takes a second or two, so cuts hit
 	// uploads as well as applies. Writes stay in the first 8 MiB: a cycle
 	// carries at most that.
-	e.enable(e.Rep.Addr, "--interval", "1s", "--bandwidth", "32Mbit")
-	e.now()
+	e.start("--interval", "1s", "--bandwidth", "32Mbit")
 	lz.sync()
 
 	n := powerCutCount()

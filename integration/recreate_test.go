@@ -14,9 +14,7 @@ import (
 // verifies.
 func TestReplRecreatedDisk(t *testing.T) {
 	e := newReplEnv(t, "vm1", imgSpec{"a.img", 16 * mib}, imgSpec{"b.img", 8 * mib})
-	e.pair("vm1/*", e.Rep.Addr)
-	e.enable(e.Rep.Addr, "--interval", "1h", "--any-point-window", "24h")
-	e.now()
+	e.start("--interval", "1h", "--any-point-window", "24h")
 	e.writeRandom("b.img", 50, 8, 0, 8*mib)
 	old := e.frozen()
 	e.now()

@@ -343,9 +343,7 @@ func TestReplResyncLostState(t *testing.T) {
 
 func TestReplResyncWindow(t *testing.T) {
 	e := newReplEnv(t, "vm1", imgSpec{"a.img", 48 * mib})
-	e.pair("vm1/*", e.Rep.Addr)
-	e.enable(e.Rep.Addr, "--interval", "30s")
-	e.now()
+	e.start("--interval", "30s")
 	// A divergence tracking cannot see: written to the backing file directly.
 	changeBacking(e, "a.img", 20*mib, 1*mib)
 	clock := func(d time.Duration) string { return time.Now().Add(d).Format("15:04") }

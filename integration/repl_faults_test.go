@@ -22,9 +22,7 @@ import (
 // durable offset.
 func TestReplKillReplicaMidUpload(t *testing.T) {
 	e := newReplEnv(t, "vm2", imgSpec{"a.img", 64 * mib})
-	e.pair("vm2/*", e.Rep.Addr)
-	e.enable(e.Rep.Addr, "--interval", "5m")
-	e.now()
+	e.start("--interval", "5m")
 	e.enable(e.Rep.Addr, "--interval", "5m", "--bandwidth", "32Mbit") // 4 MB/s: ~6 s for 24 MiB
 	time.Sleep(300 * time.Millisecond)                                // the re-enabled loop's first round (nothing pending) passes
 
@@ -138,9 +136,7 @@ func TestReplTCPCut(t *testing.T) {
 // itself and ships only the extents that may differ.
 func TestReplKillPrimary(t *testing.T) {
 	e := newReplEnv(t, "vm4", imgSpec{"a.img", 64 * mib}, imgSpec{"b.img", 32 * mib})
-	e.pair("vm4/*", e.Rep.Addr)
-	e.enable(e.Rep.Addr, "--interval", "2s")
-	e.now()
+	e.start("--interval", "2s")
 	// Writes stay inside a.img [0, 8 MiB) and b.img [0, 4 MiB): at most three
 	// 4 MiB extents can be dirty or active.
 	for i := 0; i < 2; i++ {
@@ -212,9 +208,7 @@ func TestReplKillPrimary(t *testing.T) {
 // taken while one is unshipped, and one catch-up cut ships when it is back.
 func TestReplReplicaDown(t *testing.T) {
 	e := newReplEnv(t, "vm5", imgSpec{"a.img", 32 * mib})
-	e.pair("vm5/*", e.Rep.Addr)
-	e.enable(e.Rep.Addr, "--interval", "1s")
-	e.now()
+	e.start("--interval", "1s")
 	if st := e.status(); st.Health != "Normal" {
 		t.Errorf("before the outage: health %s %v", st.Health, st.Reasons)
 	}
@@ -280,9 +274,7 @@ func TestReplReplicaDown(t *testing.T) {
 // next round completes with equal data.
 func TestReplKillApplier(t *testing.T) {
 	e := newReplEnv(t, "vm6", imgSpec{"a.img", 64 * mib}, imgSpec{"b.img", 16 * mib})
-	e.pair("vm6/*", e.Rep.Addr)
-	e.enable(e.Rep.Addr, "--interval", "5m", "--any-point-window", "1h") // keep every point
-	e.now()
+	e.start("--interval", "5m", "--any-point-window", "1h") // keep every point
 	e.writeRandom("a.img", 50, 8, 0, 64*mib)
 	e.now()
 	journal := filepath.Join(e.RStore, "groups", e.Group, "apply.json")
@@ -293,20 +285,7 @@ func TestReplKillApplier(t *testing.T) {
 		e.writeSeq("a.img", 0, 48*mib)
 		e.writeSeq("b.img", 0, 8*mib)
 		want = e.frozen()
-		c0 := e.status().Cycles
-		mustStandin(t, "replicate", "now", "--store", e.PStore, "--group", e.Group)
-		deadline := time.Now().Add(60 * time.Second)
-		for i := 0; time.Now().Before(deadline); i++ {
-			if _, err := os.Stat(journal); err == nil {
-				e.Rep.Kill()
-				killed = true
-				break
-			}
-			if i%500 == 499 && e.status().Cycles > c0 {
-				break
-			}
-			time.Sleep(time.Millisecond)
-		}
+		killed = e.replicateKillMidApply()
 		if !killed {
 			t.Logf("attempt %d: apply finished before apply.json was seen; again", attempt)
 		}

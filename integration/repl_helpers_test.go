@@ -76,15 +76,8 @@ func (r *replicaProc) start() {
 	r.done = make(chan struct{})
 	r.cmd = exec.Command(standinBin, append([]string{"serve", "--store", r.Store, "--listen", r.Addr}, r.Args...)...)
 	r.cmd.Env = append(os.Environ(), r.Env...)
-	w := io.MultiWriter(r.out, &r.logAll)
-	r.cmd.Stdout, r.cmd.Stderr = w, w
-	r.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := r.cmd.Start(); err != nil {
-		r.t.Fatalf("start replica: %v", err)
-	}
+	startChild(r.t, "replica", r.cmd, io.MultiWriter(r.out, &r.logAll), r.done)
 	done := r.done
-	cmd := r.cmd
-	go func() { cmd.Wait(); close(done) }()
 	deadline := time.Now().Add(readyTimeout)
 	for {
 		select {
@@ -107,12 +100,27 @@ func (r *replicaProc) start() {
 	}
 }
 
-func (r *replicaProc) running() bool {
+func (r *replicaProc) running() bool { return !exited(r.done) }
+
+// startChild starts the child process cmd with its output to out, to be
+// killed with the test binary (Pdeathsig), and closes done once it exited.
+func startChild(t testing.TB, what string, cmd *exec.Cmd, out io.Writer, done chan struct{}) {
+	t.Helper()
+	cmd.Stdout, cmd.Stderr = out, out
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start %s: %v", what, err)
+	}
+	go func() { cmd.Wait(); close(done) }()
+}
+
+// exited reports whether done (closed when a child process exited) is closed.
+func exited(done <-chan struct{}) bool {
 	select {
-	case <-r.done:
-		return false
-	default:
+	case <-done:
 		return true
+	default:
+		return false
 	}
 }
 
@@ -290,25 +298,75 @@ func newReplEnv(t *testing.T, group string, imgs ...imgSpec) *replEnv {
 	t.Helper()
 	requireRoot(t)
 	dir := testDir(t)
-	e := &replEnv{t: t, dir: dir, PStore: filepath.Join(dir, "pstore"), Mnt: filepath.Join(dir, "mnt"),
-		RStore: filepath.Join(dir, "rstore"), Group: group, Sizes: map[string]int64{},
-		rng: rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 7))}
-	if err := os.MkdirAll(filepath.Join(e.PStore, "images"), 0o700); err != nil {
-		t.Fatal(err)
-	}
-	for _, im := range imgs {
-		e.Names = append(e.Names, im.Name)
-		e.Sizes[im.Name] = im.Size
-		prefill(t, filepath.Join(e.PStore, "images", im.Name), im.Size, e.rng)
-	}
+	e := bareReplEnv(t, dir, filepath.Join(dir, "pstore"), filepath.Join(dir, "mnt"), filepath.Join(dir, "rstore"), group,
+		rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 7)))
+	e.prefillImages(imgs...)
 	e.Rep = startReplica(t, e.RStore)
 	e.Pri = startDaemon(t, e.PStore, e.Mnt)
 	return e
 }
 
+// bareReplEnv returns the environment of a group's primary (store pstore,
+// mount mnt) and replica (store rstore), with no image, process or pairing
+// yet.
+func bareReplEnv(t *testing.T, dir, pstore, mnt, rstore, group string, rng *rand.Rand) *replEnv {
+	return &replEnv{t: t, dir: dir, PStore: pstore, Mnt: mnt, RStore: rstore, Group: group, Sizes: map[string]int64{}, rng: rng}
+}
+
+// prefillImages adds the images to the group and creates them, prefilled,
+// in the primary's store.
+func (e *replEnv) prefillImages(imgs ...imgSpec) {
+	e.t.Helper()
+	e.prefillImagesWith(prefill, imgs...)
+}
+
+// prefillImagesWith adds the images to the group and creates them in the
+// primary's store with fill.
+func (e *replEnv) prefillImagesWith(fill func(t testing.TB, path string, size int64, rng *rand.Rand), imgs ...imgSpec) {
+	e.t.Helper()
+	if err := os.MkdirAll(filepath.Join(e.PStore, "images"), 0o700); err != nil {
+		e.t.Fatal(err)
+	}
+	for _, im := range imgs {
+		e.Names = append(e.Names, im.Name)
+		e.Sizes[im.Name] = im.Size
+		fill(e.t, filepath.Join(e.PStore, "images", im.Name), im.Size, e.rng)
+	}
+}
+
+// otherHost starts a second primary host (its own store and mount, its
+// images prefilled with rng) for group, on the same replica as e.
+func (e *replEnv) otherHost(dir, pstore, mnt, group string, rng *rand.Rand, imgs ...imgSpec) *replEnv {
+	e.t.Helper()
+	h := bareReplEnv(e.t, dir, pstore, mnt, e.RStore, group, rng)
+	h.Rep = e.Rep
+	h.prefillImages(imgs...)
+	h.Pri = startDaemon(e.t, h.PStore, h.Mnt)
+	return h
+}
+
 // prefill writes random data over most of a new file of size bytes, leaving a
 // few holes so the image is sparse.
 func prefill(t testing.TB, path string, size int64, rng *rand.Rand) {
+	t.Helper()
+	buf := make([]byte, 1<<20)
+	createImage(t, path, size, func(f *os.File) error {
+		for off := int64(0); off < size; off += int64(len(buf)) {
+			if (off>>20)%4 == 3 {
+				continue // a hole every 4 MiB
+			}
+			fillRandom(rng, buf)
+			if _, err := f.WriteAt(buf[:min(int64(len(buf)), size-off)], off); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// createImage creates (or truncates) path as a sparse file of size bytes,
+// lets write fill it and makes it durable (fsync).
+func createImage(t testing.TB, path string, size int64, write func(f *os.File) error) {
 	t.Helper()
 	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR|os.O_TRUNC, 0o600)
 	if err != nil {
@@ -318,15 +376,8 @@ func prefill(t testing.TB, path string, size int64, rng *rand.Rand) {
 	if err := f.Truncate(size); err != nil {
 		t.Fatal(err)
 	}
-	buf := make([]byte, 1<<20)
-	for off := int64(0); off < size; off += int64(len(buf)) {
-		if (off>>20)%4 == 3 {
-			continue // a hole every 4 MiB
-		}
-		fillRandom(rng, buf)
-		if _, err := f.WriteAt(buf[:min(int64(len(buf)), size-off)], off); err != nil {
-			t.Fatal(err)
-		}
+	if err := write(f); err != nil {
+		t.Fatal(err)
 	}
 	if err := f.Sync(); err != nil {
 		t.Fatal(err)
@@ -358,6 +409,16 @@ func (e *replEnv) enable(replicaAddr string, extra ...string) {
 	e.t.Helper()
 	args := []string{"replicate", "enable", "--store", e.PStore, "--group", e.Group, "--images", strings.Join(e.Names, ","), "--replica", replicaAddr}
 	mustStandin(e.t, append(args, extra...)...)
+}
+
+// start pairs the primary with the replica for the group's images
+// ("GROUP/*"), enables replication of the group with extra flags and ships
+// a first cycle (now).
+func (e *replEnv) start(extra ...string) {
+	e.t.Helper()
+	e.pair(e.Group+"/*", e.Rep.Addr)
+	e.enable(e.Rep.Addr, extra...)
+	e.now()
 }
 
 func (e *replEnv) now() {
@@ -447,6 +508,29 @@ func (e *replEnv) writeSeq(name string, off, size int64) {
 }
 
 // stagedBytes sums the staged (unshipped) cycle files of the primary.
+// replicateKillMidApply starts a replication round of the group and kills
+// the replica daemon (SIGKILL) as soon as its apply journal (apply.json)
+// appears. It returns false when the round completed first (or 60 s passed)
+// without the replica being caught mid-apply.
+func (e *replEnv) replicateKillMidApply() bool {
+	e.t.Helper()
+	journal := filepath.Join(e.RStore, "groups", e.Group, "apply.json")
+	c0 := e.status().Cycles
+	mustStandin(e.t, "replicate", "now", "--store", e.PStore, "--group", e.Group)
+	deadline := time.Now().Add(60 * time.Second)
+	for i := 0; time.Now().Before(deadline); i++ {
+		if _, err := os.Stat(journal); err == nil {
+			e.Rep.Kill()
+			return true
+		}
+		if i%500 == 499 && e.status().Cycles > c0 {
+			return false
+		}
+		time.Sleep(time.Millisecond)
+	}
+	return false
+}
+
 func stagedFiles(pstore string) (n int, bytes int64) {
 	files, _ := filepath.Glob(filepath.Join(pstore, "cycles", "*", "*.cyc"))
 	for _, f := range files {

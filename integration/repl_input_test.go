@@ -18,9 +18,7 @@ import (
 
 func TestReplBadInput(t *testing.T) {
 	e := newReplEnv(t, "vm7", imgSpec{"a.img", 16 * mib})
-	e.pair("vm7/*", e.Rep.Addr)
-	e.enable(e.Rep.Addr, "--interval", "5m")
-	e.now()
+	e.start("--interval", "5m")
 	c := primaryClient(t, e.PStore)
 	base := "https://" + e.Rep.Addr
 
@@ -139,9 +137,7 @@ func TestReplBadInput(t *testing.T) {
 
 func TestReplRetention(t *testing.T) {
 	e := newReplEnv(t, "vm8", imgSpec{"a.img", 16 * mib})
-	e.pair("vm8/*", e.Rep.Addr)
-	e.enable(e.Rep.Addr, "--interval", "1s", "--points", "3", "--point-every", "1s")
-	e.now()
+	e.start("--interval", "1s", "--points", "3", "--point-every", "1s")
 	undoBytes := func() int64 {
 		var n int64
 		files, _ := filepath.Glob(filepath.Join(e.RStore, "groups", e.Group, "images", "*", "undo", "*.undo"))

@@ -26,9 +26,7 @@ func openFDs(pid int) int {
 func TestReplLimits(t *testing.T) {
 	requireTools(t, "prlimit")
 	e := newReplEnv(t, "vmL", imgSpec{"a.img", 8 * mib})
-	e.pair("vmL/*", e.Rep.Addr)
-	e.enable(e.Rep.Addr, "--interval", "5m")
-	e.now()
+	e.start("--interval", "5m")
 	pid := e.Rep.cmd.Process.Pid
 	// The replica runs with 256 file descriptors, like a small container.
 	mustRun(t, cmdTimeout, "prlimit", "--pid", strconv.Itoa(pid), "--nofile=256:256")
@@ -132,13 +130,7 @@ func TestReplQuota(t *testing.T) {
 	e.enable(e.Rep.Addr, "--interval", "5m")
 
 	// Tenant B: a second primary host (own store and mount), no quota.
-	b := &replEnv{t: t, dir: e.dir, PStore: filepath.Join(e.dir, "pstoreB"), Mnt: filepath.Join(e.dir, "mntB"), RStore: e.RStore,
-		Rep: e.Rep, Group: "vmB", Names: []string{"b.img"}, Sizes: map[string]int64{"b.img": 8 * mib}, rng: e.rng}
-	if err := os.MkdirAll(filepath.Join(b.PStore, "images"), 0o700); err != nil {
-		t.Fatal(err)
-	}
-	prefill(t, filepath.Join(b.PStore, "images", "b.img"), 8*mib, e.rng)
-	b.Pri = startDaemon(t, b.PStore, b.Mnt)
+	b := e.otherHost(e.dir, filepath.Join(e.dir, "pstoreB"), filepath.Join(e.dir, "mntB"), "vmB", e.rng, imgSpec{"b.img", 8 * mib})
 	b.pair("vmB/*", e.Rep.Addr)
 	b.enable(e.Rep.Addr, "--interval", "5m")
 

@@ -27,21 +27,13 @@ import (
 // exactly B's image (BLAKE3).
 func TestReplTenantIsolation(t *testing.T) {
 	e := newReplEnv(t, "vmB", imgSpec{"b.img", 8 * mib})
-	e.pair("vmB/*", e.Rep.Addr)
-	e.enable(e.Rep.Addr, "--interval", "5m")
-	e.now()
+	e.start("--interval", "5m")
 	e.checkPoint("latest", e.frozen(), "B's base")
 
 	// Tenant A: a second primary host (own store and mount) on the same replica.
 	dirA := filepath.Join(e.dir, "hostA")
-	a := &replEnv{t: t, dir: dirA, PStore: filepath.Join(dirA, "pstore"), Mnt: filepath.Join(dirA, "mnt"),
-		RStore: e.RStore, Rep: e.Rep, Group: "vmA", Names: []string{"a.img"}, Sizes: map[string]int64{"a.img": 4 * mib},
-		rng: rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 8))}
-	if err := os.MkdirAll(filepath.Join(a.PStore, "images"), 0o700); err != nil {
-		t.Fatal(err)
-	}
-	prefill(t, filepath.Join(a.PStore, "images", "a.img"), 4*mib, a.rng)
-	a.Pri = startDaemon(t, a.PStore, a.Mnt)
+	a := e.otherHost(dirA, filepath.Join(dirA, "pstore"), filepath.Join(dirA, "mnt"), "vmA",
+		rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 8)), imgSpec{"a.img", 4 * mib})
 	a.pair("*/a.img", e.Rep.Addr)
 	a.enable(e.Rep.Addr, "--interval", "5m")
 	a.now()

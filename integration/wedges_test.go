@@ -22,30 +22,14 @@ func TestReplInboxEmptyAfterKills(t *testing.T) {
 		kills = v
 	}
 	e := newReplEnv(t, "vm9", imgSpec{"a.img", 64 * mib}, imgSpec{"b.img", 16 * mib})
-	e.pair("vm9/*", e.Rep.Addr)
-	e.enable(e.Rep.Addr, "--interval", "5m", "--any-point-window", "1h")
-	e.now()
-	journal := filepath.Join(e.RStore, "groups", e.Group, "apply.json")
+	e.start("--interval", "5m", "--any-point-window", "1h")
 	caught := 0
 	for k := 0; k < kills; k++ {
 		killed := false
 		for attempt := 1; attempt <= 4 && !killed; attempt++ {
 			e.writeSeq("a.img", int64(k%2)*16*mib, 48*mib)
 			e.writeSeq("b.img", 0, 8*mib)
-			c0 := e.status().Cycles
-			mustStandin(t, "replicate", "now", "--store", e.PStore, "--group", e.Group)
-			deadline := time.Now().Add(60 * time.Second)
-			for i := 0; time.Now().Before(deadline); i++ {
-				if _, err := os.Stat(journal); err == nil {
-					e.Rep.Kill()
-					killed = true
-					break
-				}
-				if i%500 == 499 && e.status().Cycles > c0 {
-					break
-				}
-				time.Sleep(time.Millisecond)
-			}
+			killed = e.replicateKillMidApply()
 		}
 		if !killed {
 			t.Logf("round %d: never caught the replica mid-apply", k)
@@ -107,32 +91,14 @@ func replicaGroupHealth(t *testing.T, rstore, group string) (string, []string) {
 // latest is the cut before, and replication then catches up.
 func TestReplRepairDropPending(t *testing.T) {
 	e := newReplEnv(t, "vm10", imgSpec{"a.img", 64 * mib}, imgSpec{"b.img", 16 * mib})
-	e.pair("vm10/*", e.Rep.Addr)
-	e.enable(e.Rep.Addr, "--interval", "5m", "--any-point-window", "1h")
-	e.now()
-	journal := filepath.Join(e.RStore, "groups", e.Group, "apply.json")
+	e.start("--interval", "5m", "--any-point-window", "1h")
 	var prev map[string]string
 	wedged := false
 	for attempt := 1; attempt <= 4 && !wedged; attempt++ {
 		prev = e.frozen()
 		e.writeSeq("a.img", 0, 48*mib)
 		e.writeSeq("b.img", 0, 8*mib)
-		c0 := e.status().Cycles
-		mustStandin(t, "replicate", "now", "--store", e.PStore, "--group", e.Group)
-		killed := false
-		deadline := time.Now().Add(60 * time.Second)
-		for i := 0; time.Now().Before(deadline); i++ {
-			if _, err := os.Stat(journal); err == nil {
-				e.Rep.Kill()
-				killed = true
-				break
-			}
-			if i%500 == 499 && e.status().Cycles > c0 {
-				break
-			}
-			time.Sleep(time.Millisecond)
-		}
-		if !killed {
+		if !e.replicateKillMidApply() {
 			continue
 		}
 		mustStandin(t, "replicate", "pause", "--store", e.PStore, "--group", e.Group)
