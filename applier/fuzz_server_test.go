@@ -21,6 +21,7 @@ import (
 	"github.com/RoaringBitmap/roaring/v2"
 
 	"github.com/standin/standin/internal/pki"
+	"github.com/standin/standin/internal/testutil"
 	"github.com/standin/standin/internal/wire"
 )
 
@@ -150,7 +151,7 @@ func FuzzServer(f *testing.F) {
 			req.TLS = tlsState
 		}
 		w := httptest.NewRecorder()
-		fuzzDeadline(t, 20*time.Second, func() { h.ServeHTTP(w, req) })
+		testutil.Deadline(t, 20*time.Second, func() { h.ServeHTTP(w, req) })
 		// 3xx, 404 and 405 of unmatched paths come from http.ServeMux.
 		if w.Code >= 400 && w.Code != http.StatusNotFound && w.Code != http.StatusMethodNotAllowed {
 			var e wire.Error

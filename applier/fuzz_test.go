@@ -10,8 +10,6 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"runtime"
-	"runtime/metrics"
 	"slices"
 	"testing"
 	"time"
@@ -20,49 +18,12 @@ import (
 
 	"github.com/standin/standin/internal/format"
 	"github.com/standin/standin/internal/fsutil"
+	"github.com/standin/standin/internal/testutil"
 )
 
 // Fuzz targets of the replica's on-disk records (undo logs, refs files,
 // chunk index values, every JSON state file of a group) and of the request
 // bodies the server decodes. Seeds are real encoder output.
-
-func fuzzHeapAllocs() uint64 {
-	s := []metrics.Sample{{Name: "/gc/heap/allocs:bytes"}}
-	metrics.Read(s)
-	return s[0].Value.Uint64()
-}
-
-// fuzzAllocs fails if f allocates more than limit bytes (repeated: the
-// counter is process-wide, only a consistent excess fails).
-func fuzzAllocs(t *testing.T, what string, limit uint64, f func()) {
-	t.Helper()
-	var d uint64
-	for range 3 {
-		before := fuzzHeapAllocs()
-		f()
-		if d = fuzzHeapAllocs() - before; d <= limit {
-			return
-		}
-	}
-	t.Fatalf("%s allocated %d bytes (limit %d)", what, d, limit)
-}
-
-// fuzzDeadline runs f and fails (with every goroutine's stack) if it takes
-// longer than d: the fuzzing engine itself does not notice hangs.
-func fuzzDeadline(t *testing.T, d time.Duration, f func()) {
-	t.Helper()
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		f()
-	}()
-	select {
-	case <-done:
-	case <-time.After(d):
-		buf := make([]byte, 1<<20)
-		t.Fatalf("hang: not done after %v\n%s", d, buf[:runtime.Stack(buf, true)])
-	}
-}
 
 var fuzzImageID = [16]byte{0x11, 0x42, 7, 7, 7, 7, 0x40, 7, 0x80, 7, 7, 7, 7, 7, 7, 0x11}
 
@@ -209,7 +170,7 @@ func FuzzUndoLog(f *testing.F) {
 				t.Fatal(err)
 			}
 			u, err := loadUndo(path)
-			fuzzAllocs(t, fmt.Sprintf("loadUndo of %d bytes", len(b)), uint64(4*len(b))+64<<10, func() {
+			testutil.Allocs(t, fmt.Sprintf("loadUndo of %d bytes", len(b)), uint64(4*len(b))+64<<10, func() {
 				if u, err := loadUndo(path); err == nil {
 					u.close()
 				}
@@ -264,7 +225,7 @@ func FuzzRefsFile(f *testing.F) {
 			t.Fatal(err)
 		}
 		rf, runs, err := openRefs(path)
-		fuzzAllocs(t, fmt.Sprintf("openRefs of %d bytes", len(data)), uint64(4*len(data))+64<<10, func() {
+		testutil.Allocs(t, fmt.Sprintf("openRefs of %d bytes", len(data)), uint64(4*len(data))+64<<10, func() {
 			if f, _, err := openRefs(path); err == nil {
 				f.Close()
 			}
@@ -385,14 +346,14 @@ func FuzzReplicaState(f *testing.F) {
 		f.Add(uint8(i), b)
 	}
 	f.Fuzz(func(t *testing.T, which uint8, data []byte) {
-		dir := memTempDir(t)
+		dir := testutil.MemTempDir(t, nil)
 		copyTree(t, src, dir)
 		name := fuzzStateFiles[int(which)%len(fuzzStateFiles)]
 		os.MkdirAll(filepath.Dir(filepath.Join(dir, name)), 0o700)
 		if err := os.WriteFile(filepath.Join(dir, name), data, 0o600); err != nil {
 			t.Fatal(err)
 		}
-		fuzzDeadline(t, 20*time.Second, func() { useReplica(dir, now, id) })
+		testutil.Deadline(t, 20*time.Second, func() { useReplica(dir, now, id) })
 	})
 }
 
@@ -439,16 +400,4 @@ func TestFuzzStateSeedsValid(t *testing.T) {
 			t.Fatalf("%s: %v", n, err)
 		}
 	}
-}
-
-// memTempDir is a temporary directory in /dev/shm when there is one (the
-// store fsyncs a lot; that costs nothing there).
-func memTempDir(tb testing.TB) string {
-	tb.Helper()
-	d, err := os.MkdirTemp("/dev/shm", "standin-fuzz-")
-	if err != nil {
-		return tb.TempDir()
-	}
-	tb.Cleanup(func() { os.RemoveAll(d) })
-	return d
 }
