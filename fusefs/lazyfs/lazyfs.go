@@ -452,6 +452,26 @@ func (n *node) CopyFileRange(ctx context.Context, fhIn fs.FileHandle, offIn uint
 	return 0, syscall.ENOSYS
 }
 
+// attrLocked fills out from the backing file (lstat), with the pending size
+// if it has pending data. Called with fs.mu held.
+func (n *node) attrLocked(out *fuse.AttrOut) syscall.Errno {
+	var st syscall.Stat_t
+	if err := syscall.Lstat(n.fs.abs(n.rel("")), &st); err != nil {
+		return fs.ToErrno(err)
+	}
+	n.fs.fillAttr(&st, out)
+	return 0
+}
+
+// fillAttr fills out from st, with the pending size if the file has
+// pending data. Called with f.mu held.
+func (f *FS) fillAttr(st *syscall.Stat_t, out *fuse.AttrOut) {
+	out.FromStat(st)
+	if p := f.files[st.Ino]; p != nil {
+		out.Size = uint64(p.size)
+	}
+}
+
 func (n *node) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
 	if h, ok := f.(*file); ok {
 		return h.Getattr(ctx, out)
@@ -461,15 +481,7 @@ func (n *node) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) 
 		return errno
 	}
 	defer unlock()
-	var st syscall.Stat_t
-	if err := syscall.Lstat(n.fs.abs(n.rel("")), &st); err != nil {
-		return fs.ToErrno(err)
-	}
-	out.FromStat(&st)
-	if p := n.fs.files[st.Ino]; p != nil {
-		out.Size = uint64(p.size)
-	}
-	return 0
+	return n.attrLocked(out)
 }
 
 func (n *node) Setattr(ctx context.Context, f fs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {
@@ -504,15 +516,7 @@ func (n *node) Setattr(ctx context.Context, f fs.FileHandle, in *fuse.SetAttrIn,
 	if errno := n.LoopbackNode.Setattr(ctx, inner, in, out); errno != 0 {
 		return errno
 	}
-	var st syscall.Stat_t
-	if err := syscall.Lstat(n.fs.abs(n.rel("")), &st); err != nil {
-		return fs.ToErrno(err)
-	}
-	out.FromStat(&st)
-	if p := n.fs.files[st.Ino]; p != nil {
-		out.Size = uint64(p.size)
-	}
-	return 0
+	return n.attrLocked(out)
 }
 
 func (n *node) Setxattr(ctx context.Context, attr string, data []byte, flags uint32) syscall.Errno {
@@ -852,10 +856,7 @@ func (h *file) Getattr(ctx context.Context, out *fuse.AttrOut) syscall.Errno {
 	if err := syscall.Fstat(h.fd, &st); err != nil {
 		return fs.ToErrno(err)
 	}
-	out.FromStat(&st)
-	if p := h.fs.files[st.Ino]; p != nil {
-		out.Size = uint64(p.size)
-	}
+	h.fs.fillAttr(&st, out)
 	return 0
 }
 
