@@ -100,25 +100,13 @@ func exportFuzzSeed(tb testing.TB, key []byte) *fuzzSeed {
 	return s
 }
 
-// withSum replaces the trailing BLAKE3 of b (index layout) so mutations of
-// the body get past the hash check.
-func withSum(b []byte) []byte {
-	if len(b) < 32 {
-		return b
-	}
-	out := bytes.Clone(b)
-	s := blake3.Sum256(out[:len(out)-32])
-	copy(out[len(out)-32:], s[:])
-	return out
-}
-
 func FuzzIndex(f *testing.F) {
 	for _, key := range [][]byte{nil, testKey} {
 		f.Add(exportFuzzSeed(f, key).index)
 	}
 	f.Add([]byte(indexMagic))
 	f.Fuzz(func(t *testing.T, data []byte) {
-		for _, b := range [][]byte{data, withSum(data)} {
+		for _, b := range [][]byte{data, testutil.WithTrailingSum(data)} {
 			ix, err := decodeIndex(b)
 			testutil.Allocs(t, fmt.Sprintf("decodeIndex of %d bytes", len(b)), uint64(8*len(b))+64<<10, func() { decodeIndex(b) })
 			if err != nil {

@@ -10,7 +10,6 @@ import (
 	"testing"
 
 	"github.com/RoaringBitmap/roaring/v2"
-	"github.com/zeebo/blake3"
 	"golang.org/x/sys/unix"
 
 	"github.com/standin/standin/internal/testutil"
@@ -19,17 +18,6 @@ import (
 // Fuzz targets of the tracker's state files: the dirty map checkpoint, the
 // write-intent (active extents) file, and every file of an image's state
 // directory as a restarted store reads it.
-
-// withDirtySum replaces the trailing BLAKE3 so mutations get past it.
-func withDirtySum(b []byte) []byte {
-	if len(b) < 32 {
-		return b
-	}
-	out := bytes.Clone(b)
-	s := blake3.Sum256(out[:len(out)-32])
-	copy(out[len(out)-32:], s[:])
-	return out
-}
 
 func dirtyBytes(tb testing.TB, b *roaring.Bitmap) []byte {
 	tb.Helper()
@@ -58,7 +46,7 @@ func FuzzDirtyMap(f *testing.F) {
 	dir, dir2 := f.TempDir(), f.TempDir()
 	path := filepath.Join(dir, "dirty")
 	f.Fuzz(func(t *testing.T, data []byte) {
-		for _, d := range [][]byte{data, withDirtySum(data)} {
+		for _, d := range [][]byte{data, testutil.WithTrailingSum(data)} {
 			if err := os.WriteFile(path, d, 0o600); err != nil {
 				t.Fatal(err)
 			}

@@ -1,11 +1,14 @@
 package testutil
 
 import (
+	"bytes"
 	"os"
 	"runtime"
 	"runtime/metrics"
 	"testing"
 	"time"
+
+	"github.com/zeebo/blake3"
 )
 
 // HeapAllocs is the process's cumulative count of heap-allocated bytes.
@@ -63,4 +66,17 @@ func MemTempDir(tb testing.TB, usable func(dir string) bool) string {
 	}
 	tb.Cleanup(func() { os.RemoveAll(d) })
 	return d
+}
+
+// WithTrailingSum returns a copy of b whose last 32 bytes are the BLAKE3 of
+// the rest, so that mutations of the body get past a trailing hash check.
+// Shorter input is returned as it is.
+func WithTrailingSum(b []byte) []byte {
+	if len(b) < 32 {
+		return b
+	}
+	out := bytes.Clone(b)
+	s := blake3.Sum256(out[:len(out)-32])
+	copy(out[len(out)-32:], s[:])
+	return out
 }
