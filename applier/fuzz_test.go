@@ -27,6 +27,19 @@ import (
 
 var fuzzImageID = [16]byte{0x11, 0x42, 7, 7, 7, 7, 0x40, 7, 0x80, 7, 7, 7, 7, 7, 7, 0x11}
 
+// fuzzImageUUID is fuzzImageID as a string.
+const fuzzImageUUID = "11420707-0707-4007-8007-070707070711"
+
+// fuzzJSON is v marshalled.
+func fuzzJSON(tb testing.TB, v any) []byte {
+	tb.Helper()
+	b, err := json.Marshal(v)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return b
+}
+
 // fuzzCycle writes cycle seq (0 = base) of the fuzz image: blocks maps a
 // block to its fill byte (0 = a zero extent).
 func fuzzCycle(tb testing.TB, dir string, seq uint64, size uint64, blocks map[uint64]byte) string {
@@ -321,22 +334,15 @@ func FuzzReplicaState(f *testing.F) {
 	src := fuzzReplicaDir(f)
 	now := time.Date(2025, 6, 1, 13, 0, 0, 0, time.UTC)
 	t0 := now.Add(-time.Hour)
-	id := "11420707-0707-4007-8007-070707070711"
-	js := func(v any) []byte {
-		b, err := json.Marshal(v)
-		if err != nil {
-			f.Fatal(err)
-		}
-		return b
-	}
+	id := fuzzImageUUID
 	made := map[string][]byte{
-		"groups/vm1/pins.json":         js(pinsFile{Pins: []PinRecord{{Owner: "fwd", Point: 2, Time: t0}}}),
-		"groups/vm1/failover.json":     js(FailoverState{Kind: "planned", Time: t0, Point: "3", Images: []FailoverImage{{ID: id, Name: "disk0.img"}}}),
-		"groups/vm1/apply.json":        js(journal{Point: 4, Time: t0, Cycle: 4, Items: []journalItem{{ID: id, Gen: 1, Seq: 3}}}),
-		"groups/vm1/adopt.json":        js(adoptRecord{Point: 4, Time: t0, Cycle: 4, Images: []adoptItem{{ID: id, Name: "disk0.img", Generation: 2, Seq: 0, Size: 4096}}}),
-		"groups/vm1/seed.json":         js(seedCommit{Point: 4, Time: t0, Cycle: 4, Images: []SeedImage{{Group: "vm1", ID: id, Name: "disk0.img", Generation: 2, Size: 4096}}}),
-		"expect/vm1.json":              js(map[string]any{"group_cut": "00", "time": t0, "images": []map[string]any{{"id": id, "name": "disk0.img", "generation": 2, "seq": 5}}}),
-		"groups/vm1/" + ForwardCutFile: js(map[string]any{"point": "3"}),
+		"groups/vm1/pins.json":         fuzzJSON(f, pinsFile{Pins: []PinRecord{{Owner: "fwd", Point: 2, Time: t0}}}),
+		"groups/vm1/failover.json":     fuzzJSON(f, FailoverState{Kind: "planned", Time: t0, Point: "3", Images: []FailoverImage{{ID: id, Name: "disk0.img"}}}),
+		"groups/vm1/apply.json":        fuzzJSON(f, journal{Point: 4, Time: t0, Cycle: 4, Items: []journalItem{{ID: id, Gen: 1, Seq: 3}}}),
+		"groups/vm1/adopt.json":        fuzzJSON(f, adoptRecord{Point: 4, Time: t0, Cycle: 4, Images: []adoptItem{{ID: id, Name: "disk0.img", Generation: 2, Seq: 0, Size: 4096}}}),
+		"groups/vm1/seed.json":         fuzzJSON(f, seedCommit{Point: 4, Time: t0, Cycle: 4, Images: []SeedImage{{Group: "vm1", ID: id, Name: "disk0.img", Generation: 2, Size: 4096}}}),
+		"expect/vm1.json":              fuzzJSON(f, map[string]any{"group_cut": "00", "time": t0, "images": []map[string]any{{"id": id, "name": "disk0.img", "generation": 2, "seq": 5}}}),
+		"groups/vm1/" + ForwardCutFile: fuzzJSON(f, map[string]any{"point": "3"}),
 	}
 	for i, name := range fuzzStateFiles {
 		b, err := os.ReadFile(filepath.Join(src, name))
