@@ -13,16 +13,11 @@ import (
 // failover to an older point must re-send them: the old primary had
 // shipped those changes after the point that was promoted.
 func (r *Replica) ChangedAfter(groupName, point string) (map[string]*roaring.Bitmap, error) {
-	g, err := r.group(groupName)
+	g, p, err := r.rlockPoint(groupName, point)
 	if err != nil {
 		return nil, err
 	}
-	g.mu.RLock()
 	defer g.mu.RUnlock()
-	p, err := g.findPoint(point)
-	if err != nil {
-		return nil, err
-	}
 	out := map[string]*roaring.Bitmap{}
 	for id, im := range g.images {
 		b := roaring.New()

@@ -19,6 +19,7 @@ import (
 
 	"github.com/RoaringBitmap/roaring/v2"
 
+	"github.com/standin/standin/internal/testutil"
 	"github.com/standin/standin/internal/wire"
 )
 
@@ -54,22 +55,21 @@ func FuzzServer(f *testing.F) {
 	}
 	tlsState := &tls.ConnectionState{PeerCertificates: []*x509.Certificate{cert}}
 	h := srv.Handler()
-	id := "11420707-0707-4007-8007-070707070711"
+	id := fuzzImageUUID
 
-	js := func(v any) []byte { return mustJSON(f, v) }
 	hashes, err := os.ReadFile(filepath.Join(src, fuzzImageDir, "hashes.bin"))
 	if err != nil {
 		f.Fatal(err)
 	}
 	cand := roaring.BitmapOf(1, 2, 7, 100000)
 	cb, _ := cand.ToBytes()
-	f.Add(uint8(0), js(wire.CommitRequest{GroupCut: "03f0", Cycles: []wire.CycleRef{{ID: id, Gen: 1, Seq: 3}}, Policy: wire.Policy{Points: 4}}))
-	f.Add(uint8(1), js(wire.SeedExpect{GroupCut: "00", Time: now, Images: []wire.ImageState{{ID: id, Name: "disk0.img", Generation: 2, Seq: 5}}}))
+	f.Add(uint8(0), fuzzJSON(f, wire.CommitRequest{GroupCut: "03f0", Cycles: []wire.CycleRef{{ID: id, Gen: 1, Seq: 3}}, Policy: wire.Policy{Points: 4}}))
+	f.Add(uint8(1), fuzzJSON(f, wire.SeedExpect{GroupCut: "00", Time: now, Images: []wire.ImageState{{ID: id, Name: "disk0.img", Generation: 2, Seq: 5}}}))
 	f.Add(uint8(2), wire.EncodeHeld([]wire.HeldRun{{Start: 0, Hashes: hashes[:64]}, {Start: 5, Hashes: hashes[5*32 : 7*32]}}))
 	f.Add(uint8(3), binary.LittleEndian.AppendUint64(binary.LittleEndian.AppendUint64(binary.LittleEndian.AppendUint64(nil, 12), 0), 1))
-	f.Add(uint8(4), js(wire.FailoverRequest{Kind: "reverse", Images: []wire.FailoverImage{{ID: id, Name: "disk0.img", Generation: 1, Seq: 2, Size: 4096, Candidates: cb}}}))
+	f.Add(uint8(4), fuzzJSON(f, wire.FailoverRequest{Kind: "reverse", Images: []wire.FailoverImage{{ID: id, Name: "disk0.img", Generation: 1, Seq: 2, Size: 4096, Candidates: cb}}}))
 	f.Add(uint8(5), fuzzCycleBytes(f, 3))
-	f.Add(uint8(6), js(wire.PairRequest{Secret: pt.Secret, CSR: csr, Name: "other"}))
+	f.Add(uint8(6), fuzzJSON(f, wire.PairRequest{Secret: pt.Secret, CSR: csr, Name: "other"}))
 
 	f.Add(uint8(7), append(binary.LittleEndian.AppendUint64(binary.LittleEndian.AppendUint64(nil, 0), 1000), fuzzCycleBytes(f, 3)[:100]...))
 	f.Add(uint8(8), []byte("vm1\x00"+id+"\x001\x003"))
@@ -128,7 +128,7 @@ func FuzzServer(f *testing.F) {
 			req.TLS = tlsState
 		}
 		w := httptest.NewRecorder()
-		fuzzDeadline(t, 20*time.Second, func() { h.ServeHTTP(w, req) })
+		testutil.Deadline(t, 20*time.Second, func() { h.ServeHTTP(w, req) })
 		// 3xx, 404 and 405 of unmatched paths come from http.ServeMux.
 		if w.Code >= 400 && w.Code != http.StatusNotFound && w.Code != http.StatusMethodNotAllowed {
 			var e wire.Error

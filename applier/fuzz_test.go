@@ -10,8 +10,6 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"runtime"
-	"runtime/metrics"
 	"slices"
 	"testing"
 	"time"
@@ -20,51 +18,27 @@ import (
 
 	"github.com/standin/standin/internal/format"
 	"github.com/standin/standin/internal/fsutil"
+	"github.com/standin/standin/internal/testutil"
 )
 
 // Fuzz targets of the replica's on-disk records (undo logs, refs files,
 // chunk index values, every JSON state file of a group) and of the request
 // bodies the server decodes. Seeds are real encoder output.
 
-func fuzzHeapAllocs() uint64 {
-	s := []metrics.Sample{{Name: "/gc/heap/allocs:bytes"}}
-	metrics.Read(s)
-	return s[0].Value.Uint64()
-}
-
-// fuzzAllocs fails if f allocates more than limit bytes (repeated: the
-// counter is process-wide, only a consistent excess fails).
-func fuzzAllocs(t *testing.T, what string, limit uint64, f func()) {
-	t.Helper()
-	var d uint64
-	for range 3 {
-		before := fuzzHeapAllocs()
-		f()
-		if d = fuzzHeapAllocs() - before; d <= limit {
-			return
-		}
-	}
-	t.Fatalf("%s allocated %d bytes (limit %d)", what, d, limit)
-}
-
-// fuzzDeadline runs f and fails (with every goroutine's stack) if it takes
-// longer than d: the fuzzing engine itself does not notice hangs.
-func fuzzDeadline(t *testing.T, d time.Duration, f func()) {
-	t.Helper()
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		f()
-	}()
-	select {
-	case <-done:
-	case <-time.After(d):
-		buf := make([]byte, 1<<20)
-		t.Fatalf("hang: not done after %v\n%s", d, buf[:runtime.Stack(buf, true)])
-	}
-}
-
 var fuzzImageID = [16]byte{0x11, 0x42, 7, 7, 7, 7, 0x40, 7, 0x80, 7, 7, 7, 7, 7, 7, 0x11}
+
+// fuzzImageUUID is fuzzImageID as a string.
+const fuzzImageUUID = "11420707-0707-4007-8007-070707070711"
+
+// fuzzJSON is v marshalled.
+func fuzzJSON(tb testing.TB, v any) []byte {
+	tb.Helper()
+	b, err := json.Marshal(v)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return b
+}
 
 // fuzzCycle writes cycle seq (0 = base) of the fuzz image: blocks maps a
 // block to its fill byte (0 = a zero extent).
@@ -209,7 +183,7 @@ func FuzzUndoLog(f *testing.F) {
 				t.Fatal(err)
 			}
 			u, err := loadUndo(path)
-			fuzzAllocs(t, fmt.Sprintf("loadUndo of %d bytes", len(b)), uint64(4*len(b))+64<<10, func() {
+			testutil.Allocs(t, fmt.Sprintf("loadUndo of %d bytes", len(b)), uint64(4*len(b))+64<<10, func() {
 				if u, err := loadUndo(path); err == nil {
 					u.close()
 				}
@@ -264,7 +238,7 @@ func FuzzRefsFile(f *testing.F) {
 			t.Fatal(err)
 		}
 		rf, runs, err := openRefs(path)
-		fuzzAllocs(t, fmt.Sprintf("openRefs of %d bytes", len(data)), uint64(4*len(data))+64<<10, func() {
+		testutil.Allocs(t, fmt.Sprintf("openRefs of %d bytes", len(data)), uint64(4*len(data))+64<<10, func() {
 			if f, _, err := openRefs(path); err == nil {
 				f.Close()
 			}
@@ -353,16 +327,6 @@ func copyTree(tb testing.TB, src, dst string) {
 	}
 }
 
-// mustJSON marshals v, failing the test on an error.
-func mustJSON(t testing.TB, v any) []byte {
-	t.Helper()
-	b, err := json.Marshal(v)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
-}
-
 // FuzzReplicaState replaces one state file of a real group (chosen by
 // which) with the input, opens the store and uses the group: recovery and
 // every reader must refuse damage with an error, never panic or hang.
@@ -370,16 +334,15 @@ func FuzzReplicaState(f *testing.F) {
 	src := fuzzReplicaDir(f)
 	now := time.Date(2025, 6, 1, 13, 0, 0, 0, time.UTC)
 	t0 := now.Add(-time.Hour)
-	id := "11420707-0707-4007-8007-070707070711"
-	js := func(v any) []byte { return mustJSON(f, v) }
+	id := fuzzImageUUID
 	made := map[string][]byte{
-		"groups/vm1/pins.json":         js(pinsFile{Pins: []PinRecord{{Owner: "fwd", Point: 2, Time: t0}}}),
-		"groups/vm1/failover.json":     js(FailoverState{Kind: "planned", Time: t0, Point: "3", Images: []FailoverImage{{ID: id, Name: "disk0.img"}}}),
-		"groups/vm1/apply.json":        js(journal{Point: 4, Time: t0, Cycle: 4, Items: []journalItem{{ID: id, Gen: 1, Seq: 3}}}),
-		"groups/vm1/adopt.json":        js(adoptRecord{Point: 4, Time: t0, Cycle: 4, Images: []adoptItem{{ID: id, Name: "disk0.img", Generation: 2, Seq: 0, Size: 4096}}}),
-		"groups/vm1/seed.json":         js(seedCommit{Point: 4, Time: t0, Cycle: 4, Images: []SeedImage{{Group: "vm1", ID: id, Name: "disk0.img", Generation: 2, Size: 4096}}}),
-		"expect/vm1.json":              js(map[string]any{"group_cut": "00", "time": t0, "images": []map[string]any{{"id": id, "name": "disk0.img", "generation": 2, "seq": 5}}}),
-		"groups/vm1/" + ForwardCutFile: js(map[string]any{"point": "3"}),
+		"groups/vm1/pins.json":         fuzzJSON(f, pinsFile{Pins: []PinRecord{{Owner: "fwd", Point: 2, Time: t0}}}),
+		"groups/vm1/failover.json":     fuzzJSON(f, FailoverState{Kind: "planned", Time: t0, Point: "3", Images: []FailoverImage{{ID: id, Name: "disk0.img"}}}),
+		"groups/vm1/apply.json":        fuzzJSON(f, journal{Point: 4, Time: t0, Cycle: 4, Items: []journalItem{{ID: id, Gen: 1, Seq: 3}}}),
+		"groups/vm1/adopt.json":        fuzzJSON(f, adoptRecord{Point: 4, Time: t0, Cycle: 4, Images: []adoptItem{{ID: id, Name: "disk0.img", Generation: 2, Seq: 0, Size: 4096}}}),
+		"groups/vm1/seed.json":         fuzzJSON(f, seedCommit{Point: 4, Time: t0, Cycle: 4, Images: []SeedImage{{Group: "vm1", ID: id, Name: "disk0.img", Generation: 2, Size: 4096}}}),
+		"expect/vm1.json":              fuzzJSON(f, map[string]any{"group_cut": "00", "time": t0, "images": []map[string]any{{"id": id, "name": "disk0.img", "generation": 2, "seq": 5}}}),
+		"groups/vm1/" + ForwardCutFile: fuzzJSON(f, map[string]any{"point": "3"}),
 	}
 	for i, name := range fuzzStateFiles {
 		b, err := os.ReadFile(filepath.Join(src, name))
@@ -389,14 +352,14 @@ func FuzzReplicaState(f *testing.F) {
 		f.Add(uint8(i), b)
 	}
 	f.Fuzz(func(t *testing.T, which uint8, data []byte) {
-		dir := memTempDir(t)
+		dir := testutil.MemTempDir(t, nil)
 		copyTree(t, src, dir)
 		name := fuzzStateFiles[int(which)%len(fuzzStateFiles)]
 		os.MkdirAll(filepath.Dir(filepath.Join(dir, name)), 0o700)
 		if err := os.WriteFile(filepath.Join(dir, name), data, 0o600); err != nil {
 			t.Fatal(err)
 		}
-		fuzzDeadline(t, 20*time.Second, func() { useReplica(dir, now, id) })
+		testutil.Deadline(t, 20*time.Second, func() { useReplica(dir, now, id) })
 	})
 }
 
@@ -443,16 +406,4 @@ func TestFuzzStateSeedsValid(t *testing.T) {
 			t.Fatalf("%s: %v", n, err)
 		}
 	}
-}
-
-// memTempDir is a temporary directory in /dev/shm when there is one (the
-// store fsyncs a lot; that costs nothing there).
-func memTempDir(tb testing.TB) string {
-	tb.Helper()
-	d, err := os.MkdirTemp("/dev/shm", "standin-fuzz-")
-	if err != nil {
-		return tb.TempDir()
-	}
-	tb.Cleanup(func() { os.RemoveAll(d) })
-	return d
 }

@@ -44,6 +44,22 @@ type PointReader interface {
 
 func pointID(n uint64) string { return strconv.FormatUint(n, 10) }
 
+// rlockPoint finds the group and its point and returns with g.mu
+// read-locked (the caller releases it), unless it fails.
+func (r *Replica) rlockPoint(groupName, point string) (*group, pointRec, error) {
+	g, err := r.group(groupName)
+	if err != nil {
+		return nil, pointRec{}, err
+	}
+	g.mu.RLock()
+	p, err := g.findPoint(point)
+	if err != nil {
+		g.mu.RUnlock()
+		return nil, pointRec{}, err
+	}
+	return g, p, nil
+}
+
 // findPoint resolves a point ID ("latest" or a number). Called with g.mu held.
 func (g *group) findPoint(id string) (pointRec, error) {
 	if g.loadErr != nil {

@@ -283,22 +283,8 @@ func (r *Replica) finishDrop(g *group, j *journal) error {
 	}
 	// The apply's undo logs (and any beyond the last point) go, then the
 	// commit record, then its refs files.
-	for _, im := range g.images {
-		var drop []*undoLog
-		g.mu.Lock()
-		keep := im.logs[:0:0]
-		for _, l := range im.logs {
-			if l.to >= g.pts.Next {
-				drop = append(drop, l)
-			} else {
-				keep = append(keep, l)
-			}
-		}
-		im.logs = keep
-		g.mu.Unlock()
-		if err := removeLogs(drop); err != nil {
-			return err
-		}
+	if err := removeLogsBeyondPoints(g); err != nil {
+		return err
 	}
 	if err := os.Remove(filepath.Join(g.dir, "apply.json")); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return err

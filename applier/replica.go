@@ -688,22 +688,8 @@ func (r *Replica) recoverGroup(g *group, override map[string]string) error {
 		}
 	}
 	// Undo logs beyond the last recorded point belong to no committed apply.
-	for _, im := range g.images {
-		var drop []*undoLog
-		g.mu.Lock()
-		keep := im.logs[:0:0]
-		for _, l := range im.logs {
-			if l.to >= g.pts.Next {
-				drop = append(drop, l)
-			} else {
-				keep = append(keep, l)
-			}
-		}
-		im.logs = keep
-		g.mu.Unlock()
-		if err := removeLogs(drop); err != nil {
-			return err
-		}
+	if err := removeLogsBeyondPoints(g); err != nil {
+		return err
 	}
 	// No apply is pending any more: refs files of earlier applies are done.
 	os.RemoveAll(filepath.Join(g.dir, "refs"))
@@ -721,6 +707,29 @@ func removeStaleTemps(dir string) {
 	for _, m := range ms {
 		os.Remove(m)
 	}
+}
+
+// removeLogsBeyondPoints removes the undo logs of g's images that reach
+// beyond its last recorded point (they belong to no committed apply).
+func removeLogsBeyondPoints(g *group) error {
+	for _, im := range g.images {
+		var drop []*undoLog
+		g.mu.Lock()
+		keep := im.logs[:0:0]
+		for _, l := range im.logs {
+			if l.to >= g.pts.Next {
+				drop = append(drop, l)
+			} else {
+				keep = append(keep, l)
+			}
+		}
+		im.logs = keep
+		g.mu.Unlock()
+		if err := removeLogs(drop); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 func removeLogs(logs []*undoLog) error {

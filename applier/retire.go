@@ -91,16 +91,11 @@ type PointImage struct {
 // PointImages lists the images of one point (an ID, "latest" or empty), in id
 // order. Pin the point first when the list is used to read it.
 func (r *Replica) PointImages(groupName, point string) ([]PointImage, error) {
-	g, err := r.group(groupName)
+	g, p, err := r.rlockPoint(groupName, point)
 	if err != nil {
 		return nil, err
 	}
-	g.mu.RLock()
 	defer g.mu.RUnlock()
-	p, err := g.findPoint(point)
-	if err != nil {
-		return nil, err
-	}
 	var out []PointImage
 	count := map[string]int{}
 	for _, x := range g.imagesAt(p.N, p.Seqs) {

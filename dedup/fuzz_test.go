@@ -8,37 +8,17 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
-	"runtime/metrics"
 	"testing"
 	"time"
 
 	"github.com/zeebo/blake3"
+
+	"github.com/standin/standin/internal/testutil"
 )
 
 // Fuzz targets of every decoder of seed files (index, manifest, pack,
 // journal, volume label, sealed framing) and of a whole seed volume. Seeds
 // come from a real export so the fuzzer starts deep inside the formats.
-
-func fuzzHeapAllocs() uint64 {
-	s := []metrics.Sample{{Name: "/gc/heap/allocs:bytes"}}
-	metrics.Read(s)
-	return s[0].Value.Uint64()
-}
-
-// fuzzAllocs fails if f allocates more than limit bytes (repeated: the
-// counter is process-wide, only a consistent excess fails).
-func fuzzAllocs(t *testing.T, what string, limit uint64, f func()) {
-	t.Helper()
-	var d uint64
-	for range 3 {
-		before := fuzzHeapAllocs()
-		f()
-		if d = fuzzHeapAllocs() - before; d <= limit {
-			return
-		}
-	}
-	t.Fatalf("%s allocated %d bytes (limit %d)", what, d, limit)
-}
 
 // fuzzSeed is a small real seed: files of an export of two small images.
 type fuzzSeed struct {
@@ -120,27 +100,15 @@ func exportFuzzSeed(tb testing.TB, key []byte) *fuzzSeed {
 	return s
 }
 
-// withSum replaces the trailing BLAKE3 of b (index layout) so mutations of
-// the body get past the hash check.
-func withSum(b []byte) []byte {
-	if len(b) < 32 {
-		return b
-	}
-	out := bytes.Clone(b)
-	s := blake3.Sum256(out[:len(out)-32])
-	copy(out[len(out)-32:], s[:])
-	return out
-}
-
 func FuzzIndex(f *testing.F) {
 	for _, key := range [][]byte{nil, testKey} {
 		f.Add(exportFuzzSeed(f, key).index)
 	}
 	f.Add([]byte(indexMagic))
 	f.Fuzz(func(t *testing.T, data []byte) {
-		for _, b := range [][]byte{data, withSum(data)} {
+		for _, b := range [][]byte{data, testutil.WithTrailingSum(data)} {
 			ix, err := decodeIndex(b)
-			fuzzAllocs(t, fmt.Sprintf("decodeIndex of %d bytes", len(b)), uint64(8*len(b))+64<<10, func() { decodeIndex(b) })
+			testutil.Allocs(t, fmt.Sprintf("decodeIndex of %d bytes", len(b)), uint64(8*len(b))+64<<10, func() { decodeIndex(b) })
 			if err != nil {
 				continue
 			}
@@ -170,7 +138,7 @@ func FuzzManifest(f *testing.F) {
 	}
 	f.Fuzz(func(t *testing.T, data []byte, total uint64) {
 		m, err := decodeManifest(data, total)
-		fuzzAllocs(t, fmt.Sprintf("decodeManifest of %d bytes", len(data)), uint64(64*len(data))+manifestWindow+1<<20, func() { decodeManifest(data, total) })
+		testutil.Allocs(t, fmt.Sprintf("decodeManifest of %d bytes", len(data)), uint64(64*len(data))+manifestWindow+1<<20, func() { decodeManifest(data, total) })
 		if err != nil {
 			return
 		}
@@ -200,7 +168,7 @@ func FuzzPack(f *testing.F) {
 		le := binary.LittleEndian
 		num, first, count := le.Uint64(data[8:]), le.Uint64(data[16:]), le.Uint32(data[24:])
 		h, err := parsePackTable(data, int64(len(data)), num, first, count)
-		fuzzAllocs(t, fmt.Sprintf("parsePackTable of %d bytes", len(data)), uint64(8*len(data))+64<<10, func() {
+		testutil.Allocs(t, fmt.Sprintf("parsePackTable of %d bytes", len(data)), uint64(8*len(data))+64<<10, func() {
 			parsePackTable(data, int64(len(data)), num, first, count)
 		})
 		if err != nil {
@@ -390,9 +358,9 @@ func TestManifestClaimedSizeNotAllocated(t *testing.T) {
 	b = binary.LittleEndian.AppendUint32(b[:tail:tail], claim)
 	b = binary.LittleEndian.AppendUint32(b, uint32(len(frame)))
 	b = append(b, frame...)
-	before := fuzzHeapAllocs()
+	before := testutil.HeapAllocs()
 	_, err = decodeManifest(b, 1<<40)
-	if d := fuzzHeapAllocs() - before; d > 16<<20 {
+	if d := testutil.HeapAllocs() - before; d > 16<<20 {
 		t.Fatalf("decodeManifest of %d bytes allocated %d bytes", len(b), d)
 	}
 	if err == nil {
@@ -408,9 +376,9 @@ func TestIndexClaimedImagesNotAllocated(t *testing.T) {
 	ix := &seedIndex{Volume: 1, Volumes: 1, Images: 1 << 24, Groups: []groupEntry{{Data: 1, ShardSize: 10,
 		Shards: []shardEntry{{Kind: kindManifest, Vol: 1, Num: 1<<24 - 1, Len: 10}}}}}
 	b := ix.encode(nil)
-	before := fuzzHeapAllocs()
+	before := testutil.HeapAllocs()
 	_, err := decodeIndex(b)
-	if d := fuzzHeapAllocs() - before; d > 1<<20 {
+	if d := testutil.HeapAllocs() - before; d > 1<<20 {
 		t.Fatalf("decodeIndex of %d bytes allocated %d bytes", len(b), d)
 	}
 	if err == nil {
@@ -437,7 +405,7 @@ func FuzzExportResume(f *testing.F) {
 		ims = append(ims, &im)
 	}
 	o := ExportOptions{Parity: 0.3, PackSize: 16 << 10}
-	src := memTempDir(f)
+	src := testutil.MemTempDir(f, nil)
 	ctx, cancel := context.WithCancel(context.Background())
 	oc := o
 	oc.Progress = func(p Progress) {
@@ -461,7 +429,7 @@ func FuzzExportResume(f *testing.F) {
 		f.Add(uint8(i), b)
 	}
 	f.Fuzz(func(t *testing.T, which uint8, data []byte) {
-		dir := memTempDir(t)
+		dir := testutil.MemTempDir(t, nil)
 		if err := os.CopyFS(dir, os.DirFS(src)); err != nil {
 			t.Fatal(err)
 		}
@@ -480,16 +448,4 @@ func FuzzExportResume(f *testing.F) {
 		}
 		checkEqual(t, ims, sinks)
 	})
-}
-
-// memTempDir is a temporary directory in /dev/shm when there is one: the
-// export fsyncs every file, which costs nothing there.
-func memTempDir(tb testing.TB) string {
-	tb.Helper()
-	d, err := os.MkdirTemp("/dev/shm", "standin-fuzz-")
-	if err != nil {
-		return tb.TempDir()
-	}
-	tb.Cleanup(func() { os.RemoveAll(d) })
-	return d
 }

@@ -1,39 +1,15 @@
 package dedup
 
 import (
-	"bytes"
 	"context"
 	"io/fs"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
-)
 
-// readAs tries to read path (a file: its first byte; a directory: its
-// listing) as uid/gid with no supplementary groups, and returns what the
-// reader printed on failure ("" if it could read).
-func readAs(t *testing.T, uid, gid uint32, path string) string {
-	t.Helper()
-	args := []string{"-c1", path}
-	bin := "head"
-	if st, err := os.Stat(path); err == nil && st.IsDir() {
-		bin, args = "ls", []string{path}
-	}
-	cmd := exec.Command(bin, args...)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: gid, Groups: []uint32{}}}
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Run(); err != nil {
-		if out.Len() == 0 {
-			return err.Error()
-		}
-		return out.String()
-	}
-	return ""
-}
+	"github.com/standin/standin/internal/testutil"
+)
 
 // openPath makes dir and its parents up to the temp root traversable by
 // everyone, so that only the modes of the files under test decide.
@@ -46,16 +22,10 @@ func openPath(t *testing.T, dir string) {
 	}
 }
 
-func needRoot(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root (runs a reader as another user)")
-	}
-}
-
 // A seed is readable by its owner only unless Mode says otherwise: an
 // unprivileged user rebuilds nothing from it.
 func TestSeedOwnerOnly(t *testing.T) {
-	needRoot(t)
+	testutil.NeedRoot(t)
 	base := t.TempDir()
 	openPath(t, base)
 	dir := filepath.Join(base, "seed")
@@ -84,7 +54,7 @@ func TestSeedOwnerOnly(t *testing.T) {
 		t.Fatalf("only %d seed files", len(files))
 	}
 	for _, p := range []string{dir, filepath.Join(dir, "index.0"), files[len(files)-1]} {
-		if out := readAs(t, 65534, 65534, p); !strings.Contains(out, "Permission denied") {
+		if out := testutil.ReadAs(t, testutil.Nobody, testutil.Nobody, p); !strings.Contains(out, "Permission denied") {
 			t.Errorf("nobody reading %s: %q, want permission denied", p, out)
 		}
 	}
@@ -98,10 +68,10 @@ func TestSeedOwnerOnly(t *testing.T) {
 		t.Errorf("%s: mode %04o, want 0750", dir2, st.Mode().Perm())
 	}
 	idx := filepath.Join(dir2, "index.0")
-	if out := readAs(t, 65534, 0, idx); out != "" {
+	if out := testutil.ReadAs(t, testutil.Nobody, 0, idx); out != "" {
 		t.Errorf("group member reading %s (mode 0640): %q", idx, out)
 	}
-	if out := readAs(t, 65534, 65534, idx); !strings.Contains(out, "Permission denied") {
+	if out := testutil.ReadAs(t, testutil.Nobody, testutil.Nobody, idx); !strings.Contains(out, "Permission denied") {
 		t.Errorf("nobody reading %s: %q, want permission denied", idx, out)
 	}
 }

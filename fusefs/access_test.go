@@ -1,42 +1,22 @@
 package fusefs
 
 import (
-	"bytes"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/standin/standin/internal/testutil"
 )
 
-// readAs reads path (a file: its first byte; a directory: its listing) as
-// uid/gid without supplementary groups; it returns what the reader printed
-// on failure ("" if it could read).
-func readAs(t *testing.T, uid, gid uint32, path string) string {
-	t.Helper()
-	cmd := exec.Command("sh", "-c", `if [ -d "$1" ]; then ls "$1"; else head -c1 "$1"; fi`, "sh", path)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: gid, Groups: []uint32{}}}
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Run(); err != nil {
-		if out.Len() == 0 {
-			return err.Error()
-		}
-		return out.String()
-	}
-	return ""
-}
-
-const nobody = 65534
+const nobody = testutil.Nobody
 
 // accessMounts mounts a points mount and a test failover mount with acc,
 // in directories everyone may traverse, and returns the paths to read.
 func accessMounts(t *testing.T, acc Access) []string {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root (reads as another user)")
-	}
+	testutil.NeedRoot(t)
 	t0 := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
 	src := &memSource{points: []memPoint{{"1", t0, pattern(64<<10, 1)}}}
 	pm := mountTemp(t, func(m string) (*Server, error) { return MountPoints(m, src, Options{Access: acc}) })
@@ -55,10 +35,10 @@ func accessMounts(t *testing.T, acc Access) []string {
 // an unprivileged local user reads nothing, neither listings nor data.
 func TestMountsOwnerOnlyByDefault(t *testing.T) {
 	for _, p := range accessMounts(t, Access{}) {
-		if out := readAs(t, nobody, nobody, p); !strings.Contains(out, "Permission denied") {
+		if out := testutil.ReadAs(t, nobody, nobody, p); !strings.Contains(out, "Permission denied") {
 			t.Errorf("nobody reading %s: %q, want permission denied", p, out)
 		}
-		if out := readAs(t, 0, 0, p); out != "" {
+		if out := testutil.ReadAs(t, 0, 0, p); out != "" {
 			t.Errorf("root reading %s: %q", p, out)
 		}
 	}
@@ -70,10 +50,10 @@ func TestMountsAllowOtherGroup(t *testing.T) {
 	const group = 4242
 	paths := accessMounts(t, Access{AllowOther: true, Gid: group, Mode: 0o640})
 	for _, p := range paths {
-		if out := readAs(t, nobody, group, p); out != "" {
+		if out := testutil.ReadAs(t, nobody, group, p); out != "" {
 			t.Errorf("group member reading %s: %q", p, out)
 		}
-		if out := readAs(t, nobody, nobody, p); !strings.Contains(out, "Permission denied") {
+		if out := testutil.ReadAs(t, nobody, nobody, p); !strings.Contains(out, "Permission denied") {
 			t.Errorf("nobody reading %s: %q, want permission denied", p, out)
 		}
 	}

@@ -4,51 +4,20 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
-	"runtime/metrics"
 	"testing"
 
 	"github.com/RoaringBitmap/roaring/v2"
-	"github.com/zeebo/blake3"
 	"golang.org/x/sys/unix"
+
+	"github.com/standin/standin/internal/testutil"
 )
 
 // Fuzz targets of the tracker's state files: the dirty map checkpoint, the
 // write-intent (active extents) file, and every file of an image's state
 // directory as a restarted store reads it.
-
-func fuzzHeapAllocs() uint64 {
-	s := []metrics.Sample{{Name: "/gc/heap/allocs:bytes"}}
-	metrics.Read(s)
-	return s[0].Value.Uint64()
-}
-
-func fuzzAllocs(t *testing.T, what string, limit uint64, f func()) {
-	t.Helper()
-	var d uint64
-	for range 3 {
-		before := fuzzHeapAllocs()
-		f()
-		if d = fuzzHeapAllocs() - before; d <= limit {
-			return
-		}
-	}
-	t.Fatalf("%s allocated %d bytes (limit %d)", what, d, limit)
-}
-
-// withDirtySum replaces the trailing BLAKE3 so mutations get past it.
-func withDirtySum(b []byte) []byte {
-	if len(b) < 32 {
-		return b
-	}
-	out := bytes.Clone(b)
-	s := blake3.Sum256(out[:len(out)-32])
-	copy(out[len(out)-32:], s[:])
-	return out
-}
 
 func dirtyBytes(tb testing.TB, b *roaring.Bitmap) []byte {
 	tb.Helper()
@@ -77,12 +46,12 @@ func FuzzDirtyMap(f *testing.F) {
 	dir, dir2 := f.TempDir(), f.TempDir()
 	path := filepath.Join(dir, "dirty")
 	f.Fuzz(func(t *testing.T, data []byte) {
-		for _, d := range [][]byte{data, withDirtySum(data)} {
+		for _, d := range [][]byte{data, testutil.WithTrailingSum(data)} {
 			if err := os.WriteFile(path, d, 0o600); err != nil {
 				t.Fatal(err)
 			}
 			m, err := readDirty(path)
-			fuzzAllocs(t, fmt.Sprintf("readDirty of %d bytes", len(d)), uint64(16*len(d))+256<<10, func() { readDirty(path) })
+			testutil.Allocs(t, fmt.Sprintf("readDirty of %d bytes", len(d)), uint64(16*len(d))+256<<10, func() { readDirty(path) })
 			if err != nil {
 				continue
 			}
@@ -128,16 +97,9 @@ var fuzzStateFiles = []string{"meta.json", "active", "dirty", fencedFile, "clean
 // image dirty), never panics; writes and a cut still work.
 func FuzzStoreState(f *testing.F) {
 	// In /dev/shm when it takes user xattrs: the store fsyncs a lot.
-	dir, err := os.MkdirTemp("/dev/shm", "standin-fuzz-")
-	if err == nil && unix.Setxattr(dir, "user.standin.probe", []byte("1"), 0) != nil {
-		os.RemoveAll(dir)
-		err = fs.ErrNotExist
-	}
-	if err != nil {
-		dir = f.TempDir()
-	} else {
-		f.Cleanup(func() { os.RemoveAll(dir) })
-	}
+	dir := testutil.MemTempDir(f, func(d string) bool {
+		return unix.Setxattr(d, "user.standin.probe", []byte("1"), 0) == nil
+	})
 	if err := os.MkdirAll(filepath.Join(dir, "images"), 0o700); err != nil {
 		f.Fatal(err)
 	}

@@ -80,22 +80,13 @@ func pointsCommand() *cli.Command {
 					}
 					var rep applier.VerifyReport
 					req := daemon.ExportRequest{Group: c.String("group"), Point: c.String("point")}
-					if err := daemon.NewClient(c.String("store")).Call(c.Context, "/points/verify", req, &rep); err != nil {
-						return err
-					}
-					if c.Bool("json") {
-						if err := printJSON(rep); err != nil {
-							return err
+					return callVerify(c, req, &rep, func() (string, string, any, error) {
+						what := fmt.Sprintf("point %s of %s", rep.Point, rep.Group)
+						if rep.Mismatch == nil {
+							return what, fmt.Sprintf("%d blocks in %d image(s) match the hashes recorded when they arrived", rep.Blocks, rep.Images), nil, nil
 						}
-					} else if rep.Mismatch == nil {
-						fmt.Printf("point %s of %s: %d blocks in %d image(s) match the hashes recorded when they arrived\n", rep.Point, rep.Group, rep.Blocks, rep.Images)
-					} else {
-						fmt.Printf("point %s of %s: MISMATCH %+v\n", rep.Point, rep.Group, *rep.Mismatch)
-					}
-					if rep.Mismatch != nil {
-						return corruptErr(fmt.Errorf("point %s of %s does not verify", c.String("point"), c.String("group")))
-					}
-					return nil
+						return what, "", *rep.Mismatch, corruptErr(fmt.Errorf("point %s of %s does not verify", c.String("point"), c.String("group")))
+					})
 				},
 			},
 			pointsScrubCommand(),

@@ -23,20 +23,34 @@ func parseRate(s string) (int64, error) {
 func verifyPrepared(c *cli.Context) error {
 	var rep applier.PreparedReport
 	req := daemon.ExportRequest{Group: c.String("group"), Prepared: true}
-	if err := daemon.NewClient(c.String("store")).Call(c.Context, "/points/verify", req, &rep); err != nil {
+	return callVerify(c, req, &rep, func() (string, string, any, error) {
+		what := fmt.Sprintf("prepared promotion copy of %s (point %s)", rep.Group, rep.Point)
+		if rep.Mismatch == nil {
+			return what, fmt.Sprintf("%d blocks in %d image(s) match the hashes recorded with it", rep.Blocks, rep.Images), nil, nil
+		}
+		return what, "", *rep.Mismatch, corruptErr(fmt.Errorf("the prepared promotion copy of %s does not verify: a promotion would not use it; drop it with 'standin failover cancel' or let the scrub drop it", rep.Group))
+	})
+}
+
+// callVerify asks the daemon to verify req (answer in rep) and prints the
+// outcome: rep as JSON, or "what: ok" or "what: MISMATCH ...", where result
+// gives what, ok, the mismatch (nil if none) and the error to return for it.
+func callVerify(c *cli.Context, req daemon.ExportRequest, rep any, result func() (what, ok string, mismatch any, bad error)) error {
+	if err := daemon.NewClient(c.String("store")).Call(c.Context, "/points/verify", req, rep); err != nil {
 		return err
 	}
+	what, ok, mismatch, bad := result()
 	if c.Bool("json") {
 		if err := printJSON(rep); err != nil {
 			return err
 		}
-	} else if rep.Mismatch == nil {
-		fmt.Printf("prepared promotion copy of %s (point %s): %d blocks in %d image(s) match the hashes recorded with it\n", rep.Group, rep.Point, rep.Blocks, rep.Images)
+	} else if mismatch == nil {
+		fmt.Printf("%s: %s\n", what, ok)
 	} else {
-		fmt.Printf("prepared promotion copy of %s (point %s): MISMATCH %+v\n", rep.Group, rep.Point, *rep.Mismatch)
+		fmt.Printf("%s: MISMATCH %+v\n", what, mismatch)
 	}
-	if rep.Mismatch != nil {
-		return corruptErr(fmt.Errorf("the prepared promotion copy of %s does not verify: a promotion would not use it; drop it with 'standin failover cancel' or let the scrub drop it", rep.Group))
+	if mismatch != nil {
+		return bad
 	}
 	return nil
 }

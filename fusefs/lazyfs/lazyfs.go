@@ -169,6 +169,17 @@ func Mount(backing, mnt string, o Options) (*FS, error) {
 // Wait returns when the filesystem is unmounted.
 func (f *FS) Wait() { f.srv.Wait() }
 
+// lock takes f.mu, or fails with EIO once the file system is dead (a
+// simulated power cut).
+func (f *FS) lock() (unlock func(), errno syscall.Errno) {
+	f.mu.Lock()
+	if f.dead {
+		f.mu.Unlock()
+		return nil, syscall.EIO
+	}
+	return f.mu.Unlock, 0
+}
+
 // Sync makes everything durable: pending data is written to the backing
 // files, journaled entries are kept and parked removals deleted.
 func (f *FS) Sync() error {
@@ -410,14 +421,7 @@ type node struct {
 
 func (n *node) rel(name string) string { return filepath.Join(n.Path(n.Root()), name) }
 
-func (n *node) lock() (unlock func(), errno syscall.Errno) {
-	n.fs.mu.Lock()
-	if n.fs.dead {
-		n.fs.mu.Unlock()
-		return nil, syscall.EIO
-	}
-	return n.fs.mu.Unlock, 0
-}
+func (n *node) lock() (unlock func(), errno syscall.Errno) { return n.fs.lock() }
 
 func (n *node) journal(op *metaOp) { n.fs.journal = append(n.fs.journal, op) }
 
@@ -448,6 +452,26 @@ func (n *node) CopyFileRange(ctx context.Context, fhIn fs.FileHandle, offIn uint
 	return 0, syscall.ENOSYS
 }
 
+// attrLocked fills out from the backing file (lstat), with the pending size
+// if it has pending data. Called with fs.mu held.
+func (n *node) attrLocked(out *fuse.AttrOut) syscall.Errno {
+	var st syscall.Stat_t
+	if err := syscall.Lstat(n.fs.abs(n.rel("")), &st); err != nil {
+		return fs.ToErrno(err)
+	}
+	n.fs.fillAttr(&st, out)
+	return 0
+}
+
+// fillAttr fills out from st, with the pending size if the file has
+// pending data. Called with f.mu held.
+func (f *FS) fillAttr(st *syscall.Stat_t, out *fuse.AttrOut) {
+	out.FromStat(st)
+	if p := f.files[st.Ino]; p != nil {
+		out.Size = uint64(p.size)
+	}
+}
+
 func (n *node) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
 	if h, ok := f.(*file); ok {
 		return h.Getattr(ctx, out)
@@ -457,15 +481,7 @@ func (n *node) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) 
 		return errno
 	}
 	defer unlock()
-	var st syscall.Stat_t
-	if err := syscall.Lstat(n.fs.abs(n.rel("")), &st); err != nil {
-		return fs.ToErrno(err)
-	}
-	out.FromStat(&st)
-	if p := n.fs.files[st.Ino]; p != nil {
-		out.Size = uint64(p.size)
-	}
-	return 0
+	return n.attrLocked(out)
 }
 
 func (n *node) Setattr(ctx context.Context, f fs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {
@@ -500,15 +516,7 @@ func (n *node) Setattr(ctx context.Context, f fs.FileHandle, in *fuse.SetAttrIn,
 	if errno := n.LoopbackNode.Setattr(ctx, inner, in, out); errno != 0 {
 		return errno
 	}
-	var st syscall.Stat_t
-	if err := syscall.Lstat(n.fs.abs(n.rel("")), &st); err != nil {
-		return fs.ToErrno(err)
-	}
-	out.FromStat(&st)
-	if p := n.fs.files[st.Ino]; p != nil {
-		out.Size = uint64(p.size)
-	}
-	return 0
+	return n.attrLocked(out)
 }
 
 func (n *node) Setxattr(ctx context.Context, attr string, data []byte, flags uint32) syscall.Errno {
@@ -571,56 +579,35 @@ func (n *node) Create(ctx context.Context, name string, flags, mode uint32, out 
 	return ch, h, ff, errno
 }
 
-func (n *node) Mkdir(ctx context.Context, name string, mode uint32, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+// created runs mk (which creates name in n) under the lock and journals
+// the creation if it succeeded.
+func (n *node) created(name string, mk func() (*fs.Inode, syscall.Errno)) (*fs.Inode, syscall.Errno) {
 	unlock, errno := n.lock()
 	if errno != 0 {
 		return nil, errno
 	}
 	defer unlock()
-	ch, errno := n.LoopbackNode.Mkdir(ctx, name, mode, out)
+	ch, errno := mk()
 	if errno == 0 {
 		n.journal(&metaOp{kind: opCreate, path: n.rel(name)})
 	}
 	return ch, errno
+}
+
+func (n *node) Mkdir(ctx context.Context, name string, mode uint32, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	return n.created(name, func() (*fs.Inode, syscall.Errno) { return n.LoopbackNode.Mkdir(ctx, name, mode, out) })
 }
 
 func (n *node) Mknod(ctx context.Context, name string, mode, rdev uint32, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
-	unlock, errno := n.lock()
-	if errno != 0 {
-		return nil, errno
-	}
-	defer unlock()
-	ch, errno := n.LoopbackNode.Mknod(ctx, name, mode, rdev, out)
-	if errno == 0 {
-		n.journal(&metaOp{kind: opCreate, path: n.rel(name)})
-	}
-	return ch, errno
+	return n.created(name, func() (*fs.Inode, syscall.Errno) { return n.LoopbackNode.Mknod(ctx, name, mode, rdev, out) })
 }
 
 func (n *node) Symlink(ctx context.Context, target, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
-	unlock, errno := n.lock()
-	if errno != 0 {
-		return nil, errno
-	}
-	defer unlock()
-	ch, errno := n.LoopbackNode.Symlink(ctx, target, name, out)
-	if errno == 0 {
-		n.journal(&metaOp{kind: opCreate, path: n.rel(name)})
-	}
-	return ch, errno
+	return n.created(name, func() (*fs.Inode, syscall.Errno) { return n.LoopbackNode.Symlink(ctx, target, name, out) })
 }
 
 func (n *node) Link(ctx context.Context, target fs.InodeEmbedder, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
-	unlock, errno := n.lock()
-	if errno != 0 {
-		return nil, errno
-	}
-	defer unlock()
-	ch, errno := n.LoopbackNode.Link(ctx, target, name, out)
-	if errno == 0 {
-		n.journal(&metaOp{kind: opCreate, path: n.rel(name)})
-	}
-	return ch, errno
+	return n.created(name, func() (*fs.Inode, syscall.Errno) { return n.LoopbackNode.Link(ctx, target, name, out) })
 }
 
 // remove parks rel in the trash and journals it. Called with fs.mu held.
@@ -804,14 +791,7 @@ var (
 	_ fs.FileFlusher   = (*file)(nil)
 )
 
-func (h *file) lock() (unlock func(), errno syscall.Errno) {
-	h.fs.mu.Lock()
-	if h.fs.dead {
-		h.fs.mu.Unlock()
-		return nil, syscall.EIO
-	}
-	return h.fs.mu.Unlock, 0
-}
+func (h *file) lock() (unlock func(), errno syscall.Errno) { return h.fs.lock() }
 
 func (h *file) Read(ctx context.Context, buf []byte, off int64) (fuse.ReadResult, syscall.Errno) {
 	unlock, errno := h.lock()
@@ -876,10 +856,7 @@ func (h *file) Getattr(ctx context.Context, out *fuse.AttrOut) syscall.Errno {
 	if err := syscall.Fstat(h.fd, &st); err != nil {
 		return fs.ToErrno(err)
 	}
-	out.FromStat(&st)
-	if p := h.fs.files[st.Ino]; p != nil {
-		out.Size = uint64(p.size)
-	}
+	h.fs.fillAttr(&st, out)
 	return 0
 }
 

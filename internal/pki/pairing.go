@@ -467,6 +467,31 @@ func (a *Authority) Primaries() []Primary {
 // revoke by ID). It is durable and takes effect at once for Authorize (every request,
 // also on open connections). Revoking a revoked primary is not an error.
 func (a *Authority) Revoke(idOrName string) error {
+	byName := func(ps []Primary) (func(Primary) bool, error) {
+		// By name: the one primary of that name that is not revoked (if
+		// every one is, revoking them again changes nothing).
+		var live []string
+		for _, p := range ps {
+			if p.Name == idOrName && !p.Revoked {
+				live = append(live, p.ID)
+			}
+		}
+		switch {
+		case len(live) > 1:
+			return nil, fmt.Errorf("%w: %q is %s", ErrAmbiguousName, idOrName, strings.Join(live, ", "))
+		case len(live) == 1:
+			return func(p Primary) bool { return p.ID == live[0] }, nil
+		default:
+			return func(p Primary) bool { return p.Name == idOrName }, nil
+		}
+	}
+	return a.updatePrimaries(idOrName, byName, func(p *Primary) { p.Revoked = true })
+}
+
+// updatePrimaries applies update to the primary with this ID, or else to
+// those byName picks (given the whole list), and stores the list durably.
+// ErrNoSuchPrimary if none matches.
+func (a *Authority) updatePrimaries(idOrName string, byName func([]Primary) (func(Primary) bool, error), update func(*Primary)) error {
 	if idOrName == "" {
 		return fmt.Errorf("%w: give a primary ID or name", ErrNoSuchPrimary)
 	}
@@ -483,27 +508,14 @@ func (a *Authority) Revoke(idOrName string) error {
 	}
 	match := func(p Primary) bool { return p.ID == idOrName }
 	if !slices.ContainsFunc(st.Primaries, match) {
-		// By name: the one primary of that name that is not revoked (if
-		// every one is, revoking them again changes nothing).
-		var live []string
-		for _, p := range st.Primaries {
-			if p.Name == idOrName && !p.Revoked {
-				live = append(live, p.ID)
-			}
-		}
-		switch {
-		case len(live) > 1:
-			return fmt.Errorf("%w: %q is %s", ErrAmbiguousName, idOrName, strings.Join(live, ", "))
-		case len(live) == 1:
-			match = func(p Primary) bool { return p.ID == live[0] }
-		default:
-			match = func(p Primary) bool { return p.Name == idOrName }
+		if match, err = byName(st.Primaries); err != nil {
+			return err
 		}
 	}
 	n := 0
 	for i := range st.Primaries {
 		if match(st.Primaries[i]) {
-			st.Primaries[i].Revoked = true
+			update(&st.Primaries[i])
 			n++
 		}
 	}

@@ -2,7 +2,6 @@ package pki
 
 import (
 	"fmt"
-	"slices"
 )
 
 // Quota limits what one primary may keep on the replica (see the applier's
@@ -28,35 +27,10 @@ func (a *Authority) SetQuota(idOrName string, q Quota) error {
 	if err := q.check(); err != nil {
 		return err
 	}
-	if idOrName == "" {
-		return fmt.Errorf("%w: give a primary ID or name", ErrNoSuchPrimary)
+	byName := func([]Primary) (func(Primary) bool, error) {
+		return func(p Primary) bool { return p.Name == idOrName }, nil
 	}
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	unlock, err := a.flock()
-	if err != nil {
-		return err
-	}
-	defer unlock()
-	st, err := a.readPrimaries()
-	if err != nil {
-		return err
-	}
-	match := func(p Primary) bool { return p.ID == idOrName }
-	if !slices.ContainsFunc(st.Primaries, match) {
-		match = func(p Primary) bool { return p.Name == idOrName }
-	}
-	n := 0
-	for i := range st.Primaries {
-		if match(st.Primaries[i]) {
-			st.Primaries[i].Quota = q
-			n++
-		}
-	}
-	if n == 0 {
-		return fmt.Errorf("%w: %q", ErrNoSuchPrimary, idOrName)
-	}
-	return a.writePrimaries(st)
+	return a.updatePrimaries(idOrName, byName, func(p *Primary) { p.Quota = q })
 }
 
 // Primary returns the primary with this ID (revoked ones included).
