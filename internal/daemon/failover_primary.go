@@ -243,8 +243,10 @@ func (pf *primaryFailover) token(ctx context.Context, replicaStore, addr string,
 			groups[x.Name] = true
 		}
 	}
-	var back map[string]string // group → the host it failed over to
-	fsutil.ReadJSON(filepath.Join(pf.st.Dir(), "failover", "reverse.json"), &back)
+	back, err := readReverse(pf.reversePath())
+	if err != nil {
+		return "", err
+	}
 	for grp, peer := range back {
 		if peer == g.Replica {
 			groups[grp] = true
@@ -255,7 +257,7 @@ func (pf *primaryFailover) token(ctx context.Context, replicaStore, addr string,
 		pats = append(pats, grp+"/*")
 	}
 	var tok map[string]string
-	err := NewClient(replicaStore).Call(ctx, "/pair/token", TokenRequest{Pattern: strings.Join(pats, ","), TTL: time.Hour, Addr: addr, Replace: true}, &tok)
+	err = NewClient(replicaStore).Call(ctx, "/pair/token", TokenRequest{Pattern: strings.Join(pats, ","), TTL: time.Hour, Addr: addr, Replace: true}, &tok)
 	if err != nil {
 		return "", fmt.Errorf("this host's replica store %s (the reverse direction's target): %w", replicaStore, err)
 	}
@@ -265,11 +267,39 @@ func (pf *primaryFailover) token(ctx context.Context, replicaStore, addr string,
 // rememberReverse records that group now comes back from peer (for the
 // patterns of later tokens).
 func (pf *primaryFailover) rememberReverse(group, peer string) error {
-	p := filepath.Join(pf.st.Dir(), "failover", "reverse.json")
+	return rememberReverseAt(pf.reversePath(), group, peer)
+}
+
+func (pf *primaryFailover) reversePath() string {
+	return filepath.Join(pf.st.Dir(), "failover", "reverse.json")
+}
+
+// readReverse reads the record of groups that failed over to other hosts
+// (group → host). A missing file is an empty record; an unreadable or
+// damaged one is an error, never an empty record: rewriting it would drop
+// the other groups' entries, and the next failover token would no longer
+// allow them to come back.
+func readReverse(path string) (map[string]string, error) {
 	back := map[string]string{}
-	fsutil.ReadJSON(p, &back)
+	err := fsutil.ReadJSON(path, &back)
+	if errors.Is(err, os.ErrNotExist) {
+		return map[string]string{}, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("record of groups that failed over to other hosts: %w (repair the JSON object of group → host in it, or remove it if no group of this host runs elsewhere)", err)
+	}
+	return back, nil
+}
+
+// rememberReverseAt adds group → peer to the record at path; a damaged
+// record is left as it is and reported.
+func rememberReverseAt(path, group, peer string) error {
+	back, err := readReverse(path)
+	if err != nil {
+		return err
+	}
 	back[group] = peer
-	return fsutil.WriteJSON(p, back)
+	return fsutil.WriteJSON(path, back)
 }
 
 func (pf *primaryFailover) planned(ctx context.Context, name string, req FailoverRequest, res *FailoverResult) error {
