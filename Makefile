@@ -46,7 +46,7 @@ fuzz:
 
 # make bench: data path, tracker and staging (bench/run.sh, ~15 min), then replication
 # (bench/repl.sh, ~10 min), then seed export vs borg/restic/casync/tar (bench/seed.sh,
-# ~25 min; needs the dataset of ../shared/bench/make-dataset.sh). BENCH_QUICK=1 for a smoke run of all.
+# ~25 min; needs a dataset of five cloned VM images, DS=DIR with vm1..vm5.img). BENCH_QUICK=1 for a smoke run of all.
 bench: build
 	bash bench/run.sh
 	bash bench/repl.sh

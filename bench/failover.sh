@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # bench/failover.sh — failover benchmark (issue 5, "Benchmarks"): two hosts A and B on
 # 127.0.0.1, each running a mount daemon (primary store) and a replica daemon (replica store,
-# --primary-store), one group with one 4 GiB image (vm1.img of the dataset built by
-# ../shared/bench/make-dataset.sh, a cloned Debian ext4; without the dataset: 1 GiB of random
+# --primary-store), one group with one 4 GiB image (vm1.img of the benchmark dataset in DS,
+# a cloned Debian ext4; without the dataset: 1 GiB of random
 # data in a 4 GiB sparse file). 100 MiB is changed before each operation (fio randwrite,
 # 64 KiB blocks, distinct offsets, incompressible data).
 #

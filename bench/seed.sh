@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/seed.sh — seed benchmark (issue 4, "Benchmarks"): standin's out-of-band seed
 # against borg, restic, casync and tar --sparse | zstd, side by side in one run, on the five
-# raw images of ../shared/bench/make-dataset.sh (vm1..vm5.img, 4 GiB sparse ext4 each).
+# raw images of five cloned Debian systems (vm1..vm5.img, 4 GiB sparse ext4 each; DS=DIR).
 #
 # Measures, for every tool:
 #   - seed / repository size: APPARENT bytes of everything in the repository / seed
@@ -29,8 +29,8 @@
 #   BENCH_REPS=N         runs per tool (default 3; quick 1)
 #   BENCH_TOOLS="..."    subset of "borg restic casync tar standin" (default all)
 #   BENCH_MOVED=0        skip the moved-files runs
-#   DS=DIR               dataset (default /var/tmp/standin-dataset; build it with
-#                        bash ../shared/bench/make-dataset.sh)
+#   DS=DIR               dataset (default /var/tmp/standin-dataset): vm1..vm5.img, raw
+#                        images of five cloned Debian systems
 #   BENCH_DIR=DIR        scratch (default /var/tmp/standin-seed-bench; ~9 GiB free needed);
 #                        removed at exit unless BENCH_KEEP=1 (kept after a failure)
 #   BENCH_STANDIN=PATH   standin binary (default bin/standin, built when missing);
@@ -121,7 +121,7 @@ for t in "${need[@]}"; do
 done
 if has_tool standin; then [[ -c /dev/fuse ]] || die "/dev/fuse missing"; fi
 for img in "${IMAGES[@]}"; do
-	[[ -f $DS/$img ]] || die "$DS/$img missing: build the dataset with bash ../shared/bench/make-dataset.sh (DS=$DS)"
+	[[ -f $DS/$img ]] || die "$DS/$img missing: DS must hold vm1..vm5.img, raw images of five cloned Debian systems (DS=$DS)"
 done
 [[ $REPS =~ ^[1-9][0-9]*$ ]] || die "BENCH_REPS must be a positive integer"
 
