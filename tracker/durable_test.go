@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -213,5 +214,50 @@ func TestConcurrentCheckpointWaitsForImageSync(t *testing.T) {
 	close(release)
 	if err := <-cutDone; err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestCutStatFailureKeepsDirty: when the cut cannot read an image's size, it
+// fails and every dirty block stays dirty (a size read as 0 must not clip
+// them away).
+func TestCutStatFailureKeepsDirty(t *testing.T) {
+	s, dir := newStore(t, Options{CheckpointInterval: time.Hour})
+	p := createImage(t, dir, "a.img", 16<<20)
+	im, err := s.Image("a.img")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(p, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := s.Cut(context.Background(), nil); err != nil { // base cycle
+		t.Fatal(err)
+	}
+	write(t, im, f, make([]byte, 8192), 1<<20)
+	want := blocksOf(im)
+
+	orig := statImage
+	statImage = func(fl *os.File) (os.FileInfo, error) {
+		if filepath.Base(fl.Name()) == "a.img" {
+			return nil, syscall.EIO
+		}
+		return orig(fl)
+	}
+	_, err = s.Cut(context.Background(), nil)
+	statImage = orig
+	if err == nil {
+		t.Fatal("cut succeeded although the image's size could not be read")
+	}
+	if got := blocksOf(im); !got.Equals(want) {
+		t.Fatalf("dirty after the failed cut: %v, want %v", got, want)
+	}
+	infos, err := s.Cut(context.Background(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(infos) != 1 || infos[0].DataBlocks+infos[0].ZeroBlocks != 2 {
+		t.Fatalf("next cut: %+v, want the 2 written blocks", infos)
 	}
 }

@@ -456,7 +456,7 @@ func (im *Image) saveMeta() error {
 
 // size returns the backing file's size.
 func (im *Image) size() (int64, error) {
-	st, err := im.f.Stat()
+	st, err := statImage(im.f)
 	if err != nil {
 		return 0, err
 	}

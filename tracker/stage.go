@@ -198,7 +198,10 @@ func (s *Store) CutWith(ctx context.Context, names []string, o CutOptions) ([]Cy
 		}
 		nblocks := (uint64(size) + BlockSize - 1) / BlockSize
 		f := im.dirty
-		if nblocks < maxBlocks && f.IntersectsWithInterval(nblocks, maxBlocks) {
+		// Clip only at a size that was read: after a failed stat, size 0
+		// would drop every dirty block, and the abandon below could not
+		// return them (frozen is this same bitmap).
+		if serr == nil && nblocks < maxBlocks && f.IntersectsWithInterval(nblocks, maxBlocks) {
 			// Blocks past the end leave the dirty set here: the shrink
 			// must be durable before a checkpoint drops them (rule 6).
 			f.RemoveRange(nblocks, maxBlocks)

@@ -581,6 +581,9 @@ func cycleInfo(h format.Header, path string, bytes int64, data, zero uint64) Cyc
 // fdatasync is a variable so a test can record the order of syncs.
 var fdatasync = func(f *os.File) error { return unix.Fdatasync(int(f.Fd())) }
 
+// statImage is a variable so a test can make the cut's stat of an image fail.
+var statImage = (*os.File).Stat
+
 // crashForTest drops the store as a kill -9 would: no checkpoint, no clean
 // flag, descriptors closed, lock released.
 func (s *Store) crashForTest() {
