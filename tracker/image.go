@@ -69,7 +69,7 @@ type Image struct {
 	wanted      bits   // extents waiting for the next intent commit
 	touched     bits   // extents touched since the last checkpoint snapshot
 	unclean     bool   // started after a crash: active extents were added
-	drops       uint64 // counts removals of blocks from dirty ∪ frozen
+	drops       uint64 // counts removals of blocks from dirty ∪ frozen (dropFrozenLocked, clipDirtyLocked)
 	syncedDrops uint64 // the drops an image fdatasync completed after
 	recovered   uint64
 	lastErr     error
@@ -307,6 +307,28 @@ func (im *Image) Checkpoint() error {
 	im.commitMu.Lock()
 	defer im.commitMu.Unlock()
 	return im.checkpointLocked()
+}
+
+// dropFrozenLocked ends a stage whose frozen blocks are now durable elsewhere
+// (a staged cycle file, a committed seed): they leave dirty ∪ frozen.
+// dropFrozenLocked and clipDirtyLocked are the only ways blocks leave
+// dirty ∪ frozen: each counts the drop, so the next checkpoint fdatasyncs the
+// image before the dirty map on disk loses them (ordering rule 6). Called
+// with mu held.
+func (im *Image) dropFrozenLocked() {
+	if im.frozen != nil && !im.frozen.IsEmpty() {
+		im.drops++
+	}
+	im.frozen, im.stage = nil, nil
+}
+
+// clipDirtyLocked drops the dirty blocks from nblocks on (past a shrunken
+// end of the image); see dropFrozenLocked. Called with mu held.
+func (im *Image) clipDirtyLocked(nblocks uint64) {
+	if nblocks < maxBlocks && im.dirty.IntersectsWithInterval(nblocks, maxBlocks) {
+		im.dirty.RemoveRange(nblocks, maxBlocks)
+		im.drops++
+	}
 }
 
 // syncIfDropped fdatasyncs the image if blocks left dirty ∪ frozen since its

@@ -279,10 +279,7 @@ func (sd *Seed) Commit() error {
 			im.meta.NextSeq = si.seq + 1
 		}
 		im.meta.LastCut = si.t
-		if im.frozen != nil && !im.frozen.IsEmpty() {
-			im.drops++ // the checkpoint below syncs the image before it drops them
-		}
-		im.frozen, im.stage = nil, nil
+		im.dropFrozenLocked() // the checkpoint below syncs the image before it drops them
 		im.mu.Unlock()
 		si.st.discard()
 		dir := im.s.cycleDir(im.id)

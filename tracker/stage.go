@@ -196,17 +196,13 @@ func (s *Store) CutWith(ctx context.Context, names []string, o CutOptions) ([]Cy
 		if serr != nil && err == nil {
 			err = serr
 		}
-		nblocks := (uint64(size) + BlockSize - 1) / BlockSize
-		f := im.dirty
 		// Clip only at a size that was read: after a failed stat, size 0
 		// would drop every dirty block, and the abandon below could not
 		// return them (frozen is this same bitmap).
-		if serr == nil && nblocks < maxBlocks && f.IntersectsWithInterval(nblocks, maxBlocks) {
-			// Blocks past the end leave the dirty set here: the shrink
-			// must be durable before a checkpoint drops them (rule 6).
-			f.RemoveRange(nblocks, maxBlocks)
-			im.drops++
+		if serr == nil {
+			im.clipDirtyLocked((uint64(size) + BlockSize - 1) / BlockSize)
 		}
+		f := im.dirty
 		im.dirty = roaring.New()
 		im.frozen = f
 		c.frozen = f
@@ -355,10 +351,7 @@ func (im *Image) stageCycle(ctx context.Context, c *cutImage, o CutOptions) (inf
 	im.meta.LastCut = c.hdr.CutTime
 	im.meta.LastCycleBytes = sum.Bytes
 	cbwBlocks := c.st.copied
-	if !im.frozen.IsEmpty() {
-		im.drops++ // the checkpoint below syncs the image before it drops them
-	}
-	im.frozen, im.stage = nil, nil
+	im.dropFrozenLocked() // the checkpoint below syncs the image before it drops them
 	im.mu.Unlock()
 	c.st.discard()
 	if err := im.saveMeta(); err != nil {
