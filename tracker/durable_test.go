@@ -2,12 +2,15 @@ package tracker
 
 import (
 	"context"
+	"errors"
 	"os"
 	"path/filepath"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/RoaringBitmap/roaring/v2"
 )
 
 // syncLog records, in order, which files were fdatasynced.
@@ -259,5 +262,71 @@ func TestCutStatFailureKeepsDirty(t *testing.T) {
 	}
 	if len(infos) != 1 || infos[0].DataBlocks+infos[0].ZeroBlocks != 2 {
 		t.Fatalf("next cut: %+v, want the 2 written blocks", infos)
+	}
+}
+
+// TestImageSyncFailureSticky: a failed image fdatasync before a checkpoint is
+// sticky. The kernel may have dropped the unwritten pages, so a later sync
+// that succeeds proves nothing: writes are refused, and no checkpoint drops
+// the blocks from the dirty map on disk, from which a restart recovers.
+func TestImageSyncFailureSticky(t *testing.T) {
+	s, dir := newStore(t, Options{CheckpointInterval: time.Hour})
+	p := createImage(t, dir, "a.img", 16<<20)
+	im, err := s.Image("a.img")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(p, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := s.Cut(context.Background(), nil); err != nil { // base cycle
+		t.Fatal(err)
+	}
+	write(t, im, f, make([]byte, 8192), 1<<20)
+	if err := im.Checkpoint(); err != nil { // the blocks reach the dirty map on disk
+		t.Fatal(err)
+	}
+	want := blocksOf(im)
+	onDisk := func(when string) {
+		t.Helper()
+		d, err := readDirty(filepath.Join(im.dir, "dirty"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if missing := roaring.AndNot(want, d); !missing.IsEmpty() {
+			t.Errorf("%s: the dirty map on disk lost blocks %v", when, missing)
+		}
+	}
+
+	orig := fdatasync
+	fdatasync = func(fl *os.File) error {
+		if filepath.Base(fl.Name()) == "a.img" {
+			return syscall.EIO
+		}
+		return orig(fl)
+	}
+	t.Cleanup(func() { fdatasync = orig })
+	// The cut stages the blocks; its checkpoint's image sync fails.
+	if _, err := s.Cut(context.Background(), nil); err != nil {
+		t.Fatal(err)
+	}
+	onDisk("after the failed sync")
+	if _, err := im.BeginWrite(0, 4096); !errors.Is(err, syscall.EIO) {
+		t.Errorf("write after the failed image sync: %v, want EIO", err)
+	}
+	if err := im.Sync(); !errors.Is(err, syscall.EIO) {
+		t.Errorf("fsync after the failed image sync: %v, want EIO", err)
+	}
+
+	// A later sync succeeds: the error stays, the dirty map on disk too.
+	fdatasync = orig
+	if err := im.Checkpoint(); !errors.Is(err, syscall.EIO) {
+		t.Errorf("checkpoint after the failed image sync: %v, want EIO", err)
+	}
+	onDisk("after a later checkpoint")
+	if _, err := im.BeginWrite(0, 4096); !errors.Is(err, syscall.EIO) {
+		t.Errorf("write after a later checkpoint: %v, want EIO", err)
 	}
 }

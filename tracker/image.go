@@ -335,8 +335,11 @@ func (im *Image) clipDirtyLocked(nblocks uint64) {
 // last sync.
 func (im *Image) syncIfDropped() error {
 	im.mu.Lock()
-	g, done := im.drops, im.syncedDrops
+	g, done, failed := im.drops, im.syncedDrops, im.lastErr
 	im.mu.Unlock()
+	if failed != nil {
+		return failed // checkpointLocked writes nothing either
+	}
 	if g == done {
 		return nil
 	}
@@ -348,6 +351,13 @@ func (im *Image) checkpointLocked() error {
 	if im.released {
 		im.mu.Unlock()
 		return nil
+	}
+	if err := im.lastErr; err != nil {
+		// Sticky: after a failed image fdatasync a later one may succeed
+		// although the kernel dropped the unwritten pages, so the sets on
+		// disk stay as they are until a restart recovers from them.
+		im.mu.Unlock()
+		return err
 	}
 	snap := im.dirty.Clone()
 	if im.frozen != nil {
@@ -399,7 +409,8 @@ func (im *Image) checkpointLocked() error {
 // syncImage makes the image's data durable (fdatasync) before a checkpoint
 // drops blocks from the recovery sets. A failure is sticky: after a failed
 // fdatasync the kernel may have dropped the unwritten pages, so the image
-// refuses writes until a restart recovers from the unchanged sets on disk.
+// refuses writes and checkpoints until a restart recovers from the unchanged
+// sets on disk.
 func (im *Image) syncImage(drops uint64) error {
 	err := fdatasync(im.f)
 	im.mu.Lock()
