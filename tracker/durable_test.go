@@ -330,3 +330,59 @@ func TestImageSyncFailureSticky(t *testing.T) {
 		t.Errorf("write after a later checkpoint: %v, want EIO", err)
 	}
 }
+
+// TestCutSyncsImagesInParallel: the image fdatasyncs of a multi-image cut's
+// checkpoints overlap instead of running one after another.
+func TestCutSyncsImagesInParallel(t *testing.T) {
+	s, dir := newStore(t, Options{CheckpointInterval: time.Hour})
+	var ims []*Image
+	var fs []*os.File
+	for _, n := range []string{"a.img", "b.img"} {
+		p := createImage(t, dir, n, 16<<20)
+		im, err := s.Image(n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		f, err := os.OpenFile(p, os.O_RDWR, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		ims, fs = append(ims, im), append(fs, f)
+	}
+	if _, err := s.Cut(context.Background(), nil); err != nil { // base cycles
+		t.Fatal(err)
+	}
+	for i, im := range ims {
+		write(t, im, fs[i], make([]byte, 4096), 1<<20)
+	}
+
+	var wg sync.WaitGroup
+	wg.Add(2)
+	overlapped := make(chan struct{})
+	go func() { wg.Wait(); close(overlapped) }()
+	var mu sync.Mutex
+	seen := map[string]bool{}
+	orig := fdatasync
+	fdatasync = func(fl *os.File) error {
+		if n := filepath.Base(fl.Name()); n == "a.img" || n == "b.img" {
+			mu.Lock()
+			first := !seen[n]
+			seen[n] = true
+			mu.Unlock()
+			if first {
+				wg.Done()
+				select {
+				case <-overlapped:
+				case <-time.After(5 * time.Second):
+					t.Errorf("the sync of %s waited alone: the images sync one after another", n)
+				}
+			}
+		}
+		return orig(fl)
+	}
+	t.Cleanup(func() { fdatasync = orig })
+	if _, err := s.Cut(context.Background(), nil); err != nil {
+		t.Fatal(err)
+	}
+}
