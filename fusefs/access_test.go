@@ -2,6 +2,7 @@ package fusefs
 
 import (
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -57,6 +58,12 @@ func TestMountsAllowOtherGroup(t *testing.T) {
 			t.Errorf("nobody reading %s: %q, want permission denied", p, out)
 		}
 	}
+	// Others cannot even stat a point (its size, whether it exists).
+	for _, p := range paths[1:4] {
+		if out := statAs(t, nobody, nobody, p); !strings.Contains(out, "Permission denied") {
+			t.Errorf("nobody stating %s: %q, want permission denied", p, out)
+		}
+	}
 	var st syscall.Stat_t
 	if err := syscall.Stat(paths[2], &st); err != nil || st.Mode&0o777 != 0o440 || st.Gid != group {
 		t.Errorf("points file: mode %04o gid %d (%v), want 0440 and %d", st.Mode&0o777, st.Gid, err, group)
@@ -64,4 +71,17 @@ func TestMountsAllowOtherGroup(t *testing.T) {
 	if err := syscall.Stat(paths[5], &st); err != nil || st.Mode&0o777 != 0o640 || st.Gid != group {
 		t.Errorf("test image: mode %04o gid %d (%v), want 0640 and %d", st.Mode&0o777, st.Gid, err, group)
 	}
+}
+
+// statAs stats path as uid:gid and returns the output of a failure ("" on
+// success).
+func statAs(t *testing.T, uid, gid uint32, path string) string {
+	t.Helper()
+	cmd := exec.Command("stat", "-c", "%s", path)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: gid, Groups: []uint32{}}}
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return string(out) + err.Error()
+	}
+	return ""
 }

@@ -50,7 +50,7 @@ func MountImages(mnt string, imgs []NamedImage, o Options) (*Server, error) {
 	root := &cowRoot{imgs: imgs, log: o.Logger}
 	root.uid, root.gid = o.Access.ids()
 	root.fileMode = o.Access.fileMode(0o600)
-	root.dirMode = o.Access.dirMode(root.fileMode)
+	root.dirMode = o.Access.dirMode(root.fileMode, true)
 	opts := mountOptionsPerm(name, o.Access.AllowOther, true, o.Debug, true)
 	return mount(mnt, root, opts, o.Logger)
 }

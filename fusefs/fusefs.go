@@ -83,9 +83,11 @@ type Access struct {
 	Gid int `json:"gid,omitempty"`
 	// Mode is the permission bits of the files (0: owner only: 0400 on the
 	// read-only points mount, 0600 for test images). Directories get read
-	// and search for every class that may read; with AllowOther every
-	// class may search them (a file chowned to QEMU's user is reachable,
-	// the listing is not).
+	// and search for every class that may read, and for no other: a user
+	// who may not read the points cannot stat them either (sizes, which
+	// points exist). Only on the test failover mount with AllowOther may
+	// every class search the directory, so a test image chowned to QEMU's
+	// user is reachable (the listing is not).
 	Mode uint32 `json:"mode,omitempty"`
 }
 
@@ -107,11 +109,12 @@ func (a Access) fileMode(def uint32) uint32 {
 }
 
 // dirMode is the permission bits of the directories holding files of mode
-// m: rwx for the owner, r-x for every class that may read, --x for all
-// with AllowOther.
-func (a Access) dirMode(m uint32) uint32 {
+// m: rwx for the owner, r-x for every class that may read; --x for all
+// with AllowOther when the files can be chowned (chownable), so their new
+// owner reaches them.
+func (a Access) dirMode(m uint32, chownable bool) uint32 {
 	d := uint32(0o700) | m&0o044 | (m&0o044)>>2
-	if a.AllowOther {
+	if a.AllowOther && chownable {
 		d |= 0o011
 	}
 	return d

@@ -82,7 +82,7 @@ func MountPoints(mnt string, src PointSource, o Options) (*Server, error) {
 	root := &ptRoot{src: src, log: o.Logger}
 	root.uid, root.gid = o.Access.ids()
 	root.fileMode = o.Access.fileMode(0o400) &^ 0o222 // read-only
-	root.dirMode = o.Access.dirMode(root.fileMode) &^ 0o222
+	root.dirMode = o.Access.dirMode(root.fileMode, false) &^ 0o222
 	return mount(mnt, root, opts, o.Logger)
 }
 
