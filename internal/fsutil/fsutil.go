@@ -4,8 +4,6 @@
 package fsutil
 
 import (
-	"crypto/rand"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -13,7 +11,6 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"syscall"
 
 	"golang.org/x/sys/unix"
 )
@@ -71,7 +68,7 @@ type AtomicOptions struct {
 }
 
 // WriteAtomicOpts writes a new file at path: the content goes to a fresh
-// temporary file in the same directory (created with O_EXCL|O_NOFOLLOW, so
+// temporary file in the same directory (os.CreateTemp: O_CREATE|O_EXCL, so
 // a symlink or file planted there is never followed or reused), is fsynced,
 // gets its mode, and is renamed to path. A symlink at path itself is
 // replaced (rename does not follow it), never written through. A crash
@@ -84,10 +81,11 @@ func WriteAtomicOpts(path string, o AtomicOptions, fill func(io.Writer) error) (
 			return fmt.Errorf("%s: %w (refusing to replace it)", path, fs.ErrExist)
 		}
 	}
-	f, tmp, err := createTemp(dir, "."+filepath.Base(path)+".tmp-")
+	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
 	if err != nil {
 		return err
 	}
+	tmp := f.Name()
 	defer func() {
 		if err != nil {
 			f.Close()
@@ -118,27 +116,6 @@ func WriteAtomicOpts(path string, o AtomicOptions, fill func(io.Writer) error) (
 		return nil
 	}
 	return SyncDir(dir)
-}
-
-// createTemp creates a new file dir/prefix+RANDOM with mode 0600, O_EXCL and
-// O_NOFOLLOW.
-func createTemp(dir, prefix string) (*os.File, string, error) {
-	for range 100 {
-		var b [6]byte
-		if _, err := rand.Read(b[:]); err != nil {
-			return nil, "", err
-		}
-		name := filepath.Join(dir, prefix+hex.EncodeToString(b[:]))
-		f, err := os.OpenFile(name, os.O_RDWR|os.O_CREATE|os.O_EXCL|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, 0o600)
-		if errors.Is(err, fs.ErrExist) {
-			continue
-		}
-		if err != nil {
-			return nil, "", err
-		}
-		return f, name, nil
-	}
-	return nil, "", fmt.Errorf("create a temporary file in %s: too many collisions", dir)
 }
 
 // renameNoReplace renames oldpath to newpath unless newpath exists
@@ -177,17 +154,11 @@ func MkdirPrivate(path string, perm os.FileMode) error {
 	if err := os.Mkdir(path, perm); err != nil && !errors.Is(err, fs.ErrExist) {
 		return err
 	}
-	st, err := os.Lstat(path)
+	old, err := dirMode(path, false)
 	if err != nil {
 		return err
 	}
-	if st.Mode()&fs.ModeSymlink != 0 {
-		return fmt.Errorf("%s is a symbolic link, not a directory: refusing to write through it (remove it or name the real directory)", path)
-	}
-	if !st.IsDir() {
-		return fmt.Errorf("%s exists and is not a directory", path)
-	}
-	if st.Mode().Perm() != perm {
+	if old != perm {
 		// Mkdir applies the umask; an existing directory may be looser.
 		if err := os.Chmod(path, perm); err != nil {
 			return fmt.Errorf("set mode %04o on %s: %w", perm, path, err)
@@ -203,20 +174,10 @@ func Tighten(path string) (old os.FileMode, changed bool, err error) {
 	if err := os.MkdirAll(path, 0o700); err != nil {
 		return 0, false, err
 	}
-	st, err := os.Lstat(path)
-	if err != nil {
+	// The user named the store: a link to it is followed once, explicitly.
+	if old, err = dirMode(path, true); err != nil {
 		return 0, false, err
 	}
-	if st.Mode()&fs.ModeSymlink != 0 {
-		// The user named a link to the store: follow it once, explicitly.
-		if st, err = os.Stat(path); err != nil {
-			return 0, false, err
-		}
-	}
-	if !st.IsDir() {
-		return 0, false, fmt.Errorf("%s is not a directory", path)
-	}
-	old = st.Mode().Perm()
 	if old&0o077 == 0 {
 		return old, false, nil
 	}
@@ -224,6 +185,28 @@ func Tighten(path string) (old os.FileMode, changed bool, err error) {
 		return old, false, fmt.Errorf("remove group/other access from %s (mode %04o): %w", path, old, err)
 	}
 	return old, true, nil
+}
+
+// dirMode returns the permission bits of the directory path. A symlink there
+// is followed when followLink is set, refused otherwise, so that nothing is
+// written through a link planted where a directory is expected.
+func dirMode(path string, followLink bool) (os.FileMode, error) {
+	st, err := os.Lstat(path)
+	if err != nil {
+		return 0, err
+	}
+	if st.Mode()&fs.ModeSymlink != 0 {
+		if !followLink {
+			return 0, fmt.Errorf("%s is a symbolic link, not a directory: refusing to write through it (remove it or name the real directory)", path)
+		}
+		if st, err = os.Stat(path); err != nil {
+			return 0, err
+		}
+	}
+	if !st.IsDir() {
+		return 0, fmt.Errorf("%s exists and is not a directory", path)
+	}
+	return st.Mode().Perm(), nil
 }
 
 // Extent is a byte range [Off, Off+Len).
