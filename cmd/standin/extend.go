@@ -29,18 +29,17 @@ func extendCommand() *cli.Command {
 		Name:      "extend",
 		Usage:     "extended replication: forward a group this replica receives onward to a third host (on the replica; needs its daemon)",
 		UsageText: "standin replicate extend --store RSTORE --group VM --to HOST:PORT [--token-file FILE|-] [--interval 15m] [--bandwidth 8Mbit] [--points 24 --point-every 1h] [--any-point-window D]",
-		Flags: []cli.Flag{
+		Flags: append([]cli.Flag{
 			store,
 			&cli.StringFlag{Name: "group", Usage: "group `NAME` (as the primary replicates it here)"},
 			&cli.StringFlag{Name: "to", Usage: "the third host's replica daemon `HOST:PORT`"},
-			&cli.StringFlag{Name: "token", Usage: "pairing `TOKEN` from 'standin pair token' on the third host (not needed when paired already; visible to every local user in the process list: prefer --token-file or " + tokenEnv + ")"},
-			&cli.StringFlag{Name: "token-file", Usage: "read the pairing token from `FILE` (- : standard input); or set " + tokenEnv},
+		}, append(tokenFlags("pairing `TOKEN` from 'standin pair token' on the third host (not needed when paired already)"),
 			&cli.DurationFlag{Name: "interval", Value: 15 * time.Minute, Usage: "forward interval (at least 30s and at least the interval the group arrives at)"},
 			&cli.StringFlag{Name: "bandwidth", Usage: "limit, e.g. 8Mbit (default unlimited)"},
 			&cli.IntFlag{Name: "points", Value: 24, Usage: "recovery points the third host keeps besides the latest"},
 			&cli.DurationFlag{Name: "point-every", Value: time.Hour, Usage: "spacing of the kept points"},
 			&cli.DurationFlag{Name: "any-point-window", Usage: "also keep every forwarded point younger than this"},
-		},
+		)...),
 		OnUsageError: onUsageError,
 		Action: func(c *cli.Context) error {
 			if err := needStore(c); err != nil {

@@ -80,13 +80,15 @@ func pointsCommand() *cli.Command {
 					}
 					var rep applier.VerifyReport
 					req := daemon.ExportRequest{Group: c.String("group"), Point: c.String("point")}
-					return callVerify(c, req, &rep, func() (string, string, any, error) {
-						what := fmt.Sprintf("point %s of %s", rep.Point, rep.Group)
-						if rep.Mismatch == nil {
-							return what, fmt.Sprintf("%d blocks in %d image(s) match the hashes recorded when they arrived", rep.Blocks, rep.Images), nil, nil
-						}
-						return what, "", *rep.Mismatch, corruptErr(fmt.Errorf("point %s of %s does not verify", c.String("point"), c.String("group")))
-					})
+					if err := callVerify(c, req, &rep); err != nil {
+						return err
+					}
+					what := fmt.Sprintf("point %s of %s", rep.Point, rep.Group)
+					if rep.Mismatch != nil {
+						return printVerified(c, &rep, what, fmt.Sprintf("MISMATCH %+v", *rep.Mismatch),
+							corruptErr(fmt.Errorf("point %s of %s does not verify", c.String("point"), c.String("group"))))
+					}
+					return printVerified(c, &rep, what, fmt.Sprintf("%d blocks in %d image(s) match the hashes recorded when they arrived", rep.Blocks, rep.Images), nil)
 				},
 			},
 			pointsScrubCommand(),

@@ -23,36 +23,33 @@ func parseRate(s string) (int64, error) {
 func verifyPrepared(c *cli.Context) error {
 	var rep applier.PreparedReport
 	req := daemon.ExportRequest{Group: c.String("group"), Prepared: true}
-	return callVerify(c, req, &rep, func() (string, string, any, error) {
-		what := fmt.Sprintf("prepared promotion copy of %s (point %s)", rep.Group, rep.Point)
-		if rep.Mismatch == nil {
-			return what, fmt.Sprintf("%d blocks in %d image(s) match the hashes recorded with it", rep.Blocks, rep.Images), nil, nil
-		}
-		return what, "", *rep.Mismatch, corruptErr(fmt.Errorf("the prepared promotion copy of %s does not verify: a promotion would not use it; drop it with 'standin failover cancel' or let the scrub drop it", rep.Group))
-	})
-}
-
-// callVerify asks the daemon to verify req (answer in rep) and prints the
-// outcome: rep as JSON, or "what: ok" or "what: MISMATCH ...", where result
-// gives what, ok, the mismatch (nil if none) and the error to return for it.
-func callVerify(c *cli.Context, req daemon.ExportRequest, rep any, result func() (what, ok string, mismatch any, bad error)) error {
-	if err := daemon.NewClient(c.String("store")).Call(c.Context, "/points/verify", req, rep); err != nil {
+	if err := callVerify(c, req, &rep); err != nil {
 		return err
 	}
-	what, ok, mismatch, bad := result()
+	what := fmt.Sprintf("prepared promotion copy of %s (point %s)", rep.Group, rep.Point)
+	if rep.Mismatch != nil {
+		return printVerified(c, &rep, what, fmt.Sprintf("MISMATCH %+v", *rep.Mismatch),
+			corruptErr(fmt.Errorf("the prepared promotion copy of %s does not verify: a promotion would not use it; drop it with 'standin failover cancel' or let the scrub drop it", rep.Group)))
+	}
+	return printVerified(c, &rep, what, fmt.Sprintf("%d blocks in %d image(s) match the hashes recorded with it", rep.Blocks, rep.Images), nil)
+}
+
+// callVerify asks the daemon to verify req; the answer goes to rep.
+func callVerify(c *cli.Context, req daemon.ExportRequest, rep any) error {
+	return daemon.NewClient(c.String("store")).Call(c.Context, "/points/verify", req, rep)
+}
+
+// printVerified prints a verify's outcome, rep as JSON or "what: line", and
+// returns bad (the error for a mismatch, nil if none).
+func printVerified(c *cli.Context, rep any, what, line string, bad error) error {
 	if c.Bool("json") {
 		if err := printJSON(rep); err != nil {
 			return err
 		}
-	} else if mismatch == nil {
-		fmt.Printf("%s: %s\n", what, ok)
 	} else {
-		fmt.Printf("%s: MISMATCH %+v\n", what, mismatch)
+		fmt.Printf("%s: %s\n", what, line)
 	}
-	if mismatch != nil {
-		return bad
-	}
-	return nil
+	return bad
 }
 
 func pointsScrubCommand() *cli.Command {

@@ -19,7 +19,7 @@ func serveCommand() *cli.Command {
 		Description: `Foreground. A self-signed CA and server certificate are created in STORE/pki at the first
 start; pair primaries with 'standin pair token'. Give --cert/--key/--client-ca to use
 enterprise PKI instead.`,
-		Flags: []cli.Flag{
+		Flags: append([]cli.Flag{
 			storeFlag,
 			&cli.StringFlag{Name: "listen", Value: ":7443", Usage: "HTTPS listen address `HOST:PORT`"},
 			&cli.StringFlag{Name: "metrics", Usage: "serve Prometheus metrics on `ADDR` (e.g. 127.0.0.1:9443)"},
@@ -29,7 +29,7 @@ enterprise PKI instead.`,
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error"},
 			&cli.StringFlag{Name: "points-mount", Usage: "expose every recovery point read-only through FUSE at `DIR` (see 'standin points mount')"},
 			&cli.StringFlag{Name: "primary-store", Usage: "this host's primary store `DIR`: a failover promotes groups into it (its 'standin mount' daemon must run)"},
-			accessFlags("points-")[0], accessFlags("points-")[1], accessFlags("points-")[2],
+		}, append(accessFlags("points-"),
 			&cli.DurationFlag{Name: "scrub-interval", Value: daemon.DefaultScrubInterval, Usage: "re-read every recovery point, undo log and prepared promotion copy against their recorded hashes every `DURATION` (0 = never; 'standin points scrub' runs one now)"},
 			&cli.StringFlag{Name: "scrub-rate", Value: "50MB/s", Usage: "read at most `RATE` while scrubbing (0 = unlimited)"},
 			&cli.BoolFlag{Name: "warm-standby", Usage: "keep a promotion copy of every group in the primary store, brought forward after each apply: a failover (also unplanned) then copies nothing (needs --primary-store; twice the disk space)"},
@@ -39,7 +39,7 @@ enterprise PKI instead.`,
 			&cli.DurationFlag{Name: "idle-timeout", Value: netlimit.Default.IdleTimeout, Usage: "close keep-alive connections idle this long"},
 			&cli.DurationFlag{Name: "body-timeout", Value: netlimit.Default.BodyTimeout, Usage: "a request body must bring 64 KiB within each such window (uploads of any length and speed above ~1 KiB/s pass)"},
 			&cli.DurationFlag{Name: "write-timeout", Value: netlimit.Default.WriteTimeout, Usage: "time to write one response"},
-		},
+		)...),
 		OnUsageError: onUsageError,
 		Action: func(c *cli.Context) error {
 			var lvl slog.Level
@@ -67,10 +67,8 @@ enterprise PKI instead.`,
 					return usageErr("--%s %d: give a positive number", f, c.Int(f))
 				}
 			}
-			for _, f := range []string{"header-timeout", "idle-timeout", "body-timeout", "write-timeout"} {
-				if c.Duration(f) <= 0 {
-					return usageErr("--%s %s: give a positive duration such as 30s", f, c.Duration(f))
-				}
+			if err := positiveDurations(c, "header-timeout", "idle-timeout", "body-timeout", "write-timeout"); err != nil {
+				return err
 			}
 			primaryStore := c.String("primary-store")
 			if primaryStore != "" {
