@@ -21,6 +21,7 @@ import (
 
 	"github.com/standin/standin/internal/fsutil"
 	"github.com/standin/standin/internal/wire"
+	"github.com/standin/standin/tracker"
 )
 
 // Reconcile is a pending failback hash check of candidate blocks.
@@ -57,17 +58,10 @@ func readCandidates(path string) (*roaring.Bitmap, error) {
 
 // ParseCandidates decodes a serialized roaring bitmap of candidate blocks
 // (a file of WriteCandidates, or a failover request's candidates). The
-// bitmap is checked for consistency: a damaged one is an error here rather
-// than a panic when it is used.
+// bitmap is checked for consistency (tracker.DecodeBlocks): a damaged one is
+// an error here rather than a panic when it is used.
 func ParseCandidates(data []byte) (*roaring.Bitmap, error) {
-	b := roaring.New()
-	if _, err := b.FromUnsafeBytes(data); err != nil {
-		return nil, err
-	}
-	if err := b.Validate(); err != nil {
-		return nil, fmt.Errorf("inconsistent bitmap: %w", err)
-	}
-	return b.Clone(), nil
+	return tracker.DecodeBlocks(data)
 }
 
 // reconcile runs a pending failback hash check; the blocks that differ

@@ -468,14 +468,24 @@ func readDirty(path string) (*roaring.Bitmap, error) {
 	if n != uint64(len(body)-16) {
 		return nil, fmt.Errorf("%s: length field %d, have %d bytes", path, n, len(body)-16)
 	}
-	b := roaring.New()
-	if _, err := b.ReadFrom(bytes.NewReader(body[16:])); err != nil {
-		return nil, fmt.Errorf("%s: %w", path, err)
+	b, err := DecodeBlocks(body[16:])
+	if err != nil {
+		return nil, fmt.Errorf("%s: dirty map: %w", path, err)
 	}
-	// ReadFrom takes inconsistent containers (e.g. unsorted) that panic
-	// when used later.
+	return b, nil
+}
+
+// DecodeBlocks decodes a serialized roaring bitmap of blocks from untrusted
+// bytes (a dirty map, a failover's candidate blocks). The bitmap is copied
+// out of p and checked for consistency: ReadFrom takes inconsistent
+// containers (e.g. unsorted) that would panic when used later.
+func DecodeBlocks(p []byte) (*roaring.Bitmap, error) {
+	b := roaring.New()
+	if _, err := b.ReadFrom(bytes.NewReader(p)); err != nil {
+		return nil, err
+	}
 	if err := b.Validate(); err != nil {
-		return nil, fmt.Errorf("%s: inconsistent dirty map: %w", path, err)
+		return nil, fmt.Errorf("inconsistent bitmap: %w", err)
 	}
 	return b, nil
 }
