@@ -30,6 +30,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"sync"
@@ -48,8 +49,9 @@ var zeroPage = make([]byte, pageSize)
 // Options configure a mount.
 type Options struct {
 	// Trash is where unlinked files wait until their removal is durable; it
-	// must be on the backing directory's filesystem and outside it. Default:
-	// the backing directory's path with ".lazyfs-trash" appended.
+	// must be on the backing directory's filesystem and outside it, and new,
+	// empty or a trash lazyfs made (marked by a file .lazyfs-trash in it).
+	// Default: the backing directory's path with ".lazyfs-trash" appended.
 	Trash  string
 	Debug  bool
 	Logger *slog.Logger
@@ -122,10 +124,7 @@ func Mount(backing, mnt string, o Options) (*FS, error) {
 	if o.Logger == nil {
 		o.Logger = slog.Default()
 	}
-	// A trash left by a killed lazyfs holds only removals that were never
-	// made durable or undone; its content is gone either way.
-	os.RemoveAll(o.Trash)
-	if err := os.MkdirAll(o.Trash, 0o700); err != nil {
+	if err := openTrash(o.Trash); err != nil {
 		return nil, fmt.Errorf("lazyfs: trash: %w", err)
 	}
 	var tst syscall.Stat_t
@@ -236,7 +235,9 @@ func (f *FS) PowerCut() CutStats {
 		c.EntryUndos++
 	}
 	f.journal = nil
-	os.RemoveAll(f.trash)
+	if err := emptyTrash(f.trash); err != nil {
+		f.log.Warn("lazyfs: emptying the trash", "err", err)
+	}
 	f.mu.Unlock()
 	if err := unix.Unmount(f.mnt, unix.MNT_DETACH); err != nil {
 		f.log.Warn("lazyfs: unmount after the power cut", "err", err)
@@ -256,6 +257,46 @@ func (f *FS) Unmount() error {
 		}
 	}
 	return err
+}
+
+// trashMark names the file that marks a directory as a lazyfs trash.
+const trashMark = ".lazyfs-trash"
+
+// openTrash prepares the trash directory dir: it is created if missing. A
+// trash left by a killed lazyfs (it holds trashMark) holds only removals that
+// were never made durable or undone; its content is gone either way and is
+// removed. Any other directory must be empty: lazyfs never removes files it
+// did not put there.
+func openTrash(dir string) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return err
+	}
+	if len(ents) > 0 && !slices.ContainsFunc(ents, func(e os.DirEntry) bool { return e.Name() == trashMark }) {
+		return fmt.Errorf("%s is not empty and not a lazyfs trash: give a new or empty directory", dir)
+	}
+	if err := emptyTrash(dir); err != nil {
+		return err
+	}
+	return os.WriteFile(filepath.Join(dir, trashMark), nil, 0o600)
+}
+
+// emptyTrash removes what lazyfs parked in the trash dir (all but the mark).
+func emptyTrash(dir string) error {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, e := range ents {
+		if e.Name() != trashMark {
+			errs = append(errs, os.RemoveAll(filepath.Join(dir, e.Name())))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 func (f *FS) abs(rel string) string { return filepath.Join(f.backing, rel) }
@@ -725,7 +766,7 @@ func (n *node) syncDir() syscall.Errno {
 	defer unlock()
 	dir := n.rel("")
 	in := func(p string) bool {
-		return p != "" && filepath.Dir(p) == filepath.Clean(dir) || (dir == "" && filepath.Dir(p) == ".")
+		return p != "" && filepath.Dir(p) == filepath.Clean(dir) // Clean("") is "."
 	}
 	keep := n.fs.journal[:0]
 	for _, op := range n.fs.journal {

@@ -244,3 +244,44 @@ os.write(fd, b"all"); os.close(fd)
 		t.Errorf("a = %q after Sync and a cut", got)
 	}
 }
+
+// TestTrashOnlyItsOwn: a -trash directory that holds files lazyfs did not put
+// there is refused, never emptied; an empty one or one lazyfs left behind is
+// taken (the leftovers of a killed lazyfs removed).
+func TestTrashOnlyItsOwn(t *testing.T) {
+	base := t.TempDir()
+	backing, trash := filepath.Join(base, "backing"), filepath.Join(base, "trash")
+	for _, d := range []string{backing, trash} {
+		if err := os.Mkdir(d, 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
+	user := filepath.Join(trash, "precious")
+	if err := os.WriteFile(user, []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Mount(backing, filepath.Join(base, "mnt"), Options{Trash: trash}); err == nil || !strings.Contains(err.Error(), "not a lazyfs trash") {
+		t.Fatalf("mount with a foreign non-empty trash: %v, want refused", err)
+	}
+	if _, err := os.Stat(user); err != nil {
+		t.Fatalf("the user's file in the trash: %v", err)
+	}
+
+	os.Remove(user)
+	if err := openTrash(trash); err != nil { // empty: taken and marked
+		t.Fatal(err)
+	}
+	left := filepath.Join(trash, "1")
+	if err := os.WriteFile(left, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := openTrash(trash); err != nil { // lazyfs's own: emptied
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(left); !os.IsNotExist(err) {
+		t.Errorf("leftover of a killed lazyfs: %v, want removed", err)
+	}
+	if _, err := os.Stat(filepath.Join(trash, trashMark)); err != nil {
+		t.Errorf("trash mark: %v", err)
+	}
+}

@@ -22,7 +22,7 @@ import (
 
 func main() {
 	debug := flag.Bool("debug", false, "log every FUSE request")
-	trash := flag.String("trash", "", "directory for removals not yet durable (default BACKING.lazyfs-trash)")
+	trash := flag.String("trash", "", "directory for removals not yet durable: new, empty or one lazyfs made (default BACKING.lazyfs-trash)")
 	flag.Usage = func() {
 		fmt.Fprintf(os.Stderr, "usage: lazyfs [-debug] [-trash DIR] BACKING MOUNTPOINT\n")
 		flag.PrintDefaults()
