@@ -125,6 +125,9 @@ start_standin() {
 		shift
 	done
 	mkdir -p "$mnt" "$store"
+	# Owner-only, as a store must be (mk_image made it with the umask's
+	# mode; the daemon would warn and tighten it).
+	chmod 0700 "$store"
 	env "${envs[@]}" "$BIN" mount --store "$store" "${flags[@]}" "$mnt" >"$W/log/$name.log" 2>&1 &
 	pid=$!
 	PIDS+=("$pid")
