@@ -316,7 +316,7 @@ func readFileLimited(path string, limit int64) ([]byte, error) {
 }
 
 // writeFileAtomic writes data to path with mode perm via a fresh temporary
-// file (O_EXCL|O_NOFOLLOW: a symlink planted in the directory is never
+// file (O_CREAT|O_EXCL: a symlink planted in the directory is never
 // followed) + fsync + rename. The caller syncs the directory.
 func writeFileAtomic(path string, data []byte, perm os.FileMode) error {
 	return fsutil.WriteAtomicOpts(path, fsutil.AtomicOptions{Perm: perm, NoDirSync: true}, func(w io.Writer) error {
