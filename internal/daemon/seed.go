@@ -299,6 +299,13 @@ func SeedExport(ctx context.Context, st *tracker.Store, sh *shipper.Shipper, req
 	if err != nil {
 		return sum, fmt.Errorf("seed export to %v: %w (run the same command again to resume)", req.To, err)
 	}
+	if len(ds.Roots) != len(srcs) {
+		return sum, fmt.Errorf("seed export to %v: %d manifest roots for %d images", req.To, len(ds.Roots), len(srcs))
+	}
+	roots := map[string]string{} // image name on the mount → manifest root
+	for i, si := range sd.Images {
+		roots[si.Name()] = ds.Roots[i]
+	}
 	for _, si := range sd.Images {
 		sum.CBWBlocks += si.CBWBlocks()
 	}
@@ -306,26 +313,12 @@ func SeedExport(ctx context.Context, st *tracker.Store, sh *shipper.Shipper, req
 		return sum, fmt.Errorf("seed written, but recording it as the replication base failed: %w", err)
 	}
 	committed = true
-	roots := map[string]string{} // GROUP/IMAGE → manifest root
-	for _, r := range ds.Roots {
-		roots[r.Name] = r.Root
-	}
-	if len(roots) < len(srcs) {
-		// An export resumed after its data was written: read the roots back.
-		if ms, err := dedup.ReadManifests(req.To, req.Key); err == nil {
-			for _, m := range ms {
-				roots[m.Name] = hex.EncodeToString(m.Root[:])
-			}
-		} else {
-			emit(SeedEvent{Type: "message", Message: fmt.Sprintf("reading the seed's manifest roots back failed (%v): the replica cannot check the seed's content at import", err)})
-		}
-	}
 	for _, g := range groups {
 		ss := shipper.SeedState{GroupCut: sd.GroupCut.String(), Time: sd.Time, To: req.To}
 		for _, si := range sd.Images {
 			if groupOf[si.Name()] == g.Name {
 				ss.Images = append(ss.Images, shipper.SeedImage{Name: si.Name(), ID: applier.SeedImageID(si.ID()), Generation: si.Generation(), Seq: si.Seq(),
-					Root: roots[g.Name+"/"+si.Name()]})
+					Root: roots[si.Name()]})
 			}
 		}
 		if err := sh.SeedExported(g.Name, ss); err != nil {
