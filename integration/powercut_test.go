@@ -429,10 +429,11 @@ func TestPowerCutReplica(t *testing.T) {
 		var wg sync.WaitGroup
 		errs := make([]error, 2)
 		for w := 0; w < 2; w++ {
+			seed := e.rng.Uint64() // drawn here: e.rng is not safe for concurrent use
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				rng := rand.New(rand.NewPCG(e.rng.Uint64(), uint64(w)))
+				rng := rand.New(rand.NewPCG(seed, uint64(w)))
 				for !stop.Load() {
 					if _, err := writeRandomErr(rng, filepath.Join(e.Mnt, "a.img"), 10, 64, 0, 8*mib); err != nil {
 						errs[w] = err
