@@ -40,6 +40,9 @@ type replicaProc struct {
 	logAll lockedBuffer // output of every incarnation
 	Args   []string     // extra arguments of standin serve
 	Env    []string     // extra environment of standin serve
+	// NoFile, when set, is the open-file limit (soft and hard) the daemon
+	// starts with (through prlimit, which executes it in its place).
+	NoFile int
 }
 
 func freeAddr(t testing.TB) string {
@@ -74,7 +77,11 @@ func (r *replicaProc) start() {
 	}
 	r.out = &lockedBuffer{}
 	r.done = make(chan struct{})
-	r.cmd = exec.Command(standinBin, append([]string{"serve", "--store", r.Store, "--listen", r.Addr}, r.Args...)...)
+	argv := append([]string{standinBin, "serve", "--store", r.Store, "--listen", r.Addr}, r.Args...)
+	if r.NoFile > 0 {
+		argv = append([]string{"prlimit", fmt.Sprintf("--nofile=%d:%d", r.NoFile, r.NoFile), "--"}, argv...)
+	}
+	r.cmd = exec.Command(argv[0], argv[1:]...)
 	r.cmd.Env = append(os.Environ(), r.Env...)
 	startChild(r.t, "replica", r.cmd, io.MultiWriter(r.out, &r.logAll), r.done)
 	done := r.done
