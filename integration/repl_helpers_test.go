@@ -9,6 +9,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"io/fs"
@@ -56,13 +57,15 @@ func freeAddr(t testing.TB) string {
 }
 
 // startReplica starts `standin serve` on a free 127.0.0.1 port and waits until
-// it is ready. Cleanup stops it (SIGTERM, then SIGKILL).
+// it is ready. Cleanup stops it (SIGTERM, then SIGKILL) and tears down the
+// FUSE mounts it left (points mount, test failovers).
 func startReplica(t testing.TB, store string, args ...string) *replicaProc {
 	t.Helper()
 	r := &replicaProc{t: t, Store: store, Addr: freeAddr(t), Args: args}
 	r.start()
 	t.Cleanup(func() {
 		r.Stop()
+		r.teardownMounts()
 		if t.Failed() {
 			t.Logf("replica %s output:\n%s", r.Addr, r.logAll.String())
 		}
@@ -108,6 +111,49 @@ func (r *replicaProc) start() {
 }
 
 func (r *replicaProc) running() bool { return !exited(r.done) }
+
+// teardownMounts removes, once the daemon is gone, its points mount and
+// every FUSE mount below the directory of its store whose server is gone
+// (its test failover mounts; a live mount there belongs to another daemon).
+func (r *replicaProc) teardownMounts() {
+	if r.running() {
+		return
+	}
+	var ps []string
+	for i, a := range r.Args {
+		if a == "--points-mount" && i+1 < len(r.Args) {
+			ps = append(ps, r.Args[i+1])
+		}
+	}
+	for _, mi := range mountsUnder(filepath.Dir(r.Store)) {
+		if strings.HasPrefix(mi.FSType, "fuse") && deadFUSE(mi.Point) {
+			ps = append(ps, mi.Point)
+		}
+	}
+	for _, p := range ps {
+		if err := teardownMount(p); err != nil {
+			r.t.Errorf("cleanup: replica mount: %v", err)
+		}
+	}
+}
+
+// deadFUSE reports whether the FUSE mount at p lost its server (ENOTCONN).
+func deadFUSE(p string) bool {
+	ch := make(chan error, 1)
+	go func() { // open, not stat: the kernel may answer a stat from its cache
+		f, err := os.Open(p)
+		if err == nil {
+			f.Close()
+		}
+		ch <- err
+	}()
+	select {
+	case err := <-ch:
+		return errors.Is(err, syscall.ENOTCONN)
+	case <-time.After(2 * time.Second):
+		return false // hung: not ours to judge
+	}
+}
 
 // startChild starts the child process cmd with its output to out, to be
 // killed with the test binary (Pdeathsig), and closes done once it exited.
