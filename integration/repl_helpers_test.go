@@ -245,6 +245,47 @@ type verifyReport struct {
 	Mismatch json.RawMessage `json:"mismatch"`
 }
 
+// replicaStatus is the part of 'standin status --json' on a replica the
+// tests read.
+type replicaStatus struct {
+	Groups []struct {
+		Group   string   `json:"group"`
+		Health  string   `json:"health"`
+		Reasons []string `json:"reasons"`
+	} `json:"groups"`
+	Usage []struct {
+		Name  string `json:"name"`
+		Usage struct {
+			Held int64 `json:"held"`
+		} `json:"usage"`
+		Groups []string `json:"groups"`
+	} `json:"usage"`
+}
+
+func getReplicaStatus(t testing.TB, rstore string) replicaStatus {
+	t.Helper()
+	r := mustStandin(t, "status", "--store", rstore, "--json")
+	var st replicaStatus
+	if err := json.Unmarshal([]byte(r.Stdout), &st); err != nil {
+		t.Fatalf("status --json: %v\n%s", err, r.Stdout)
+	}
+	return st
+}
+
+// replicaHealth returns the health and reasons of group in the replica
+// daemon's status.
+func replicaHealth(t testing.TB, rstore, group string) (string, []string) {
+	t.Helper()
+	st := getReplicaStatus(t, rstore)
+	for _, g := range st.Groups {
+		if g.Group == group {
+			return g.Health, g.Reasons
+		}
+	}
+	t.Fatalf("replica status has no group %s: %+v", group, st.Groups)
+	return "", nil
+}
+
 func replGroupStatus(t testing.TB, pstore, group string) replGroup {
 	t.Helper()
 	r := mustStandin(t, "replicate", "list", "--store", pstore, "--json")
@@ -283,7 +324,17 @@ func pointIDs(ps []pointInfo) []string {
 // a non-zero block count.
 func verifyPoint(t testing.TB, rstore, group, point string) uint64 {
 	t.Helper()
-	r := standin(cmdTimeout, "points", "verify", "--store", rstore, "--group", group, "--point", point, "--json")
+	return checkVerify(t, group, point, runVerify(rstore, group, point))
+}
+
+func runVerify(rstore, group, point string) result {
+	return standin(cmdTimeout, "points", "verify", "--store", rstore, "--group", group, "--point", point, "--json")
+}
+
+// checkVerify checks the outcome r of 'points verify --json' (runVerify):
+// success, no mismatch, some blocks checked; it returns the blocks checked.
+func checkVerify(t testing.TB, group, point string, r result) uint64 {
+	t.Helper()
 	if r.Code != 0 {
 		t.Errorf("points verify %s/%s: %s", group, point, r)
 		return 0
@@ -445,11 +496,12 @@ func fillRandom(rng *rand.Rand, b []byte) {
 	}
 }
 
-// pair issues a token on the replica (allowing pattern) and joins the primary
-// with it, through replicaAddr (the replica itself or a proxy in front of it).
-func (e *replEnv) pair(pattern, replicaAddr string) {
+// pair issues a token on the replica (allowing pattern, with extra 'pair
+// token' flags) and joins the primary with it as "pri-GROUP", through
+// replicaAddr (the replica itself or a proxy in front of it).
+func (e *replEnv) pair(pattern, replicaAddr string, tokenFlags ...string) {
 	e.t.Helper()
-	r := mustStandin(e.t, "pair", "token", "--store", e.RStore, "--images", pattern, "--json")
+	r := mustStandin(e.t, append([]string{"pair", "token", "--store", e.RStore, "--images", pattern, "--json"}, tokenFlags...)...)
 	var tok map[string]string
 	if err := json.Unmarshal([]byte(r.Stdout), &tok); err != nil || tok["token"] == "" {
 		e.t.Fatalf("pair token --json: %v: %s", err, r.Stdout)
@@ -560,7 +612,6 @@ func (e *replEnv) writeSeq(name string, off, size int64) {
 	}
 }
 
-// stagedBytes sums the staged (unshipped) cycle files of the primary.
 // replicateKillMidApply starts a replication round of the group and kills
 // the replica daemon (SIGKILL) as soon as its apply journal (apply.json)
 // appears. It returns false when the round completed first (or 60 s passed)
@@ -584,6 +635,8 @@ func (e *replEnv) replicateKillMidApply() bool {
 	return false
 }
 
+// stagedFiles returns the number and total size of the staged (unshipped)
+// cycle files of the primary.
 func stagedFiles(pstore string) (n int, bytes int64) {
 	files, _ := filepath.Glob(filepath.Join(pstore, "cycles", "*", "*.cyc"))
 	for _, f := range files {
@@ -595,7 +648,8 @@ func stagedFiles(pstore string) (n int, bytes int64) {
 	return
 }
 
-// inboxParts returns the total size of .part files in the replica inbox.
+// inboxFiles returns the number and total size of the files of group in
+// the replica inbox whose names end in suffix.
 func inboxFiles(rstore, group, suffix string) (n int, bytes int64) {
 	files, _ := filepath.Glob(filepath.Join(rstore, "inbox", group, "*"+suffix))
 	for _, f := range files {

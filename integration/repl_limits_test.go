@@ -8,7 +8,6 @@ package integration
 import (
 	"bufio"
 	"crypto/tls"
-	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -220,32 +219,10 @@ func TestReplLimits(t *testing.T) {
 	})
 }
 
-// replicaStatusJSON is the part of 'standin status --json' on a replica the
-// quota test reads.
-type replicaStatusJSON struct {
-	Groups []struct {
-		Group   string   `json:"group"`
-		Health  string   `json:"health"`
-		Reasons []string `json:"reasons"`
-	} `json:"groups"`
-	Usage []struct {
-		Name  string `json:"name"`
-		Usage struct {
-			Held int64 `json:"held"`
-		} `json:"usage"`
-		Groups []string `json:"groups"`
-	} `json:"usage"`
-}
-
 func TestReplQuota(t *testing.T) {
 	e := newReplEnv(t, "vmA", imgSpec{"a.img", 8 * mib})
 	// Tenant A: a held quota smaller than its base.
-	r := mustStandin(t, "pair", "token", "--store", e.RStore, "--images", "vmA/*", "--quota-held", "2M", "--json")
-	var tok map[string]string
-	if err := json.Unmarshal([]byte(r.Stdout), &tok); err != nil {
-		t.Fatal(err)
-	}
-	mustStandin(t, "pair", "join", "--store", e.PStore, "--token", tok["token"], "--replica", e.Rep.Addr, "--name", "tenant-a")
+	e.pair("vmA/*", e.Rep.Addr, "--quota-held", "2M")
 	e.enable(e.Rep.Addr, "--interval", "5m")
 
 	// Tenant B: a second primary host (own store and mount), no quota.
@@ -268,10 +245,7 @@ func TestReplQuota(t *testing.T) {
 	if sb := b.status(); sb.Health != "Normal" {
 		t.Fatalf("tenant B's group: %s %q", sb.Health, sb.Reasons)
 	}
-	var rs replicaStatusJSON
-	if err := json.Unmarshal([]byte(mustStandin(t, "status", "--store", e.RStore, "--json").Stdout), &rs); err != nil {
-		t.Fatal(err)
-	}
+	rs := getReplicaStatus(t, e.RStore)
 	healthOf := map[string]string{}
 	for _, g := range rs.Groups {
 		healthOf[g.Group] = g.Health + " " + strings.Join(g.Reasons, ";")
@@ -285,7 +259,7 @@ func TestReplQuota(t *testing.T) {
 	t.Logf("replica status:\n%s", mustStandin(t, "status", "--store", e.RStore).Stdout)
 
 	// The administrator raises A's quota: A replicates and is Normal again.
-	mustStandin(t, "pair", "quota", "--store", e.RStore, "--held", "1G", "tenant-a")
+	mustStandin(t, "pair", "quota", "--store", e.RStore, "--held", "1G", "pri-"+e.Group)
 	e.now()
 	e.checkPoint("latest", e.frozen(), "tenant A after its quota was raised")
 	if sa := e.status(); sa.Health != "Normal" {

@@ -62,29 +62,6 @@ func TestReplInboxEmptyAfterKills(t *testing.T) {
 	t.Logf("%d kills mid-apply; inbox empty", caught)
 }
 
-// replicaGroupHealth reads a group's health from the replica daemon's status.
-func replicaGroupHealth(t *testing.T, rstore, group string) (string, []string) {
-	t.Helper()
-	var st struct {
-		Groups []struct {
-			Group   string   `json:"group"`
-			Health  string   `json:"health"`
-			Reasons []string `json:"reasons"`
-			Pending string   `json:"pending"`
-		} `json:"groups"`
-	}
-	if err := json.Unmarshal([]byte(mustStandin(t, "status", "--store", rstore, "--json").Stdout), &st); err != nil {
-		t.Fatal(err)
-	}
-	for _, g := range st.Groups {
-		if g.Group == group {
-			return g.Health, g.Reasons
-		}
-	}
-	t.Fatalf("replica status has no group %s", group)
-	return "", nil
-}
-
 // TestReplRepairDropPending: the replica is killed mid-apply and the cycle
 // files of the committed apply are damaged in its inbox, with the primary
 // paused (it cannot send them again): recovery cannot finish. Health is
@@ -116,7 +93,7 @@ func TestReplRepairDropPending(t *testing.T) {
 			fh.Close()
 		}
 		e.Rep.Restart()
-		health, reasons := replicaGroupHealth(t, e.RStore, e.Group)
+		health, reasons := replicaHealth(t, e.RStore, e.Group)
 		if health == "Critical" {
 			wedged = true
 			if !strings.Contains(strings.Join(reasons, ";"), "standin replicate repair --store "+e.RStore+" --group "+e.Group) {
@@ -157,7 +134,7 @@ func TestReplRepairDropPending(t *testing.T) {
 	if !strings.Contains(out, "dropped") {
 		t.Fatalf("drop output:\n%s", out)
 	}
-	if health, reasons := replicaGroupHealth(t, e.RStore, e.Group); strings.Contains(strings.Join(reasons, ";"), "repair") {
+	if health, reasons := replicaHealth(t, e.RStore, e.Group); strings.Contains(strings.Join(reasons, ";"), "repair") {
 		t.Fatalf("after the drop: health %s %q", health, reasons)
 	}
 	after := listPoints(t, e.RStore, e.Group)
