@@ -141,7 +141,7 @@ func writeJournal(dir string, j *journal) (*journalFile, error) {
 // readJournal parses dir/journal. Lines after the first malformed or
 // inconsistent one are ignored (a torn last line after a crash).
 func readJournal(dir string) *journal {
-	f, err := openRegular(filepath.Join(dir, journalName))
+	f, _, err := openRegular(filepath.Join(dir, journalName))
 	if err != nil {
 		return nil
 	}
