@@ -343,7 +343,7 @@ func (st *shardStore) rebuild(gi int) error {
 		}
 		if d, ok := st.ss.dirs[s.Vol]; ok && st.inPlace {
 			p := filepath.Join(d, s.Name())
-			mode := seedModeOf(d)
+			mode := st.ss.mode(s.Vol)
 			if err := fsutil.MkdirPrivate(filepath.Dir(p), DirMode(mode)); err != nil {
 				return err
 			}
