@@ -965,8 +965,10 @@ func removeStale(v *volState, ix *seedIndex) {
 			}
 		}
 	}
-	for _, pat := range []string{"packs/*.pack", "parity/*.par", "manifests/*.man", "packs/*.tmp", "parity/*.tmp", "manifests/*.tmp",
-		"packs/.*.tmp-*", "parity/.*.tmp-*", "manifests/.*.tmp-*"} {
+	for _, n := range indexNames {
+		keep[filepath.Join(v.dir, n)] = true
+	}
+	for _, pat := range seedFilePatterns {
 		m, _ := filepath.Glob(filepath.Join(v.dir, pat))
 		for _, f := range m {
 			if !keep[f] {

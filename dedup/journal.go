@@ -364,12 +364,16 @@ func identifyVolume(dir string) (seed [16]byte, vol int, ok bool) {
 	return seed, 0, false
 }
 
+// seedFilePatterns match every name this package writes in a volume
+// directory: shards, index copies, the label, and their temporary files.
+var seedFilePatterns = []string{"packs/*.pack", "packs/*.tmp", "parity/*.par", "parity/*.tmp", "manifests/*.man", "manifests/*.tmp",
+	"index.?", "index.?.tmp", labelName, labelName + ".tmp",
+	"packs/.*.tmp-*", "parity/.*.tmp-*", "manifests/.*.tmp-*", ".index.?.tmp-*", "." + labelName + ".tmp-*"}
+
 // cleanSeedDir removes the files an export leaves in a volume directory
 // (only names this package writes).
 func cleanSeedDir(dir string) error {
-	for _, pat := range []string{"packs/*.pack", "packs/*.tmp", "parity/*.par", "parity/*.tmp", "manifests/*.man", "manifests/*.tmp",
-		"index.?", "index.?.tmp", labelName, labelName + ".tmp",
-		"packs/.*.tmp-*", "parity/.*.tmp-*", "manifests/.*.tmp-*", ".index.?.tmp-*", "." + labelName + ".tmp-*"} {
+	for _, pat := range seedFilePatterns {
 		m, _ := filepath.Glob(filepath.Join(dir, pat))
 		for _, f := range m {
 			if err := os.Remove(f); err != nil && !os.IsNotExist(err) {
