@@ -585,9 +585,21 @@ func TestResumeAfterCancel(t *testing.T) {
 				t.Fatalf("only %d packs before the cut", len(packs))
 			}
 			flipByte(t, packs[len(packs)-1], 5)
+			// Temporary files of index copies and of the label that a crash
+			// left behind go when the resumed export finishes.
+			for _, n := range []string{".index.0.tmp-123", ".index.1.tmp-456", "." + labelName + ".tmp-789", "packs/.00000000.pack.tmp-1"} {
+				if err := os.WriteFile(filepath.Join(dir, n), []byte("x"), 0o600); err != nil {
+					t.Fatal(err)
+				}
+			}
 			sum, err := Export(context.Background(), []string{dir}, sources(ims), ExportOptions{Parity: 0.1, Key: key, PackSize: 32 << 10})
 			if err != nil {
 				t.Fatal(err)
+			}
+			for _, pat := range []string{".*.tmp-*", "*/.*.tmp-*"} {
+				if left, _ := filepath.Glob(filepath.Join(dir, pat)); len(left) > 0 {
+					t.Fatalf("temporary files left after the resumed export: %v", left)
+				}
 			}
 			if sum.ResumedPacks != len(packs)-1 {
 				t.Fatalf("resumed %d packs, want %d", sum.ResumedPacks, len(packs)-1)

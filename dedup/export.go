@@ -109,18 +109,11 @@ type Summary struct {
 	SeedID       [16]byte
 	Volumes      int   // volumes written (export) or of the seed (import)
 	IDTableBytes int64 // export: memory of the chunk id table at the end
-	// Roots (export) is the manifest root of every image, in image order:
-	// what the primary announces to the replica, so an import can refuse a
-	// seed whose content is not the one exported. Absent when an export
-	// resumed after all its data was written (read them with ReadManifests).
-	Roots []ImageRoot
-}
-
-// ImageRoot is the manifest root (Manifest.Root, hex) of one image of a seed.
-type ImageRoot struct {
-	Name string   `json:"name"`
-	ID   [16]byte `json:"id"`
-	Root string   `json:"root"`
+	// Roots (export) is the manifest root (Manifest.Root, hex) of every
+	// image, in the order of the images given: what the primary announces to
+	// the replica, so an import can refuse a seed whose content is not the
+	// one exported.
+	Roots []string
 }
 
 func packName(n uint64) string     { return fmt.Sprintf("packs/%08d.pack", n) }
@@ -168,7 +161,8 @@ type exporter struct {
 	storedIDs uint64
 	seedBytes atomic.Int64
 	sum       Summary
-	dataDone  *jEntry // seq survive mode: the data volumes are complete
+	dataDone  *jEntry    // seq survive mode: the data volumes are complete
+	doneRoots [][32]byte // with dataDone: the manifests' roots, journaled
 }
 
 // finishParity completes a sequential survive export whose data volumes were
@@ -195,6 +189,9 @@ func (e *exporter) finishParity() error {
 	syncDir(e.state)
 	d := e.dataDone.data
 	e.sum.Images = ix.Images
+	for _, r := range e.doneRoots {
+		e.sum.Roots = append(e.sum.Roots, hex.EncodeToString(r[:]))
+	}
 	e.sum.Allocated, e.sum.Chunks, e.sum.UniqueChunks = d[0], int(d[1]), int(d[2])
 	e.sum.Unique = d[2] * chunkSize
 	e.sum.SeedID = e.seed
@@ -578,10 +575,16 @@ check:
 func (e *exporter) resumeSeq(j *journal, packs []jPack) error {
 	l := e.lay
 	for _, en := range j.entries {
-		if en.kind == 'd' {
+		switch en.kind {
+		case 'r':
+			e.doneRoots = append(e.doneRoots, en.root)
+		case 'd':
 			c := en
 			e.dataDone = &c
 		}
+	}
+	if e.dataDone != nil && len(e.doneRoots) != len(e.images) {
+		return fmt.Errorf("dedup: journal: %d manifest roots for %d images; remove %s to start over", len(e.doneRoots), len(e.images), filepath.Join(e.state, journalName))
 	}
 	for _, p := range packs {
 		v := l.all[p.vol-1]
@@ -792,7 +795,7 @@ func (e *exporter) run() error {
 		m.Root = root.sum()
 		m.Allocated = allocated(m.runs, m.Size)
 		manifests[ii] = m
-		e.sum.Roots = append(e.sum.Roots, ImageRoot{Name: m.Name, ID: m.ID, Root: hex.EncodeToString(m.Root[:])})
+		e.sum.Roots = append(e.sum.Roots, hex.EncodeToString(m.Root[:]))
 		e.sum.Chunks += int(m.Chunks)
 	}
 	rd.close()
@@ -898,7 +901,11 @@ func (e *exporter) finish(ms []*Manifest) error {
 		}
 	}
 	if l.seq {
-		if err := l.finishSeq(data, [3]int64{e.sum.Allocated, int64(e.sum.Chunks), int64(e.nextID)}); err != nil {
+		roots := make([][32]byte, len(ms))
+		for i, m := range ms {
+			roots[i] = m.Root
+		}
+		if err := l.finishSeq(data, [3]int64{e.sum.Allocated, int64(e.sum.Chunks), int64(e.nextID)}, roots); err != nil {
 			return err
 		}
 		e.jf.Close()
@@ -958,8 +965,10 @@ func removeStale(v *volState, ix *seedIndex) {
 			}
 		}
 	}
-	for _, pat := range []string{"packs/*.pack", "parity/*.par", "manifests/*.man", "packs/*.tmp", "parity/*.tmp", "manifests/*.tmp",
-		"packs/.*.tmp-*", "parity/.*.tmp-*", "manifests/.*.tmp-*"} {
+	for _, n := range indexNames {
+		keep[filepath.Join(v.dir, n)] = true
+	}
+	for _, pat := range seedFilePatterns {
 		m, _ := filepath.Glob(filepath.Join(v.dir, pat))
 		for _, f := range m {
 			if !keep[f] {

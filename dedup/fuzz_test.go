@@ -223,6 +223,8 @@ func FuzzJournal(f *testing.F) {
 		{kind: 'c', vol: 1},
 		{kind: 'v', vol: 2},
 		{kind: 'g', group: jGroup{g: 1, data: 1, parity: 0}},
+		{kind: 'r', vol: 0, root: [32]byte{10}},
+		{kind: 'r', vol: 1, root: [32]byte{11}},
 		{kind: 'd', data: [3]int64{1 << 20, 300, 20}},
 	}
 	seedDir := f.TempDir()

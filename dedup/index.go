@@ -292,18 +292,11 @@ func manifestSeen(m *[]bool, n uint64) bool {
 }
 
 func readFileLimited(path string, limit int64) ([]byte, error) {
-	f, err := openRegular(path)
+	f, st, err := openRegular(path)
 	if err != nil {
 		return nil, err
 	}
 	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return nil, err
-	}
-	if !st.Mode().IsRegular() {
-		return nil, fmt.Errorf("dedup: %s is not a regular file", path)
-	}
 	if st.Size() > limit {
 		return nil, fmt.Errorf("dedup: %s is larger than expected (%d > %d)", path, st.Size(), limit)
 	}

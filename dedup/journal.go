@@ -22,6 +22,8 @@ import (
 //	pack NUM FIRST COUNT VOL GROUP LEN HASH IDSHASH
 //	group G DATA PARITY VOL:LEN:HASH,...  group G closed with these parity shards
 //	close N                             volume N closed (partial index written)
+//	root I HEX                          sequential survive mode: manifest root of
+//	                                    image I (0, 1, ... in image order), before data
 //	data ALLOC CHUNKS UNIQUE            sequential survive mode: all data written,
 //	                                    complete index in ScratchDir/index.final
 //
@@ -52,11 +54,12 @@ type jGroup struct {
 }
 
 type jEntry struct {
-	kind  byte // 'v', 'p', 'g', 'c', 'd'
-	vol   int
+	kind  byte // 'v', 'p', 'g', 'c', 'r', 'd'
+	vol   int  // 'v', 'c'; 'r': the image's index
 	pack  jPack
 	group jGroup
 	data  [3]int64 // 'd': allocated bytes, chunk references, unique chunks
+	root  [32]byte // 'r'
 }
 
 type journal struct {
@@ -73,6 +76,8 @@ func (e jEntry) line() string {
 		return fmt.Sprintf("close %d\n", e.vol)
 	case 'd':
 		return fmt.Sprintf("data %d %d %d\n", e.data[0], e.data[1], e.data[2])
+	case 'r':
+		return fmt.Sprintf("root %d %s\n", e.vol, hex.EncodeToString(e.root[:]))
 	case 'p':
 		p := e.pack
 		return fmt.Sprintf("pack %d %d %d %d %d %d %s %s\n", p.num, p.first, p.count, p.vol, p.group, p.length,
@@ -93,8 +98,13 @@ func (e jEntry) line() string {
 
 type journalFile struct{ f *os.File }
 
-func (j *journalFile) add(e jEntry) error {
-	if _, err := j.f.WriteString(e.line()); err != nil {
+// add appends entries and syncs once.
+func (j *journalFile) add(es ...jEntry) error {
+	var sb strings.Builder
+	for _, e := range es {
+		sb.WriteString(e.line())
+	}
+	if _, err := j.f.WriteString(sb.String()); err != nil {
 		return err
 	}
 	return j.f.Sync()
@@ -131,7 +141,7 @@ func writeJournal(dir string, j *journal) (*journalFile, error) {
 // readJournal parses dir/journal. Lines after the first malformed or
 // inconsistent one are ignored (a torn last line after a crash).
 func readJournal(dir string) *journal {
-	f, err := openRegular(filepath.Join(dir, journalName))
+	f, _, err := openRegular(filepath.Join(dir, journalName))
 	if err != nil {
 		return nil
 	}
@@ -154,6 +164,7 @@ func readJournal(dir string) *journal {
 	var nextPack, nextChunk uint64
 	nextGroup := 0
 	maxVol := 0
+	nextRoot := 0
 	for sc.Scan() {
 		fs := strings.Fields(sc.Text())
 		if len(fs) == 0 {
@@ -173,6 +184,11 @@ func readJournal(dir string) *journal {
 			if e.vol < 1 || e.vol > maxVol {
 				return j
 			}
+		case 'r':
+			if e.vol != nextRoot {
+				return j
+			}
+			nextRoot++
 		case 'p':
 			p := e.pack
 			if p.num != nextPack || p.first != nextChunk || p.vol < 1 || p.vol > maxVol || p.group < nextGroup {
@@ -208,6 +224,13 @@ func parseEntry(fs []string) (jEntry, bool) {
 			return jEntry{}, false
 		}
 		return jEntry{kind: fs[0][0], vol: int(v)}, true
+	case fs[0] == "root" && len(fs) == 3:
+		v, ok := num(fs[1], 31)
+		e := jEntry{kind: 'r', vol: int(v)}
+		if !ok || !unhexN(fs[2], e.root[:]) {
+			return jEntry{}, false
+		}
+		return e, true
 	case fs[0] == "data" && len(fs) == 4:
 		var e jEntry
 		e.kind = 'd'
@@ -341,12 +364,16 @@ func identifyVolume(dir string) (seed [16]byte, vol int, ok bool) {
 	return seed, 0, false
 }
 
+// seedFilePatterns match every name this package writes in a volume
+// directory: shards, index copies, the label, and their temporary files.
+var seedFilePatterns = []string{"packs/*.pack", "packs/*.tmp", "parity/*.par", "parity/*.tmp", "manifests/*.man", "manifests/*.tmp",
+	"index.?", "index.?.tmp", labelName, labelName + ".tmp",
+	"packs/.*.tmp-*", "parity/.*.tmp-*", "manifests/.*.tmp-*", ".index.?.tmp-*", "." + labelName + ".tmp-*"}
+
 // cleanSeedDir removes the files an export leaves in a volume directory
 // (only names this package writes).
 func cleanSeedDir(dir string) error {
-	for _, pat := range []string{"packs/*.pack", "packs/*.tmp", "parity/*.par", "parity/*.tmp", "manifests/*.man", "manifests/*.tmp",
-		"index.?", "index.?.tmp", labelName, labelName + ".tmp",
-		"packs/.*.tmp-*", "parity/.*.tmp-*", "manifests/.*.tmp-*", ".index.?.tmp-*", "." + labelName + ".tmp-*"} {
+	for _, pat := range seedFilePatterns {
 		m, _ := filepath.Glob(filepath.Join(dir, pat))
 		for _, f := range m {
 			if err := os.Remove(f); err != nil && !os.IsNotExist(err) {

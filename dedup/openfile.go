@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 )
@@ -12,36 +13,38 @@ import (
 // regular file (a FIFO, device, socket or symlink) before any read: the open
 // itself cannot block (O_NONBLOCK, O_NOFOLLOW) and the opened file is checked
 // with fstat, so a FIFO planted in a seed directory gives an error naming it
-// instead of a read that hangs forever.
-func openRegular(path string) (*os.File, error) {
+// instead of a read that hangs forever. It returns the opened file's
+// FileInfo (from that fstat).
+func openRegular(path string) (*os.File, os.FileInfo, error) {
 	var lst unix.Stat_t
 	if err := unix.Lstat(path, &lst); err != nil {
-		return nil, &os.PathError{Op: "lstat", Path: path, Err: err}
+		return nil, nil, &os.PathError{Op: "lstat", Path: path, Err: err}
 	}
 	if lst.Mode&unix.S_IFMT != unix.S_IFREG {
-		return nil, notRegular(path, lst.Mode)
+		return nil, nil, notRegular(path, lst.Mode)
 	}
 	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_NOCTTY, 0)
 	if err != nil {
 		if err == unix.ELOOP {
-			return nil, notRegular(path, unix.S_IFLNK)
+			return nil, nil, notRegular(path, unix.S_IFLNK)
 		}
-		return nil, &os.PathError{Op: "open", Path: path, Err: err}
+		return nil, nil, &os.PathError{Op: "open", Path: path, Err: err}
 	}
-	var st unix.Stat_t
-	if err := unix.Fstat(fd, &st); err != nil {
-		unix.Close(fd)
-		return nil, &os.PathError{Op: "fstat", Path: path, Err: err}
+	f := os.NewFile(uintptr(fd), path)
+	fi, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, nil, err
 	}
-	if st.Mode&unix.S_IFMT != unix.S_IFREG {
-		unix.Close(fd)
-		return nil, notRegular(path, st.Mode)
+	if !fi.Mode().IsRegular() {
+		f.Close()
+		return nil, nil, notRegular(path, uint32(fi.Sys().(*syscall.Stat_t).Mode))
 	}
 	// Regular files ignore O_NONBLOCK; clear it anyway so reads behave as usual.
 	if fl, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0); err == nil {
 		unix.FcntlInt(uintptr(fd), unix.F_SETFL, fl&^unix.O_NONBLOCK)
 	}
-	return os.NewFile(uintptr(fd), path), nil
+	return f, fi, nil
 }
 
 // ErrNotRegular: a seed file is a FIFO, device, socket, directory or

@@ -26,6 +26,18 @@ type seedSet struct {
 	dirs   map[int]string // volume number -> directory
 	copies map[int]int    // volume number -> intact index copies there
 	extra  []string       // directories without an intact index (searched for shards)
+	modes  map[int]os.FileMode
+}
+
+// mode is the mode of the seed files on volume v (seedModeOf its directory,
+// looked up once): that of the files a repair writes there.
+func (ss *seedSet) mode(v int) os.FileMode {
+	m, ok := ss.modes[v]
+	if !ok {
+		m = seedModeOf(ss.dirs[v])
+		ss.modes[v] = m
+	}
+	return m
 }
 
 type indexCopy struct {
@@ -42,7 +54,7 @@ func openSeed(paths []string, key []byte, allowNoKey bool) (*seedSet, error) {
 	if len(paths) == 0 {
 		return nil, errors.New("dedup: no seed path given")
 	}
-	ss := &seedSet{dirs: map[int]string{}, copies: map[int]int{}}
+	ss := &seedSet{dirs: map[int]string{}, copies: map[int]int{}, modes: map[int]os.FileMode{}}
 	seenPath := map[string]bool{}
 	var all []indexCopy
 	var errs []error
@@ -217,8 +229,9 @@ func (ss *seedSet) rewriteIndexes() error {
 		cp := *ss.ix
 		cp.Volume = v
 		b := cp.encode(ss.k)
+		mode := ss.mode(v)
 		for _, n := range indexNames {
-			if err := writeFileAtomic(filepath.Join(d, n), b, seedModeOf(d)); err != nil {
+			if err := writeFileAtomic(filepath.Join(d, n), b, mode); err != nil {
 				return err
 			}
 		}

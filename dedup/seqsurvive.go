@@ -197,8 +197,9 @@ func parseAccName(n string) (g, c int, ok bool) {
 
 // finishSeq places the manifests (all on one volume, so that a resume can
 // write them again), writes the complete index onto the last data volume and
-// into ScratchDir, and then the parity volumes.
-func (l *layout) finishSeq(data [][]byte, sum [3]int64) error {
+// into ScratchDir, journals the manifests' roots, and then writes the parity
+// volumes.
+func (l *layout) finishSeq(data [][]byte, sum [3]int64, roots [][32]byte) error {
 	var total int64
 	for _, d := range data {
 		total += int64(len(d))
@@ -241,7 +242,13 @@ func (l *layout) finishSeq(data [][]byte, sum [3]int64) error {
 	if err := l.e.jf.add(jEntry{kind: 'c', vol: v.n}); err != nil {
 		return err
 	}
-	if err := l.e.jf.add(jEntry{kind: 'd', data: sum}); err != nil {
+	// The roots, for Summary.Roots of a run that resumes with only the
+	// parity volumes left (the manifests are on a data volume).
+	var es []jEntry
+	for i, r := range roots {
+		es = append(es, jEntry{kind: 'r', vol: i, root: r})
+	}
+	if err := l.e.jf.add(append(es, jEntry{kind: 'd', data: sum})...); err != nil {
 		return err
 	}
 	l.set = nil

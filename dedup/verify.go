@@ -139,7 +139,7 @@ func shardPos(g groupEntry, name string) int {
 // checkShard hashes one shard file; it returns the bytes read and a problem
 // description, empty when the shard is intact.
 func checkShard(path string, s shardEntry) (int64, string) {
-	f, err := openRegular(path)
+	f, st, err := openRegular(path)
 	if err != nil {
 		if os.IsNotExist(err) {
 			return 0, "missing"
@@ -147,10 +147,6 @@ func checkShard(path string, s shardEntry) (int64, string) {
 		return 0, err.Error()
 	}
 	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return 0, err.Error()
-	}
 	if st.Size() != s.Len {
 		return 0, fmt.Sprintf("size %d, want %d", st.Size(), s.Len)
 	}
@@ -279,7 +275,7 @@ func (st *shardStore) reader(g, i int) (io.ReaderAt, error) {
 	if p == "" {
 		return nil, fmt.Errorf("dedup: %s not found", lostName(s))
 	}
-	f, err := openRegular(p)
+	f, _, err := openRegular(p)
 	if err != nil {
 		return nil, err
 	}
@@ -347,7 +343,7 @@ func (st *shardStore) rebuild(gi int) error {
 		}
 		if d, ok := st.ss.dirs[s.Vol]; ok && st.inPlace {
 			p := filepath.Join(d, s.Name())
-			mode := seedModeOf(d)
+			mode := st.ss.mode(s.Vol)
 			if err := fsutil.MkdirPrivate(filepath.Dir(p), DirMode(mode)); err != nil {
 				return err
 			}

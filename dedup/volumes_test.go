@@ -2,6 +2,7 @@ package dedup
 
 import (
 	"context"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -717,6 +718,20 @@ func TestSequentialSurviveResume(t *testing.T) {
 	}
 	ims[2].ext = [][2]int64{{0, 800 * chunkSize}, {900*chunkSize + 17, 50 * chunkSize}}
 	checkSeqSurvive(t, ims, seqVols(base, sum.Volumes), nil, vsize)
+	// The roots of the resumed run are the manifests' (journaled with the
+	// data volumes, which are no longer at hand).
+	ms, err := ReadManifests(seqVols(base, sum.Volumes), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(sum.Roots) != len(ms) {
+		t.Fatalf("resumed export: %d roots for %d images", len(sum.Roots), len(ms))
+	}
+	for i, m := range ms {
+		if sum.Roots[i] != hex.EncodeToString(m.Root[:]) {
+			t.Fatalf("resumed export: root of %s is %s, its manifest has %x", m.Name, sum.Roots[i], m.Root)
+		}
+	}
 }
 
 // Frames are compressed in parallel; the seed's content does not depend on

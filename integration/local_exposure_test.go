@@ -14,38 +14,20 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
+
+	"github.com/standin/standin/internal/testutil"
 )
 
-const (
-	nobodyID  = 65534
-	readerGid = 4242 // a group given with --file-group
-)
-
-// readAs reads path as uid/gid without supplementary groups (a directory:
-// its listing; a file: its first byte) and returns what the reader printed
-// on failure, "" if it could read.
-func readAs(uid, gid uint32, path string) string {
-	cmd := exec.Command("sh", "-c", `if [ -d "$1" ]; then ls "$1"; else head -c1 "$1" >/dev/null; fi`, "sh", path)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: gid, Groups: []uint32{}}}
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Run(); err != nil {
-		if out.Len() == 0 {
-			return err.Error()
-		}
-		return strings.TrimSpace(out.String())
-	}
-	return ""
-}
+// readerGid is a group given with --file-group.
+const readerGid = 4242
 
 // denied fails the test unless nobody is refused every path.
 func denied(t *testing.T, what string, paths ...string) {
 	t.Helper()
 	for _, p := range paths {
-		if out := readAs(nobodyID, nobodyID, p); !strings.Contains(out, "Permission denied") {
+		if out := testutil.ReadAs(t, testutil.Nobody, testutil.Nobody, p); !strings.Contains(out, "Permission denied") {
 			t.Errorf("%s: an unprivileged user reading %s: %q, want permission denied", what, p, out)
 		}
 	}
@@ -55,7 +37,7 @@ func denied(t *testing.T, what string, paths ...string) {
 func readable(t *testing.T, what string, paths ...string) {
 	t.Helper()
 	for _, p := range paths {
-		if out := readAs(nobodyID, readerGid, p); out != "" {
+		if out := testutil.ReadAs(t, testutil.Nobody, readerGid, p); out != "" {
 			t.Errorf("%s: a member of group %d reading %s: %q", what, readerGid, p, out)
 		}
 	}
@@ -81,26 +63,53 @@ func TestLocalExposure(t *testing.T) {
 	e := newSeedEnv(t, tmpl, "vm1")
 	traversable(t, e.dir)
 
-	// The seed: owner-only by default.
+	// The seed: owner-only by default, every file and directory (packs/,
+	// parity/, manifests/ too); --mode gives the mode asked, with the
+	// matching search bits on directories.
+	seedModes := func(seed string, file, dir os.FileMode) []string {
+		t.Helper()
+		var files []string
+		dirs := map[string]bool{}
+		filepath.Walk(seed, func(p string, fi os.FileInfo, err error) error {
+			if err != nil {
+				t.Errorf("seed %s: %v", p, err)
+				return nil
+			}
+			want := file
+			if fi.IsDir() {
+				want = dir
+				dirs[filepath.Base(p)] = true
+			} else {
+				files = append(files, p)
+			}
+			if fi.Mode().Perm() != want {
+				t.Errorf("seed %s: mode %04o, want %04o", p, fi.Mode().Perm(), want)
+			}
+			return nil
+		})
+		for _, d := range []string{"packs", "parity", "manifests"} {
+			if !dirs[d] {
+				t.Errorf("seed %s has no %s directory", seed, d)
+			}
+		}
+		if len(files) < 3 {
+			t.Fatalf("seed %s has %d files", seed, len(files))
+		}
+		return files
+	}
 	seed := filepath.Join(e.dir, "seed")
 	e.export(seed, "--group", "vm1")
-	var seedFiles []string
-	filepath.Walk(seed, func(p string, fi os.FileInfo, err error) error {
-		if err == nil && fi.Mode().IsRegular() {
-			seedFiles = append(seedFiles, p)
-		}
-		return nil
-	})
-	if len(seedFiles) < 3 {
-		t.Fatalf("seed has %d files", len(seedFiles))
-	}
-	for _, p := range append([]string{seed}, seedFiles...) {
-		st, _ := os.Stat(p)
-		if st.Mode().Perm()&0o077 != 0 {
-			t.Errorf("seed %s: mode %04o gives access to others", p, st.Mode().Perm())
-		}
-	}
+	seedFiles := seedModes(seed, 0o600, 0o700)
 	denied(t, "seed", seed, filepath.Join(seed, "index.0"), seedFiles[0])
+	seedGrp := filepath.Join(e.dir, "seed-0640")
+	e.export(seedGrp, "--group", "vm1", "--mode", "0640")
+	grpFiles := seedModes(seedGrp, 0o640, 0o750)
+	denied(t, "seed --mode 0640", seedGrp, grpFiles[0])
+	for _, p := range []string{seedGrp, filepath.Join(seedGrp, "packs"), grpFiles[0]} {
+		if out := testutil.ReadAs(t, testutil.Nobody, 0, p); out != "" {
+			t.Errorf("seed --mode 0640: a member of the seed's group reading %s: %q", p, out)
+		}
+	}
 	// A symlink planted where the export creates a directory is refused.
 	planted := filepath.Join(e.dir, "seed-planted")
 	victim := filepath.Join(e.dir, "victim")
@@ -113,7 +122,7 @@ func TestLocalExposure(t *testing.T) {
 	if ents, _ := os.ReadDir(victim); len(ents) > 0 {
 		t.Errorf("seed export wrote %d file(s) through a planted symlink", len(ents))
 	}
-	mustStandin(t, "seed", "import", "--store", e.RStore, seed)
+	mustStandin(t, "seed", "import", "--store", e.RStore, seedGrp) // the latest seed exported
 	if ps := listPoints(t, e.RStore, "vm1"); len(ps) == 0 {
 		t.Fatal("no point after the seed import")
 	}
@@ -126,7 +135,7 @@ func TestLocalExposure(t *testing.T) {
 	latest := filepath.Join(pm, "vm1", "latest", "vm1.img")
 	mustStandin(t, "points", "mount", "--store", e.RStore, pm)
 	denied(t, "points mount", pm, filepath.Join(pm, "vm1"), latest)
-	if out := readAs(0, 0, latest); out != "" {
+	if out := testutil.ReadAs(t, 0, 0, latest); out != "" {
 		t.Errorf("root reading %s: %s", latest, out)
 	}
 	mustStandin(t, "points", "unmount", "--store", e.RStore, pm)
@@ -156,8 +165,10 @@ func TestLocalExposure(t *testing.T) {
 	out := filepath.Join(e.dir, "export")
 	mustStandin(t, "points", "export", "--store", e.RStore, "--group", "vm1", "--to", out)
 	denied(t, "points export", out, filepath.Join(out, "vm1.img"))
-	if st, err := os.Stat(filepath.Join(out, "vm1.img")); err != nil || st.Mode().Perm() != 0o600 {
-		t.Errorf("exported image: %v %v, want mode 0600", st.Mode(), err)
+	if st, err := os.Stat(filepath.Join(out, "vm1.img")); err != nil {
+		t.Errorf("exported image: %v", err)
+	} else if st.Mode().Perm() != 0o600 {
+		t.Errorf("exported image: mode %v, want 0600", st.Mode())
 	}
 	if r := standin(cmdTimeout, "points", "export", "--store", e.RStore, "--group", "vm1", "--to", out); r.Code == 0 || !strings.Contains(r.Stderr, "already exists") {
 		t.Errorf("export over an existing file without --force: %s", r)
@@ -201,14 +212,10 @@ func TestPairTokenOutOfArgv(t *testing.T) {
 		t.Fatal(err)
 	}
 	var argv []byte
-	for i := 0; i < 50 && len(argv) == 0; i++ { // the exec may not have happened yet
+	if !waitFor(time.Second, 20*time.Millisecond, func() bool { // the exec may not have happened yet
 		argv, _ = os.ReadFile("/proc/" + strconv.Itoa(cmd.Process.Pid) + "/cmdline")
-		if !bytes.Contains(argv, []byte("pair")) {
-			argv = nil
-			time.Sleep(20 * time.Millisecond)
-		}
-	}
-	if len(argv) == 0 {
+		return bytes.Contains(argv, []byte("pair"))
+	}) {
 		t.Fatal("could not read the argv of pair join")
 	}
 	if bytes.Contains(argv, []byte(tok)) {

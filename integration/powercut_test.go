@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -273,53 +274,41 @@ func (e *replEnv) checkConverged(what string) {
 	e.t.Helper()
 	e.now()
 	want := e.frozen()
-	got := exportHashes(e.t, e.RStore, e.Group, "latest")
-	for n, h := range want {
-		if got[n] == h {
-			continue
-		}
+	failed := e.t.Failed()
+	e.checkPoint("latest", want, what+": I1 violated")
+	if e.t.Failed() && !failed {
 		dir, err := os.MkdirTemp(filepath.Dir(e.RStore), "diff-")
 		if err != nil {
 			e.t.Fatal(err)
 		}
 		to := filepath.Join(dir, "out")
 		mustStandin(e.t, "points", "export", "--store", e.RStore, "--group", e.Group, "--point", "latest", "--to", to)
-		diff := diffBlocks(e.t, filepath.Join(e.PStore, "images", n), filepath.Join(to, n))
+		for n := range want {
+			if _, err := os.Stat(filepath.Join(to, n)); err != nil {
+				continue
+			}
+			if diff := diffBlocks(e.t, filepath.Join(e.PStore, "images", n), filepath.Join(to, n)); len(diff) > 0 {
+				e.t.Logf("%s: the replica's latest point of %s differs from the primary in %d blocks (first %v)", what, n, len(diff), firstN(diff, 10))
+			}
+		}
 		os.RemoveAll(dir)
 		st := e.status()
-		e.t.Errorf("%s: I1 violated: the replica's latest point of %s differs from the primary in %d blocks (first %v); group health %s %v",
-			what, n, len(diff), firstN(diff, 10), st.Health, st.Reasons)
+		e.t.Logf("%s: group health %s %v", what, st.Health, st.Reasons)
 	}
 	e.verifyPoints()
 }
 
-// verifyPoints runs points verify on every point of the group: no mismatch,
-// some blocks checked. A point that retention expired meanwhile (cycles keep
-// arriving) is skipped.
+// verifyPoints runs points verify on every point of the group (verifyPoint).
+// A point that retention expired meanwhile (cycles keep arriving) is skipped.
 func (e *replEnv) verifyPoints() {
 	e.t.Helper()
 	for _, p := range listPoints(e.t, e.RStore, e.Group) {
-		r := standin(cmdTimeout, "points", "verify", "--store", e.RStore, "--group", e.Group, "--point", p.Point, "--json")
-		if r.Code != 0 {
-			gone := strings.Contains(r.Stderr, "no such recovery point")
-			for _, q := range listPoints(e.t, e.RStore, e.Group) {
-				gone = gone && q.Point != p.Point
-			}
-			if !gone {
-				e.t.Errorf("points verify %s/%s: %s", e.Group, p.Point, r)
-			}
-			continue
+		r := runVerify(e.RStore, e.Group, p.Point)
+		if r.Code != 0 && strings.Contains(r.Stderr, "no such recovery point") &&
+			!slices.ContainsFunc(listPoints(e.t, e.RStore, e.Group), func(q pointInfo) bool { return q.Point == p.Point }) {
+			continue // expired
 		}
-		var v verifyReport
-		if err := jsonUnmarshal(r.Stdout, &v); err != nil {
-			e.t.Fatalf("points verify --json: %v\n%s", err, r.Stdout)
-		}
-		if m := strings.TrimSpace(string(v.Mismatch)); m != "" && m != "null" {
-			e.t.Errorf("points verify %s/%s: mismatch %s", e.Group, p.Point, m)
-		}
-		if v.Blocks == 0 {
-			e.t.Errorf("points verify %s/%s checked 0 blocks: %s", e.Group, p.Point, r.Stdout)
-		}
+		checkVerify(e.t, e.Group, p.Point, r)
 	}
 }
 
@@ -429,10 +418,11 @@ func TestPowerCutReplica(t *testing.T) {
 		var wg sync.WaitGroup
 		errs := make([]error, 2)
 		for w := 0; w < 2; w++ {
+			seed := e.rng.Uint64() // drawn here: e.rng is not safe for concurrent use
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				rng := rand.New(rand.NewPCG(e.rng.Uint64(), uint64(w)))
+				rng := rand.New(rand.NewPCG(seed, uint64(w)))
 				for !stop.Load() {
 					if _, err := writeRandomErr(rng, filepath.Join(e.Mnt, "a.img"), 10, 64, 0, 8*mib); err != nil {
 						errs[w] = err

@@ -9,6 +9,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"io/fs"
@@ -40,6 +41,9 @@ type replicaProc struct {
 	logAll lockedBuffer // output of every incarnation
 	Args   []string     // extra arguments of standin serve
 	Env    []string     // extra environment of standin serve
+	// NoFile, when set, is the open-file limit (soft and hard) the daemon
+	// starts with (through prlimit, which executes it in its place).
+	NoFile int
 }
 
 func freeAddr(t testing.TB) string {
@@ -53,13 +57,15 @@ func freeAddr(t testing.TB) string {
 }
 
 // startReplica starts `standin serve` on a free 127.0.0.1 port and waits until
-// it is ready. Cleanup stops it (SIGTERM, then SIGKILL).
+// it is ready. Cleanup stops it (SIGTERM, then SIGKILL) and tears down the
+// FUSE mounts it left (points mount, test failovers).
 func startReplica(t testing.TB, store string, args ...string) *replicaProc {
 	t.Helper()
 	r := &replicaProc{t: t, Store: store, Addr: freeAddr(t), Args: args}
 	r.start()
 	t.Cleanup(func() {
 		r.Stop()
+		r.teardownMounts()
 		if t.Failed() {
 			t.Logf("replica %s output:\n%s", r.Addr, r.logAll.String())
 		}
@@ -74,7 +80,11 @@ func (r *replicaProc) start() {
 	}
 	r.out = &lockedBuffer{}
 	r.done = make(chan struct{})
-	r.cmd = exec.Command(standinBin, append([]string{"serve", "--store", r.Store, "--listen", r.Addr}, r.Args...)...)
+	argv := append([]string{standinBin, "serve", "--store", r.Store, "--listen", r.Addr}, r.Args...)
+	if r.NoFile > 0 {
+		argv = append([]string{"prlimit", fmt.Sprintf("--nofile=%d:%d", r.NoFile, r.NoFile), "--"}, argv...)
+	}
+	r.cmd = exec.Command(argv[0], argv[1:]...)
 	r.cmd.Env = append(os.Environ(), r.Env...)
 	startChild(r.t, "replica", r.cmd, io.MultiWriter(r.out, &r.logAll), r.done)
 	done := r.done
@@ -101,6 +111,49 @@ func (r *replicaProc) start() {
 }
 
 func (r *replicaProc) running() bool { return !exited(r.done) }
+
+// teardownMounts removes, once the daemon is gone, its points mount and
+// every FUSE mount below the directory of its store whose server is gone
+// (its test failover mounts; a live mount there belongs to another daemon).
+func (r *replicaProc) teardownMounts() {
+	if r.running() {
+		return
+	}
+	var ps []string
+	for i, a := range r.Args {
+		if a == "--points-mount" && i+1 < len(r.Args) {
+			ps = append(ps, r.Args[i+1])
+		}
+	}
+	for _, mi := range mountsUnder(filepath.Dir(r.Store)) {
+		if strings.HasPrefix(mi.FSType, "fuse") && deadFUSE(mi.Point) {
+			ps = append(ps, mi.Point)
+		}
+	}
+	for _, p := range ps {
+		if err := teardownMount(p); err != nil {
+			r.t.Errorf("cleanup: replica mount: %v", err)
+		}
+	}
+}
+
+// deadFUSE reports whether the FUSE mount at p lost its server (ENOTCONN).
+func deadFUSE(p string) bool {
+	ch := make(chan error, 1)
+	go func() { // open, not stat: the kernel may answer a stat from its cache
+		f, err := os.Open(p)
+		if err == nil {
+			f.Close()
+		}
+		ch <- err
+	}()
+	select {
+	case err := <-ch:
+		return errors.Is(err, syscall.ENOTCONN)
+	case <-time.After(2 * time.Second):
+		return false // hung: not ours to judge
+	}
+}
 
 // startChild starts the child process cmd with its output to out, to be
 // killed with the test binary (Pdeathsig), and closes done once it exited.
@@ -192,6 +245,47 @@ type verifyReport struct {
 	Mismatch json.RawMessage `json:"mismatch"`
 }
 
+// replicaStatus is the part of 'standin status --json' on a replica the
+// tests read.
+type replicaStatus struct {
+	Groups []struct {
+		Group   string   `json:"group"`
+		Health  string   `json:"health"`
+		Reasons []string `json:"reasons"`
+	} `json:"groups"`
+	Usage []struct {
+		Name  string `json:"name"`
+		Usage struct {
+			Held int64 `json:"held"`
+		} `json:"usage"`
+		Groups []string `json:"groups"`
+	} `json:"usage"`
+}
+
+func getReplicaStatus(t testing.TB, rstore string) replicaStatus {
+	t.Helper()
+	r := mustStandin(t, "status", "--store", rstore, "--json")
+	var st replicaStatus
+	if err := json.Unmarshal([]byte(r.Stdout), &st); err != nil {
+		t.Fatalf("status --json: %v\n%s", err, r.Stdout)
+	}
+	return st
+}
+
+// replicaHealth returns the health and reasons of group in the replica
+// daemon's status.
+func replicaHealth(t testing.TB, rstore, group string) (string, []string) {
+	t.Helper()
+	st := getReplicaStatus(t, rstore)
+	for _, g := range st.Groups {
+		if g.Group == group {
+			return g.Health, g.Reasons
+		}
+	}
+	t.Fatalf("replica status has no group %s: %+v", group, st.Groups)
+	return "", nil
+}
+
 func replGroupStatus(t testing.TB, pstore, group string) replGroup {
 	t.Helper()
 	r := mustStandin(t, "replicate", "list", "--store", pstore, "--json")
@@ -230,7 +324,17 @@ func pointIDs(ps []pointInfo) []string {
 // a non-zero block count.
 func verifyPoint(t testing.TB, rstore, group, point string) uint64 {
 	t.Helper()
-	r := standin(cmdTimeout, "points", "verify", "--store", rstore, "--group", group, "--point", point, "--json")
+	return checkVerify(t, group, point, runVerify(rstore, group, point))
+}
+
+func runVerify(rstore, group, point string) result {
+	return standin(cmdTimeout, "points", "verify", "--store", rstore, "--group", group, "--point", point, "--json")
+}
+
+// checkVerify checks the outcome r of 'points verify --json' (runVerify):
+// success, no mismatch, some blocks checked; it returns the blocks checked.
+func checkVerify(t testing.TB, group, point string, r result) uint64 {
+	t.Helper()
 	if r.Code != 0 {
 		t.Errorf("points verify %s/%s: %s", group, point, r)
 		return 0
@@ -392,11 +496,12 @@ func fillRandom(rng *rand.Rand, b []byte) {
 	}
 }
 
-// pair issues a token on the replica (allowing pattern) and joins the primary
-// with it, through replicaAddr (the replica itself or a proxy in front of it).
-func (e *replEnv) pair(pattern, replicaAddr string) {
+// pair issues a token on the replica (allowing pattern, with extra 'pair
+// token' flags) and joins the primary with it as "pri-GROUP", through
+// replicaAddr (the replica itself or a proxy in front of it).
+func (e *replEnv) pair(pattern, replicaAddr string, tokenFlags ...string) {
 	e.t.Helper()
-	r := mustStandin(e.t, "pair", "token", "--store", e.RStore, "--images", pattern, "--json")
+	r := mustStandin(e.t, append([]string{"pair", "token", "--store", e.RStore, "--images", pattern, "--json"}, tokenFlags...)...)
 	var tok map[string]string
 	if err := json.Unmarshal([]byte(r.Stdout), &tok); err != nil || tok["token"] == "" {
 		e.t.Fatalf("pair token --json: %v: %s", err, r.Stdout)
@@ -507,7 +612,6 @@ func (e *replEnv) writeSeq(name string, off, size int64) {
 	}
 }
 
-// stagedBytes sums the staged (unshipped) cycle files of the primary.
 // replicateKillMidApply starts a replication round of the group and kills
 // the replica daemon (SIGKILL) as soon as its apply journal (apply.json)
 // appears. It returns false when the round completed first (or 60 s passed)
@@ -531,6 +635,8 @@ func (e *replEnv) replicateKillMidApply() bool {
 	return false
 }
 
+// stagedFiles returns the number and total size of the staged (unshipped)
+// cycle files of the primary.
 func stagedFiles(pstore string) (n int, bytes int64) {
 	files, _ := filepath.Glob(filepath.Join(pstore, "cycles", "*", "*.cyc"))
 	for _, f := range files {
@@ -542,7 +648,8 @@ func stagedFiles(pstore string) (n int, bytes int64) {
 	return
 }
 
-// inboxParts returns the total size of .part files in the replica inbox.
+// inboxFiles returns the number and total size of the files of group in
+// the replica inbox whose names end in suffix.
 func inboxFiles(rstore, group, suffix string) (n int, bytes int64) {
 	files, _ := filepath.Glob(filepath.Join(rstore, "inbox", group, "*"+suffix))
 	for _, f := range files {

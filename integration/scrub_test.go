@@ -1,37 +1,12 @@
 package integration
 
 import (
-	"encoding/json"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 )
-
-// replicaHealth returns the health and reasons of group in the replica
-// daemon's status.
-func replicaHealth(t *testing.T, rstore, group string) (string, []string) {
-	t.Helper()
-	r := mustStandin(t, "status", "--store", rstore, "--json")
-	var st struct {
-		Groups []struct {
-			Group   string   `json:"group"`
-			Health  string   `json:"health"`
-			Reasons []string `json:"reasons"`
-		} `json:"groups"`
-	}
-	if err := json.Unmarshal([]byte(r.Stdout), &st); err != nil {
-		t.Fatalf("status --json: %v\n%s", err, r.Stdout)
-	}
-	for _, g := range st.Groups {
-		if g.Group == group {
-			return g.Health, g.Reasons
-		}
-	}
-	t.Fatalf("replica status has no group %s: %s", group, r.Stdout)
-	return "", nil
-}
 
 // TestScrubWarmStandbyBitFlip: B keeps a warm standby copy of A's disk. A bit
 // flips in that copy. 'points verify --prepared' reports it, the scrub finds
@@ -52,7 +27,8 @@ func TestScrubWarmStandbyBitFlip(t *testing.T) {
 	dir := filepath.Join(b.PStore, "failover", "vm1")
 	if !waitFor(60*time.Second, 100*time.Millisecond, func() bool {
 		r := standin(cmdTimeout, "points", "verify", "--store", b.RStore, "--group", "vm1", "--prepared")
-		return r.Code == 0 && strings.Contains(r.Stdout, "point "+listPoints(t, b.RStore, "vm1")[len(listPoints(t, b.RStore, "vm1"))-1].Point)
+		ps := listPoints(t, b.RStore, "vm1")
+		return r.Code == 0 && strings.Contains(r.Stdout, "point "+ps[len(ps)-1].Point)
 	}) {
 		t.Fatal("no warm standby copy at the latest point")
 	}

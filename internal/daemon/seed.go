@@ -299,6 +299,13 @@ func SeedExport(ctx context.Context, st *tracker.Store, sh *shipper.Shipper, req
 	if err != nil {
 		return sum, fmt.Errorf("seed export to %v: %w (run the same command again to resume)", req.To, err)
 	}
+	if len(ds.Roots) != len(srcs) {
+		return sum, fmt.Errorf("seed export to %v: %d manifest roots for %d images", req.To, len(ds.Roots), len(srcs))
+	}
+	roots := map[string]string{} // image name on the mount → manifest root
+	for i, si := range sd.Images {
+		roots[si.Name()] = ds.Roots[i]
+	}
 	for _, si := range sd.Images {
 		sum.CBWBlocks += si.CBWBlocks()
 	}
@@ -306,26 +313,12 @@ func SeedExport(ctx context.Context, st *tracker.Store, sh *shipper.Shipper, req
 		return sum, fmt.Errorf("seed written, but recording it as the replication base failed: %w", err)
 	}
 	committed = true
-	roots := map[string]string{} // GROUP/IMAGE → manifest root
-	for _, r := range ds.Roots {
-		roots[r.Name] = r.Root
-	}
-	if len(roots) < len(srcs) {
-		// An export resumed after its data was written: read the roots back.
-		if ms, err := dedup.ReadManifests(req.To, req.Key); err == nil {
-			for _, m := range ms {
-				roots[m.Name] = hex.EncodeToString(m.Root[:])
-			}
-		} else {
-			emit(SeedEvent{Type: "message", Message: fmt.Sprintf("reading the seed's manifest roots back failed (%v): the replica cannot check the seed's content at import", err)})
-		}
-	}
 	for _, g := range groups {
 		ss := shipper.SeedState{GroupCut: sd.GroupCut.String(), Time: sd.Time, To: req.To}
 		for _, si := range sd.Images {
 			if groupOf[si.Name()] == g.Name {
 				ss.Images = append(ss.Images, shipper.SeedImage{Name: si.Name(), ID: applier.SeedImageID(si.ID()), Generation: si.Generation(), Seq: si.Seq(),
-					Root: roots[g.Name+"/"+si.Name()]})
+					Root: roots[si.Name()]})
 			}
 		}
 		if err := sh.SeedExported(g.Name, ss); err != nil {
@@ -380,12 +373,10 @@ func SeedImport(ctx context.Context, rep *applier.Replica, req SeedImportRequest
 	}
 	byName := map[string]applier.SeedImage{}
 	for _, m := range ms {
-		g, n, err := applier.SplitSeedName(m.Name)
+		si, err := seedImageOf(m)
 		if err != nil {
 			return sum, exitcode.With(exitcode.Corrupt, err)
 		}
-		si := applier.SeedImage{Group: g, Name: n, ID: applier.SeedImageID(m.ID), Generation: m.Generation, Seq: m.Seq,
-			Size: m.Size, Allocated: m.Allocated, CutTime: m.CutTime, Root: hex.EncodeToString(m.Root[:])}
 		sum.Images = append(sum.Images, si)
 		byName[m.Name] = si
 		sum.Allocated += m.Allocated
@@ -422,12 +413,30 @@ func SeedImport(ctx context.Context, rep *applier.Replica, req SeedImportRequest
 	}()
 	o := dedup.ImportOptions{
 		Progress: throttle(emit, time.Second, req.SlowForTest),
-		// The manifests read now must be the ones checked above (the
-		// volumes could have been swapped meanwhile).
+		// The manifests read now must be exactly the ones checked above
+		// (the volumes could have been swapped meanwhile): an image missing
+		// now would leave its staged sink unwritten, an extra or changed
+		// one was never checked.
 		Accept: func(ms []dedup.Manifest) error {
+			changed := func(f string, a ...any) error {
+				return exitcode.With(exitcode.Refused, fmt.Errorf("%w: the seed changed since it was checked (%s); nothing was imported", applier.ErrWrongSeed, fmt.Sprintf(f, a...)))
+			}
+			seen := map[string]bool{}
 			for _, m := range ms {
-				if si, ok := byName[m.Name]; ok && action[si.Group] == "import" && si.Root != hex.EncodeToString(m.Root[:]) {
-					return exitcode.With(exitcode.Refused, fmt.Errorf("%w: image %s: the seed changed since it was checked (manifest root %x, checked %.16s…)", applier.ErrWrongSeed, m.Name, m.Root[:8], si.Root))
+				si, err := seedImageOf(m)
+				want, ok := byName[m.Name]
+				switch {
+				case err != nil || !ok:
+					return changed("image %s was not in it", m.Name)
+				case !sameSeedImage(si, want):
+					return changed("image %s: id %s generation %d cut %d root %.16s…, checked id %s generation %d cut %d root %.16s…",
+						m.Name, si.ID, si.Generation, si.Seq, si.Root, want.ID, want.Generation, want.Seq, want.Root)
+				}
+				seen[m.Name] = true
+			}
+			for name := range byName {
+				if !seen[name] {
+					return changed("image %s is missing now", name)
 				}
 			}
 			return nil
@@ -446,6 +455,9 @@ func SeedImport(ctx context.Context, rep *applier.Replica, req SeedImportRequest
 			}
 			return nil
 		},
+	}
+	if seedImportChecked != nil {
+		seedImportChecked()
 	}
 	// Open every sink first, so ResumeAt sees the staging of an earlier run.
 	for name, si := range byName {
@@ -500,6 +512,26 @@ func SeedImport(ctx context.Context, rep *applier.Replica, req SeedImportRequest
 	sinks = nil
 	sum.Seconds = time.Since(start).Seconds()
 	return sum, nil
+}
+
+// seedImportChecked, when set (tests), runs between the seed's check and
+// its import.
+var seedImportChecked func()
+
+// seedImageOf is the replica's view of one image of a seed.
+func seedImageOf(m dedup.Manifest) (applier.SeedImage, error) {
+	g, n, err := applier.SplitSeedName(m.Name)
+	if err != nil {
+		return applier.SeedImage{}, err
+	}
+	return applier.SeedImage{Group: g, Name: n, ID: applier.SeedImageID(m.ID), Generation: m.Generation, Seq: m.Seq,
+		Size: m.Size, Allocated: m.Allocated, CutTime: m.CutTime, Root: hex.EncodeToString(m.Root[:])}, nil
+}
+
+// sameSeedImage: a and b describe the same image content at the same cut.
+func sameSeedImage(a, b applier.SeedImage) bool {
+	return a.Group == b.Group && a.Name == b.Name && a.ID == b.ID && a.Generation == b.Generation && a.Seq == b.Seq &&
+		a.Size == b.Size && a.Allocated == b.Allocated && a.CutTime.Equal(b.CutTime) && a.Root == b.Root
 }
 
 type discardSink struct{}

@@ -59,8 +59,10 @@ func LooseStoreDir(t testing.TB, name string) (base, dir string) {
 // nobody cannot list it.
 func CheckOwnerOnly(t testing.TB, dir string) {
 	t.Helper()
-	if st, err := os.Stat(dir); err != nil || st.Mode().Perm() != 0o700 {
-		t.Fatalf("store mode %04o (%v), want 0700", st.Mode().Perm(), err)
+	if st, err := os.Stat(dir); err != nil {
+		t.Fatalf("store: %v", err)
+	} else if st.Mode().Perm() != 0o700 {
+		t.Fatalf("store mode %04o, want 0700", st.Mode().Perm())
 	}
 	if os.Geteuid() == 0 {
 		if out := ReadAs(t, Nobody, Nobody, dir); !strings.Contains(out, "Permission denied") {
