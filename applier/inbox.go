@@ -20,7 +20,7 @@ import (
 // cycle is applied, never before.
 const InboxStaleAge = 7 * 24 * time.Hour
 
-var inboxRE = regexp.MustCompile(`^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})-g([0-9]+)-s([0-9]+)\.cyc(\.part|\.part\.hash)?$`)
+var inboxRE = regexp.MustCompile(`^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})-g([0-9]+)-s([0-9]+)\.cyc(\.part|\.part\.hash|\.part\.name)?$`)
 
 // InboxCollected says what an inbox collection removed.
 type InboxCollected struct {
@@ -121,7 +121,7 @@ func (s *Server) CollectInbox(group string) (InboxCollected, error) {
 				continue
 			}
 			p := filepath.Join(dir, e.Name())
-			cyc := strings.TrimSuffix(strings.TrimSuffix(p, ".hash"), ".part")
+			cyc := strings.TrimSuffix(strings.TrimSuffix(strings.TrimSuffix(p, ".hash"), ".name"), ".part")
 			fi, err := os.Lstat(p)
 			if err != nil || inboxObsolete(v, m[1], gen, seq, p, cyc, now.Sub(fi.ModTime())) == "" {
 				continue

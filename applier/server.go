@@ -342,7 +342,15 @@ func (s *Server) upload(w http.ResponseWriter, r *http.Request, p pki.Primary) {
 		return
 	}
 	if off == 0 {
-		var err error
+		// The name claimed for the upload, recorded before its first byte:
+		// a partial upload is then as much the claimant's as a complete
+		// one (uploadClaims), so nobody else appends to, reads or discards
+		// it.
+		err := fsutil.WriteFileAtomic(path+".part.name", []byte(name), 0o600)
+		if err != nil {
+			s.reply(w, r, nil, err)
+			return
+		}
 		if hash != "" {
 			err = fsutil.WriteFileAtomic(path+".part.hash", []byte(hash), 0o600)
 		} else if err = os.Remove(path + ".part.hash"); errors.Is(err, os.ErrNotExist) {
@@ -421,6 +429,7 @@ func (s *Server) finishUpload(group, path, name string, ref wire.CycleRef, p pki
 	bad := func(err error) error {
 		os.Remove(part) // unverifiable: the primary sends it again from byte 0
 		os.Remove(part + ".hash")
+		os.Remove(part + ".name")
 		return err
 	}
 	f, err := os.Open(part)
@@ -454,6 +463,7 @@ func (s *Server) finishUpload(group, path, name string, ref wire.CycleRef, p pki
 		return err
 	}
 	os.Remove(part + ".hash")
+	os.Remove(part + ".name")
 	return fsutil.SyncDir(filepath.Dir(path))
 }
 

@@ -28,6 +28,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -100,7 +101,8 @@ type imageClaim struct {
 	id, name string
 	// inbox: name is what the replica recorded for the id before this
 	// request (the header of a complete upload of the cycle in the inbox,
-	// the group's earlier seed announcement). For an id the group does not
+	// the name recorded when a partial one began, the group's earlier seed
+	// announcement). For an id the group does not
 	// hold it must be allowed (another primary's pending upload or seed
 	// announcement is neither read, discarded nor replaced); for a held id
 	// the recorded name decides.
@@ -227,10 +229,15 @@ func visible(p pki.Primary, group string, imgs []wire.ImageState) []wire.ImageSt
 	return out
 }
 
-// inboxName returns the image name in the header of the complete upload at
-// path ("" if there is none, or it is unreadable: the apply verifies it).
+// inboxName returns the image name of the upload at path: the name in the
+// header of the complete upload, else the name recorded when the partial
+// upload began ("" if there is neither, or the header is unreadable: the
+// apply verifies it).
 func inboxName(path, id string) string {
 	f, err := os.Open(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return partName(path)
+	}
 	if err != nil {
 		return ""
 	}
@@ -264,8 +271,8 @@ func needName(r *http.Request) (string, error) {
 }
 
 // uploadClaims: the image of an upload URL, with the name given (required
-// unless optional) and the name in the header of a complete upload of the
-// cycle already in the inbox.
+// unless optional) and the name of the upload of the cycle already in the
+// inbox (complete or partial, see inboxName).
 func uploadClaims(optional bool) claimsFunc {
 	return func(s *Server, r *http.Request, _ pki.Primary, group string) ([]imageClaim, bool, error) {
 		_, path, ref, err := s.uploadFile(r)
