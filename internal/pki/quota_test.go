@@ -11,7 +11,7 @@ import (
 func TestQuotaFromTokenAndSetQuota(t *testing.T) {
 	dir := t.TempDir()
 	a := open(t, dir)
-	tok, err := a.NewTokenQuota("127.0.0.1:7443", "*", 0, Quota{Held: 500 << 30, Inflight: 20 << 30})
+	tok, err := a.NewTokenWith("127.0.0.1:7443", TokenOptions{Pattern: "*", Quota: Quota{Held: 500 << 30, Inflight: 20 << 30}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -46,7 +46,7 @@ func TestQuotaFromTokenAndSetQuota(t *testing.T) {
 	if err := a.SetQuota(p.ID, Quota{Held: -1}); err == nil {
 		t.Fatalf("negative quota accepted")
 	}
-	if _, err := a.NewTokenQuota("127.0.0.1:7443", "*", 0, Quota{Inflight: -5}); err == nil {
+	if _, err := a.NewTokenWith("127.0.0.1:7443", TokenOptions{Pattern: "*", Quota: Quota{Inflight: -5}}); err == nil {
 		t.Fatalf("token with a negative quota issued")
 	}
 }
