@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -29,10 +30,11 @@ import (
 // (images, undo logs, promotion staging), their inbox (complete and partial
 // uploads) and seed staging; its bytes in flight are its groups' partial
 // uploads (inbox *.part). An upload is admitted only if the owner's usage
-// plus the bytes still to come (and those of its other uploads in progress)
-// stays within both quotas; otherwise it is refused before any byte is read
-// (507, code "quota"). Commits of admitted uploads are not refused: the
-// bytes are already on the disk.
+// plus the bytes still to come of it and of its other uploads in progress
+// (what they wrote already is in the usage) stays within both quotas;
+// otherwise it is refused before any byte is read (507, code "quota").
+// Commits of admitted uploads are not refused: the bytes are already on the
+// disk.
 
 const ownersFile = "owners.json"
 
@@ -51,13 +53,30 @@ type quotas struct {
 	rep   *Replica
 	inbox string
 
-	mu       sync.Mutex
-	owners   map[string]ownerRec // nil until loaded
-	reserved map[string]int64    // primary ID -> bytes admitted to uploads in progress; removed at 0
+	mu     sync.Mutex
+	owners map[string]ownerRec // nil until loaded
+	// reserved: primary ID -> its uploads in progress (removed when none).
+	reserved map[string]map[*reservation]bool
+}
+
+// reservation is an admitted upload in progress: its .part file grows up to
+// total bytes. What it has written is counted on the disk, so it reserves
+// only what is still to come (total minus the size of the .part now).
+type reservation struct {
+	part  string
+	total int64
+}
+
+func (r *reservation) toCome() int64 {
+	var have int64
+	if fi, err := os.Stat(r.part); err == nil {
+		have = fi.Size()
+	}
+	return max(0, r.total-have)
 }
 
 func newQuotas(rep *Replica, inbox string) *quotas {
-	return &quotas{rep: rep, inbox: inbox, reserved: map[string]int64{}}
+	return &quotas{rep: rep, inbox: inbox, reserved: map[string]map[*reservation]bool{}}
 }
 
 func (q *quotas) path() string { return filepath.Join(q.rep.dir, ownersFile) }
@@ -228,10 +247,10 @@ func duTree(dir string) (alloc, part int64, err error) {
 	return alloc, part, err
 }
 
-// admit checks an upload of bytes off..total of a cycle of group by p
-// against the group owner's quota and reserves the bytes to come until
-// release is called.
-func (q *quotas) admit(group string, p pki.Primary, quotaOf func(id string) (pki.Quota, string, bool), off, total int64) (release func(), err error) {
+// admit checks an upload of bytes off..total of a cycle of group (whose
+// partial upload is the file part) by p against the group owner's quota and
+// reserves the bytes to come until release is called.
+func (q *quotas) admit(group string, p pki.Primary, quotaOf func(id string) (pki.Quota, string, bool), part string, off, total int64) (release func(), err error) {
 	paired := func(id string) bool { _, _, ok := quotaOf(id); return ok }
 	owner, err := q.claim(group, p, paired)
 	if err != nil {
@@ -251,20 +270,27 @@ func (q *quotas) admit(group string, p pki.Primary, quotaOf func(id string) (pki
 	}
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	res := q.reserved[owner]
+	var res int64
+	for r := range q.reserved[owner] {
+		res += r.toCome()
+	}
 	if quota.Held > 0 && u.Held+res+need > quota.Held {
 		return nil, &QuotaError{Primary: owner, Name: name, What: "held", Used: u.Held + res, Need: need, Limit: quota.Held}
 	}
 	if quota.Inflight > 0 && u.Inflight+res+need > quota.Inflight {
 		return nil, &QuotaError{Primary: owner, Name: name, What: "in flight", Used: u.Inflight + res, Need: need, Limit: quota.Inflight}
 	}
-	q.reserved[owner] = res + need
+	r := &reservation{part: part, total: total}
+	if q.reserved[owner] == nil {
+		q.reserved[owner] = map[*reservation]bool{}
+	}
+	q.reserved[owner][r] = true
 	var once sync.Once
 	return func() {
 		once.Do(func() {
 			q.mu.Lock()
 			defer q.mu.Unlock()
-			if q.reserved[owner] -= need; q.reserved[owner] <= 0 {
+			if delete(q.reserved[owner], r); len(q.reserved[owner]) == 0 {
 				delete(q.reserved, owner)
 			}
 		})
@@ -287,9 +313,10 @@ func (s *Server) claimGroup(group string, p pki.Primary) error {
 	return err
 }
 
-// admitUpload is quotas.admit for the server's authority.
-func (s *Server) admitUpload(group string, p pki.Primary, off, total int64) (func(), error) {
-	return s.quota.admit(group, p, s.quotaOf, off, total)
+// admitUpload is quotas.admit for the server's authority (path: the
+// upload's complete cycle file).
+func (s *Server) admitUpload(group string, p pki.Primary, path string, off, total int64) (func(), error) {
+	return s.quota.admit(group, p, s.quotaOf, path+".part", off, total)
 }
 
 // PrimaryUsage is one primary's quota and usage on this replica.

@@ -1,7 +1,11 @@
 package applier
 
 import (
+	"errors"
+	"fmt"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -119,5 +123,39 @@ func TestQuotaPerPrimary(t *testing.T) {
 	}
 	if n := len(e.srv.quota.reserved); n != 0 {
 		t.Fatalf("%d quota reservations left", n)
+	}
+}
+
+// An upload in progress counts once: what its .part holds is in the usage,
+// only the rest is reserved. A second upload that fits beside it is
+// admitted; one that does not is refused.
+func TestQuotaUploadsInProgressCountOnce(t *testing.T) {
+	t.Parallel()
+	s := newTStore(t, ReplicaOptions{}, Retention{Points: 1})
+	inbox := t.TempDir()
+	q := newQuotas(s.rep, inbox)
+	p := pki.Primary{ID: "p-1", Name: "tenant", Quota: pki.Quota{Inflight: 1000}}
+	quotaOf := func(id string) (pki.Quota, string, bool) { return p.Quota, p.Name, id == p.ID }
+	part := func(n int) string { return filepath.Join(inbox, "vm1", fmt.Sprintf("u%d.cyc.part", n)) }
+	if err := os.MkdirAll(filepath.Join(inbox, "vm1"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	release, err := q.admit("vm1", p, quotaOf, part(1), 0, 600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer release()
+	// The first upload has written 400 of its 600 bytes: 400 on the disk,
+	// 200 to come.
+	if err := os.WriteFile(part(1), make([]byte, 400), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	r2, err := q.admit("vm1", p, quotaOf, part(2), 0, 400)
+	if err != nil {
+		t.Fatalf("an upload that fits beside the one in progress (400 + 200 + 400 of 1000): %v", err)
+	}
+	r2()
+	if _, err := q.admit("vm1", p, quotaOf, part(3), 0, 401); !errors.Is(err, ErrQuota) {
+		t.Fatalf("an upload over the quota beside the one in progress: %v", err)
 	}
 }

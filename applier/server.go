@@ -330,7 +330,7 @@ func (s *Server) upload(w http.ResponseWriter, r *http.Request, p pki.Primary) {
 		return
 	}
 	// Quota before anything of the upload reaches the disk.
-	release, err := s.admitUpload(group, p, off, total)
+	release, err := s.admitUpload(group, p, path, off, total)
 	s.noteQuota(group, err)
 	if err != nil {
 		s.reply(w, r, nil, err)
