@@ -497,16 +497,12 @@ func (s *Server) commit(w http.ResponseWriter, r *http.Request, p pki.Primary) {
 		s.reply(w, r, wire.CommitReply{Skipped: true, Point: "latest"}, nil)
 		return
 	}
-	if err := s.claimGroup(group, p); err != nil {
-		s.reply(w, r, nil, err)
-		return
-	}
 	ret := Retention{Points: req.Policy.Points, Every: req.Policy.PointEvery, AnyPointWindow: req.Policy.AnyPointWindow}
 	if err := s.rep.EnsureGroup(group, ret); err != nil {
 		s.reply(w, r, nil, err)
 		return
 	}
-	res, err := s.rep.ApplyVerifiedAs(r.Context(), group, paths, s.sources(p), s.admit(p, group))
+	res, err := s.rep.ApplyVerifiedAs(r.Context(), group, paths, s.sources(p), s.admitCommit(p, group))
 	s.noteCommit(group, req.Policy.Interval, err)
 	if s.OnApply != nil {
 		s.OnApply(group, res, err)

@@ -218,6 +218,18 @@ func (s *Server) admit(p pki.Primary, group string) AdmitFunc {
 	}
 }
 
+// admitCommit is admit, and then (admitted) records p as the group's owner
+// if it has none: a refused commit records nothing.
+func (s *Server) admitCommit(p pki.Primary, group string) AdmitFunc {
+	admit := s.admit(p, group)
+	return func(held map[string]string, hdrs []format.Header) error {
+		if err := admit(held, hdrs); err != nil {
+			return err
+		}
+		return s.claimGroup(group, p)
+	}
+}
+
 // visible returns the images of imgs that p may see.
 func visible(p pki.Primary, group string, imgs []wire.ImageState) []wire.ImageState {
 	out := make([]wire.ImageState, 0, len(imgs))
