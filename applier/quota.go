@@ -354,6 +354,15 @@ func (s *Server) Usage() ([]PrimaryUsage, error) {
 	return out, nil
 }
 
+// maxQuotaOnlyHealth bounds the health entries that only record a quota
+// refusal (a primary with a wildcard allow-list can be refused for any
+// number of group names that never come to exist); past it the oldest
+// refusal is forgotten.
+const maxQuotaOnlyHealth = 256
+
+// quotaOnly: h records nothing but a quota refusal.
+func (h *groupHealth) quotaOnly() bool { return h.interval == 0 && h.lastErr == "" }
+
 // noteQuota records (err != nil) or clears a quota refusal for the group's
 // health.
 func (s *Server) noteQuota(group string, err error) {
@@ -363,17 +372,37 @@ func (s *Server) noteQuota(group string, err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	h := s.health[group]
-	if h == nil {
-		if err == nil {
-			return
+	if err == nil {
+		if h != nil {
+			if h.quotaErr = ""; h.quotaOnly() {
+				delete(s.health, group)
+			}
 		}
+		return
+	}
+	if h == nil {
+		s.evictQuotaOnly()
 		h = &groupHealth{}
 		s.health[group] = h
 	}
-	if err != nil {
-		h.quotaErr = err.Error()
-	} else {
-		h.quotaErr = ""
+	h.quotaErr, h.quotaTime = err.Error(), time.Now()
+}
+
+// evictQuotaOnly makes room for one more quota-only health entry. Call
+// with s.mu held.
+func (s *Server) evictQuotaOnly() {
+	var n int
+	var oldest string
+	for g, h := range s.health {
+		if h.quotaErr == "" || !h.quotaOnly() {
+			continue
+		}
+		if n++; oldest == "" || h.quotaTime.Before(s.health[oldest].quotaTime) {
+			oldest = g
+		}
+	}
+	if n >= maxQuotaOnlyHealth {
+		delete(s.health, oldest)
 	}
 }
 

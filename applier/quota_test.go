@@ -159,3 +159,26 @@ func TestQuotaUploadsInProgressCountOnce(t *testing.T) {
 		t.Fatalf("an upload over the quota beside the one in progress: %v", err)
 	}
 }
+
+// Quota refusals for group names that never come to exist are remembered
+// for at most maxQuotaOnlyHealth groups, the newest kept; a cleared refusal
+// leaves no entry.
+func TestQuotaHealthBounded(t *testing.T) {
+	t.Parallel()
+	e := newSrvEnv(t, nil)
+	refused := &QuotaError{Primary: "p-1", Name: "tenant", What: "held", Used: 1, Need: 1, Limit: 1}
+	for i := 0; i < maxQuotaOnlyHealth+50; i++ {
+		e.srv.noteQuota(fmt.Sprintf("g%d", i), refused)
+	}
+	if n := len(e.srv.health); n != maxQuotaOnlyHealth {
+		t.Fatalf("%d health entries after %d refused groups, want %d", n, maxQuotaOnlyHealth+50, maxQuotaOnlyHealth)
+	}
+	last := fmt.Sprintf("g%d", maxQuotaOnlyHealth+49)
+	if e.srv.health[last] == nil || e.srv.health["g0"] != nil {
+		t.Fatal("the newest refusal was dropped, or the oldest kept")
+	}
+	e.srv.noteQuota(last, nil)
+	if e.srv.health[last] != nil {
+		t.Fatal("a cleared quota refusal left its health entry")
+	}
+}

@@ -556,10 +556,11 @@ func commitReply(res ApplyResult) wire.CommitReply {
 }
 
 type groupHealth struct {
-	interval time.Duration
-	lastErr  string
-	errTime  time.Time
-	quotaErr string // the last upload was refused for the owner's quota
+	interval  time.Duration
+	lastErr   string
+	errTime   time.Time
+	quotaErr  string    // the last upload was refused for the owner's quota
+	quotaTime time.Time // when
 }
 
 func (s *Server) noteCommit(group string, interval time.Duration, err error) {
@@ -633,7 +634,7 @@ func (s *Server) Health() ([]GroupHealth, error) {
 			gh.Reasons = append(gh.Reasons, "last commit refused: "+h.lastErr)
 		}
 		if h != nil && h.quotaErr != "" {
-			gh.Health = "Critical"
+			gh.Health = maxHealth(gh.Health, "Critical")
 			gh.Reasons = append(gh.Reasons, "last upload refused: "+h.quotaErr)
 		}
 		if sh, rs, _ := s.rep.ScrubHealth(g.Group); len(rs) > 0 { // scrub.go
