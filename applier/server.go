@@ -97,7 +97,11 @@ func (s *Server) reply(w http.ResponseWriter, r *http.Request, v any, err error)
 			w.Header().Set("Connection", "close")
 		}
 		w.WriteHeader(he.status)
-		we := wire.Error{Error: err.Error(), Code: he.code}
+		msg := he.Error() // classify's wording (a full store)
+		if errors.As(err, new(*httpErr)) {
+			msg = err.Error() // with the context around the refusal
+		}
+		we := wire.Error{Error: msg, Code: he.code}
 		var me *MissingChunksError
 		if errors.As(err, &me) {
 			we.Missing = me.Missing
@@ -114,7 +118,7 @@ func classify(err error) *httpErr {
 	case errors.As(err, &he):
 		return he
 	case errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT):
-		return storeFull(err).(*httpErr)
+		return fail(http.StatusInsufficientStorage, "store_full", "replica store full: %v (the replica admin must free space on the replica store or lower the retention; the primary keeps its cycles and retries)", err)
 	case errors.Is(err, pki.ErrUnpaired):
 		return &httpErr{http.StatusUnauthorized, pki.Code(err), err}
 	case pki.Code(err) == "bad_request", pki.Code(err) == "bad_name":
@@ -373,11 +377,12 @@ func (s *Server) upload(w http.ResponseWriter, r *http.Request, p pki.Primary) {
 	closeErr := f.Close()
 	if copyErr != nil || closeErr != nil {
 		// What reached the disk is fsynced; the primary resumes from there.
-		if err := errors.Join(copyErr, closeErr); errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
-			s.reply(w, r, nil, storeFull(err))
-			return
+		// A full store is 507 (classify); anything else broke the body off.
+		err := fmt.Errorf("upload interrupted at byte %d: %w", off+n, errors.Join(copyErr, closeErr))
+		if classify(err).status == http.StatusInternalServerError {
+			err = fail(http.StatusBadRequest, "bad_request", "%v", err)
 		}
-		s.reply(w, r, nil, fail(http.StatusBadRequest, "bad_request", "upload interrupted at byte %d: %v", off+n, errors.Join(copyErr, closeErr)))
+		s.reply(w, r, nil, err)
 		return
 	}
 	if off+n < total {

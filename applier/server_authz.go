@@ -33,7 +33,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"syscall"
 
 	"github.com/google/uuid"
 
@@ -391,12 +390,4 @@ func bodyClaims(ims []wire.ImageState) ([]imageClaim, error) {
 		out[i] = imageClaim{id: im.ID, name: im.Name}
 	}
 	return out, nil
-}
-
-// storeFull maps "no space left" on the replica store to 507.
-func storeFull(err error) error {
-	if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
-		return fail(http.StatusInsufficientStorage, "store_full", "replica store full: %v (the replica admin must free space on the replica store or lower the retention; the primary keeps its cycles and retries)", err)
-	}
-	return err
 }
