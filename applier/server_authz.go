@@ -63,14 +63,12 @@ func (g *group) heldNames() map[string]string {
 // HeldNames maps the id of every image group holds to its recorded name
 // (empty if the group does not exist).
 func (r *Replica) HeldNames(group string) (map[string]string, error) {
-	if err := checkName("group", group); err != nil {
-		return nil, err
-	}
-	r.mu.Lock()
-	g := r.groups[group]
-	r.mu.Unlock()
-	if g == nil {
+	g, err := r.group(group)
+	if errors.Is(err, ErrNoGroup) {
 		return map[string]string{}, nil
+	}
+	if err != nil {
+		return nil, err
 	}
 	return g.heldNames(), nil
 }
