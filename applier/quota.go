@@ -14,6 +14,7 @@ import (
 
 	"github.com/standin/standin/internal/fsutil"
 	"github.com/standin/standin/internal/pki"
+	"github.com/standin/standin/internal/units"
 )
 
 // Per-primary quotas (pki.Quota) on a shared replica host.
@@ -112,26 +113,13 @@ func (e *QuotaError) Error() string {
 	}
 	return fmt.Sprintf("quota: primary %s (%s) would %s %s on this replica, over its %s quota of %s (%s now + %s for this upload); "+
 		"on the replica raise it with 'standin pair quota --store RSTORE --%s SIZE %s', or free space (fewer recovery points)",
-		e.Name, e.Primary, verb, fmtBytes(e.Used+e.Need), e.What, fmtBytes(e.Limit), fmtBytes(e.Used), fmtBytes(e.Need), flag, e.Name)
+		e.Name, e.Primary, verb, units.Bytes(e.Used+e.Need), e.What, units.Bytes(e.Limit), units.Bytes(e.Used), units.Bytes(e.Need), flag, e.Name)
 }
 
 // ErrQuota is matched by every QuotaError (errors.Is).
 var ErrQuota = errors.New("quota exceeded")
 
 func (e *QuotaError) Is(target error) bool { return target == ErrQuota }
-
-func fmtBytes(n int64) string {
-	const u = "KMGTPE"
-	if n < 1024 {
-		return fmt.Sprintf("%d B", n)
-	}
-	f, i := float64(n)/1024, 0
-	for f >= 1024 && i < len(u)-1 {
-		f /= 1024
-		i++
-	}
-	return fmt.Sprintf("%.1f %ciB", f, u[i])
-}
 
 // claim returns the group's owner, recording p as the owner if the group
 // has none (or its owner is no longer paired). owned(id) reports whether a
@@ -155,16 +143,6 @@ func (q *quotas) claim(group string, p pki.Primary, paired func(id string) bool)
 	}
 	q.owners = next
 	return p.ID, nil
-}
-
-// owner returns the recorded owner of a group ("" if none).
-func (q *quotas) owner(group string) string {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	if q.load() != nil {
-		return ""
-	}
-	return q.owners[group].Primary
 }
 
 // groupsOf lists the groups owned by a primary.
@@ -345,9 +323,9 @@ func (s *Server) Usage() ([]PrimaryUsage, error) {
 		pu.Usage = u
 		switch {
 		case p.Quota.Held > 0 && u.Held > p.Quota.Held:
-			pu.Over = fmt.Sprintf("holds %s of its quota %s", fmtBytes(u.Held), fmtBytes(p.Quota.Held))
+			pu.Over = fmt.Sprintf("holds %s of its quota %s", units.Bytes(u.Held), units.Bytes(p.Quota.Held))
 		case p.Quota.Inflight > 0 && u.Inflight > p.Quota.Inflight:
-			pu.Over = fmt.Sprintf("has %s in flight of its quota %s", fmtBytes(u.Inflight), fmtBytes(p.Quota.Inflight))
+			pu.Over = fmt.Sprintf("has %s in flight of its quota %s", units.Bytes(u.Inflight), units.Bytes(p.Quota.Inflight))
 		}
 		out = append(out, pu)
 	}

@@ -10,6 +10,7 @@ import (
 
 	"github.com/standin/standin/internal/daemon"
 	"github.com/standin/standin/internal/pki"
+	"github.com/standin/standin/internal/units"
 	"github.com/standin/standin/shipper"
 )
 
@@ -197,5 +198,5 @@ func quotaString(n int64) string {
 	if n <= 0 {
 		return "unlimited"
 	}
-	return humanBytes(n)
+	return units.Bytes(n)
 }
