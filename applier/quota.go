@@ -58,6 +58,20 @@ type quotas struct {
 	owners map[string]ownerRec // nil until loaded
 	// reserved: primary ID -> its uploads in progress (removed when none).
 	reserved map[string]map[*reservation]bool
+	// shown: primary ID -> its usage as last walked, for the status
+	// (Server.Usage) within usageAge; uploads always walk afresh.
+	shown    map[string]shownUsage
+	usageAge time.Duration
+}
+
+// usageAge: how old a primary's usage in the status may be (the walk of
+// its groups' directories is not repeated on every status request).
+const usageAge = 5 * time.Second
+
+type shownUsage struct {
+	groups string // the groups walked, joined
+	u      Usage
+	at     time.Time
 }
 
 // reservation is an admitted upload in progress: its .part file grows up to
@@ -77,7 +91,7 @@ func (r *reservation) toCome() int64 {
 }
 
 func newQuotas(rep *Replica, inbox string) *quotas {
-	return &quotas{rep: rep, inbox: inbox, reserved: map[string]map[*reservation]bool{}}
+	return &quotas{rep: rep, inbox: inbox, reserved: map[string]map[*reservation]bool{}, shown: map[string]shownUsage{}, usageAge: usageAge}
 }
 
 func (q *quotas) path() string { return filepath.Join(q.rep.dir, ownersFile) }
@@ -190,6 +204,37 @@ func (q *quotas) usage(groups []string) (Usage, error) {
 		u.Inflight += part
 	}
 	return u, nil
+}
+
+// shownUsage is usage(groups) of primary id for the status: the last walk
+// if it is younger than q.usageAge, else a new one.
+func (q *quotas) shownUsage(id string, groups []string) (Usage, error) {
+	key := strings.Join(groups, "\x00")
+	q.mu.Lock()
+	c, ok := q.shown[id]
+	q.mu.Unlock()
+	if ok && c.groups == key && time.Since(c.at) < q.usageAge {
+		return c.u, nil
+	}
+	u, err := q.usage(groups)
+	if err == nil {
+		q.mu.Lock()
+		q.shown[id] = shownUsage{groups: key, u: u, at: time.Now()}
+		q.mu.Unlock()
+	}
+	return u, err
+}
+
+// keepShown forgets the shown usage of primaries not in ids (no longer
+// paired).
+func (q *quotas) keepShown(ids map[string]bool) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	for id := range q.shown {
+		if !ids[id] {
+			delete(q.shown, id)
+		}
+	}
 }
 
 // duTree returns the allocated bytes under dir and the apparent bytes of
@@ -308,15 +353,20 @@ type PrimaryUsage struct {
 	Over string `json:"over,omitempty"`
 }
 
-// Usage lists every paired primary's quota and usage.
+// Usage lists every paired primary's quota and usage (at most usageAge
+// old: a status request does not walk every primary's directories each
+// time).
 func (s *Server) Usage() ([]PrimaryUsage, error) {
 	var out []PrimaryUsage
+	paired := map[string]bool{}
+	defer s.quota.keepShown(paired)
 	for _, p := range s.auth.Primaries() {
 		if p.Revoked {
 			continue
 		}
+		paired[p.ID] = true
 		pu := PrimaryUsage{ID: p.ID, Name: p.Name, Quota: p.Quota, Groups: s.quota.groupsOf(p.ID)}
-		u, err := s.quota.usage(pu.Groups)
+		u, err := s.quota.shownUsage(p.ID, pu.Groups)
 		if err != nil {
 			return nil, err
 		}

@@ -182,3 +182,41 @@ func TestQuotaHealthBounded(t *testing.T) {
 		t.Fatal("a cleared quota refusal left its health entry")
 	}
 }
+
+// The status shows a primary's usage from a walk at most usageAge old; an
+// older one is walked again.
+func TestQuotaUsageShownAtMostUsageAge(t *testing.T) {
+	t.Parallel()
+	e := newSrvEnv(t, nil)
+	hc, id := e.pair("tenant-a")
+	a := newTImage(0x64, "a.img")
+	p, next := e.cycle(a)
+	if code, we := e.ship(hc, "vmA", p, next); code != http.StatusOK {
+		t.Fatalf("ship: %d %+v", code, we)
+	}
+	held := func() int64 {
+		t.Helper()
+		us, err := e.srv.Usage()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, u := range us {
+			if u.ID == id {
+				return u.Usage.Held
+			}
+		}
+		t.Fatalf("no usage of %s: %+v", id, us)
+		return 0
+	}
+	h0 := held()
+	if err := os.WriteFile(filepath.Join(e.rep.dir, "groups", "vmA", "extra"), make([]byte, 1<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if h := held(); h != h0 {
+		t.Fatalf("usage walked again within usageAge: %d, then %d", h0, h)
+	}
+	e.srv.quota.usageAge = 0
+	if h := held(); h < h0+1<<20 {
+		t.Fatalf("usage after usageAge: %d, want at least %d", h, h0+1<<20)
+	}
+}
