@@ -20,7 +20,7 @@ import (
 // cycle is applied, never before.
 const InboxStaleAge = 7 * 24 * time.Hour
 
-var inboxRE = regexp.MustCompile(`^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})-g([0-9]+)-s([0-9]+)\.cyc(\.part|\.part\.hash)?$`)
+var inboxRE = regexp.MustCompile(`^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})-g([0-9]+)-s([0-9]+)\.cyc(\.part|\.part\.hash|\.part\.name)?$`)
 
 // InboxCollected says what an inbox collection removed.
 type InboxCollected struct {
@@ -35,16 +35,14 @@ type inboxView struct {
 	pending map[string]bool       // cycle files a pending apply records
 }
 
-func (r *Replica) inboxView(groupName string) inboxView {
+func (r *Replica) inboxView(groupName string) (inboxView, error) {
 	v := inboxView{held: map[string]imageState{}, pending: map[string]bool{}}
-	if !storeNameOK(groupName) {
-		return v
+	g, err := r.group(groupName)
+	if errors.Is(err, ErrNoGroup) {
+		return v, nil
 	}
-	r.mu.Lock()
-	g := r.groups[groupName]
-	r.mu.Unlock()
-	if g == nil {
-		return v
+	if err != nil {
+		return v, err
 	}
 	v.exists = true
 	// The commit record first: a drop (repair.go) rolls the image states
@@ -66,7 +64,7 @@ func (r *Replica) inboxView(groupName string) inboxView {
 		}
 	}
 	g.mu.RUnlock()
-	return v
+	return v, nil
 }
 
 // CollectInbox removes inbox files that are no longer needed (group "" =
@@ -107,7 +105,11 @@ func (s *Server) CollectInbox(group string) (InboxCollected, error) {
 			}
 			continue
 		}
-		v := s.rep.inboxView(gname)
+		v, err := s.rep.inboxView(gname)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
 		var files int
 		var bytes int64
 		for _, e := range ents {
@@ -121,7 +123,7 @@ func (s *Server) CollectInbox(group string) (InboxCollected, error) {
 				continue
 			}
 			p := filepath.Join(dir, e.Name())
-			cyc := strings.TrimSuffix(strings.TrimSuffix(p, ".hash"), ".part")
+			cyc := strings.TrimSuffix(strings.TrimSuffix(strings.TrimSuffix(p, ".hash"), ".name"), ".part")
 			fi, err := os.Lstat(p)
 			if err != nil || inboxObsolete(v, m[1], gen, seq, p, cyc, now.Sub(fi.ModTime())) == "" {
 				continue

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/standin/standin/internal/fsutil"
 	"github.com/standin/standin/internal/pki"
+	"github.com/standin/standin/internal/units"
 )
 
 // Per-primary quotas (pki.Quota) on a shared replica host.
@@ -29,10 +31,11 @@ import (
 // (images, undo logs, promotion staging), their inbox (complete and partial
 // uploads) and seed staging; its bytes in flight are its groups' partial
 // uploads (inbox *.part). An upload is admitted only if the owner's usage
-// plus the bytes still to come (and those of its other uploads in progress)
-// stays within both quotas; otherwise it is refused before any byte is read
-// (507, code "quota"). Commits of admitted uploads are not refused: the
-// bytes are already on the disk.
+// plus the bytes still to come of it and of its other uploads in progress
+// (what they wrote already is in the usage) stays within both quotas;
+// otherwise it is refused before any byte is read (507, code "quota").
+// Commits of admitted uploads are not refused: the bytes are already on the
+// disk.
 
 const ownersFile = "owners.json"
 
@@ -51,13 +54,44 @@ type quotas struct {
 	rep   *Replica
 	inbox string
 
-	mu       sync.Mutex
-	owners   map[string]ownerRec // nil until loaded
-	reserved map[string]int64    // primary ID -> bytes admitted to uploads in progress; removed at 0
+	mu     sync.Mutex
+	owners map[string]ownerRec // nil until loaded
+	// reserved: primary ID -> its uploads in progress (removed when none).
+	reserved map[string]map[*reservation]bool
+	// shown: primary ID -> its usage as last walked, for the status
+	// (Server.Usage) within usageAge; uploads always walk afresh.
+	shown    map[string]shownUsage
+	usageAge time.Duration
+}
+
+// usageAge: how old a primary's usage in the status may be (the walk of
+// its groups' directories is not repeated on every status request).
+const usageAge = 5 * time.Second
+
+type shownUsage struct {
+	groups string // the groups walked, joined
+	u      Usage
+	at     time.Time
+}
+
+// reservation is an admitted upload in progress: its .part file grows up to
+// total bytes. What it has written is counted on the disk, so it reserves
+// only what is still to come (total minus the size of the .part now).
+type reservation struct {
+	part  string
+	total int64
+}
+
+func (r *reservation) toCome() int64 {
+	var have int64
+	if fi, err := os.Stat(r.part); err == nil {
+		have = fi.Size()
+	}
+	return max(0, r.total-have)
 }
 
 func newQuotas(rep *Replica, inbox string) *quotas {
-	return &quotas{rep: rep, inbox: inbox, reserved: map[string]int64{}}
+	return &quotas{rep: rep, inbox: inbox, reserved: map[string]map[*reservation]bool{}, shown: map[string]shownUsage{}, usageAge: usageAge}
 }
 
 func (q *quotas) path() string { return filepath.Join(q.rep.dir, ownersFile) }
@@ -93,26 +127,13 @@ func (e *QuotaError) Error() string {
 	}
 	return fmt.Sprintf("quota: primary %s (%s) would %s %s on this replica, over its %s quota of %s (%s now + %s for this upload); "+
 		"on the replica raise it with 'standin pair quota --store RSTORE --%s SIZE %s', or free space (fewer recovery points)",
-		e.Name, e.Primary, verb, fmtBytes(e.Used+e.Need), e.What, fmtBytes(e.Limit), fmtBytes(e.Used), fmtBytes(e.Need), flag, e.Name)
+		e.Name, e.Primary, verb, units.Bytes(e.Used+e.Need), e.What, units.Bytes(e.Limit), units.Bytes(e.Used), units.Bytes(e.Need), flag, e.Name)
 }
 
 // ErrQuota is matched by every QuotaError (errors.Is).
 var ErrQuota = errors.New("quota exceeded")
 
 func (e *QuotaError) Is(target error) bool { return target == ErrQuota }
-
-func fmtBytes(n int64) string {
-	const u = "KMGTPE"
-	if n < 1024 {
-		return fmt.Sprintf("%d B", n)
-	}
-	f, i := float64(n)/1024, 0
-	for f >= 1024 && i < len(u)-1 {
-		f /= 1024
-		i++
-	}
-	return fmt.Sprintf("%.1f %ciB", f, u[i])
-}
 
 // claim returns the group's owner, recording p as the owner if the group
 // has none (or its owner is no longer paired). owned(id) reports whether a
@@ -136,16 +157,6 @@ func (q *quotas) claim(group string, p pki.Primary, paired func(id string) bool)
 	}
 	q.owners = next
 	return p.ID, nil
-}
-
-// owner returns the recorded owner of a group ("" if none).
-func (q *quotas) owner(group string) string {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	if q.load() != nil {
-		return ""
-	}
-	return q.owners[group].Primary
 }
 
 // groupsOf lists the groups owned by a primary.
@@ -195,6 +206,37 @@ func (q *quotas) usage(groups []string) (Usage, error) {
 	return u, nil
 }
 
+// shownUsage is usage(groups) of primary id for the status: the last walk
+// if it is younger than q.usageAge, else a new one.
+func (q *quotas) shownUsage(id string, groups []string) (Usage, error) {
+	key := strings.Join(groups, "\x00")
+	q.mu.Lock()
+	c, ok := q.shown[id]
+	q.mu.Unlock()
+	if ok && c.groups == key && time.Since(c.at) < q.usageAge {
+		return c.u, nil
+	}
+	u, err := q.usage(groups)
+	if err == nil {
+		q.mu.Lock()
+		q.shown[id] = shownUsage{groups: key, u: u, at: time.Now()}
+		q.mu.Unlock()
+	}
+	return u, err
+}
+
+// keepShown forgets the shown usage of primaries not in ids (no longer
+// paired).
+func (q *quotas) keepShown(ids map[string]bool) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	for id := range q.shown {
+		if !ids[id] {
+			delete(q.shown, id)
+		}
+	}
+}
+
 // duTree returns the allocated bytes under dir and the apparent bytes of
 // its *.part files; a missing dir is empty.
 func duTree(dir string) (alloc, part int64, err error) {
@@ -228,10 +270,10 @@ func duTree(dir string) (alloc, part int64, err error) {
 	return alloc, part, err
 }
 
-// admit checks an upload of bytes off..total of a cycle of group by p
-// against the group owner's quota and reserves the bytes to come until
-// release is called.
-func (q *quotas) admit(group string, p pki.Primary, quotaOf func(id string) (pki.Quota, string, bool), off, total int64) (release func(), err error) {
+// admit checks an upload of bytes off..total of a cycle of group (whose
+// partial upload is the file part) by p against the group owner's quota and
+// reserves the bytes to come until release is called.
+func (q *quotas) admit(group string, p pki.Primary, quotaOf func(id string) (pki.Quota, string, bool), part string, off, total int64) (release func(), err error) {
 	paired := func(id string) bool { _, _, ok := quotaOf(id); return ok }
 	owner, err := q.claim(group, p, paired)
 	if err != nil {
@@ -251,20 +293,27 @@ func (q *quotas) admit(group string, p pki.Primary, quotaOf func(id string) (pki
 	}
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	res := q.reserved[owner]
+	var res int64
+	for r := range q.reserved[owner] {
+		res += r.toCome()
+	}
 	if quota.Held > 0 && u.Held+res+need > quota.Held {
 		return nil, &QuotaError{Primary: owner, Name: name, What: "held", Used: u.Held + res, Need: need, Limit: quota.Held}
 	}
 	if quota.Inflight > 0 && u.Inflight+res+need > quota.Inflight {
 		return nil, &QuotaError{Primary: owner, Name: name, What: "in flight", Used: u.Inflight + res, Need: need, Limit: quota.Inflight}
 	}
-	q.reserved[owner] = res + need
+	r := &reservation{part: part, total: total}
+	if q.reserved[owner] == nil {
+		q.reserved[owner] = map[*reservation]bool{}
+	}
+	q.reserved[owner][r] = true
 	var once sync.Once
 	return func() {
 		once.Do(func() {
 			q.mu.Lock()
 			defer q.mu.Unlock()
-			if q.reserved[owner] -= need; q.reserved[owner] <= 0 {
+			if delete(q.reserved[owner], r); len(q.reserved[owner]) == 0 {
 				delete(q.reserved, owner)
 			}
 		})
@@ -287,9 +336,10 @@ func (s *Server) claimGroup(group string, p pki.Primary) error {
 	return err
 }
 
-// admitUpload is quotas.admit for the server's authority.
-func (s *Server) admitUpload(group string, p pki.Primary, off, total int64) (func(), error) {
-	return s.quota.admit(group, p, s.quotaOf, off, total)
+// admitUpload is quotas.admit for the server's authority (path: the
+// upload's complete cycle file).
+func (s *Server) admitUpload(group string, p pki.Primary, path string, off, total int64) (func(), error) {
+	return s.quota.admit(group, p, s.quotaOf, path+".part", off, total)
 }
 
 // PrimaryUsage is one primary's quota and usage on this replica.
@@ -303,29 +353,43 @@ type PrimaryUsage struct {
 	Over string `json:"over,omitempty"`
 }
 
-// Usage lists every paired primary's quota and usage.
+// Usage lists every paired primary's quota and usage (at most usageAge
+// old: a status request does not walk every primary's directories each
+// time).
 func (s *Server) Usage() ([]PrimaryUsage, error) {
 	var out []PrimaryUsage
+	paired := map[string]bool{}
+	defer s.quota.keepShown(paired)
 	for _, p := range s.auth.Primaries() {
 		if p.Revoked {
 			continue
 		}
+		paired[p.ID] = true
 		pu := PrimaryUsage{ID: p.ID, Name: p.Name, Quota: p.Quota, Groups: s.quota.groupsOf(p.ID)}
-		u, err := s.quota.usage(pu.Groups)
+		u, err := s.quota.shownUsage(p.ID, pu.Groups)
 		if err != nil {
 			return nil, err
 		}
 		pu.Usage = u
 		switch {
 		case p.Quota.Held > 0 && u.Held > p.Quota.Held:
-			pu.Over = fmt.Sprintf("holds %s of its quota %s", fmtBytes(u.Held), fmtBytes(p.Quota.Held))
+			pu.Over = fmt.Sprintf("holds %s of its quota %s", units.Bytes(u.Held), units.Bytes(p.Quota.Held))
 		case p.Quota.Inflight > 0 && u.Inflight > p.Quota.Inflight:
-			pu.Over = fmt.Sprintf("has %s in flight of its quota %s", fmtBytes(u.Inflight), fmtBytes(p.Quota.Inflight))
+			pu.Over = fmt.Sprintf("has %s in flight of its quota %s", units.Bytes(u.Inflight), units.Bytes(p.Quota.Inflight))
 		}
 		out = append(out, pu)
 	}
 	return out, nil
 }
+
+// maxQuotaOnlyHealth bounds the health entries that only record a quota
+// refusal (a primary with a wildcard allow-list can be refused for any
+// number of group names that never come to exist); past it the oldest
+// refusal is forgotten.
+const maxQuotaOnlyHealth = 256
+
+// quotaOnly: h records nothing but a quota refusal.
+func (h *groupHealth) quotaOnly() bool { return h.interval == 0 && h.lastErr == "" }
 
 // noteQuota records (err != nil) or clears a quota refusal for the group's
 // health.
@@ -336,17 +400,37 @@ func (s *Server) noteQuota(group string, err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	h := s.health[group]
-	if h == nil {
-		if err == nil {
-			return
+	if err == nil {
+		if h != nil {
+			if h.quotaErr = ""; h.quotaOnly() {
+				delete(s.health, group)
+			}
 		}
+		return
+	}
+	if h == nil {
+		s.evictQuotaOnly()
 		h = &groupHealth{}
 		s.health[group] = h
 	}
-	if err != nil {
-		h.quotaErr = err.Error()
-	} else {
-		h.quotaErr = ""
+	h.quotaErr, h.quotaTime = err.Error(), time.Now()
+}
+
+// evictQuotaOnly makes room for one more quota-only health entry. Call
+// with s.mu held.
+func (s *Server) evictQuotaOnly() {
+	var n int
+	var oldest string
+	for g, h := range s.health {
+		if h.quotaErr == "" || !h.quotaOnly() {
+			continue
+		}
+		if n++; oldest == "" || h.quotaTime.Before(s.health[oldest].quotaTime) {
+			oldest = g
+		}
+	}
+	if n >= maxQuotaOnlyHealth {
+		delete(s.health, oldest)
 	}
 }
 

@@ -1,7 +1,11 @@
 package applier
 
 import (
+	"errors"
+	"fmt"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -119,5 +123,100 @@ func TestQuotaPerPrimary(t *testing.T) {
 	}
 	if n := len(e.srv.quota.reserved); n != 0 {
 		t.Fatalf("%d quota reservations left", n)
+	}
+}
+
+// An upload in progress counts once: what its .part holds is in the usage,
+// only the rest is reserved. A second upload that fits beside it is
+// admitted; one that does not is refused.
+func TestQuotaUploadsInProgressCountOnce(t *testing.T) {
+	t.Parallel()
+	s := newTStore(t, ReplicaOptions{}, Retention{Points: 1})
+	inbox := t.TempDir()
+	q := newQuotas(s.rep, inbox)
+	p := pki.Primary{ID: "p-1", Name: "tenant", Quota: pki.Quota{Inflight: 1000}}
+	quotaOf := func(id string) (pki.Quota, string, bool) { return p.Quota, p.Name, id == p.ID }
+	part := func(n int) string { return filepath.Join(inbox, "vm1", fmt.Sprintf("u%d.cyc.part", n)) }
+	if err := os.MkdirAll(filepath.Join(inbox, "vm1"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	release, err := q.admit("vm1", p, quotaOf, part(1), 0, 600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer release()
+	// The first upload has written 400 of its 600 bytes: 400 on the disk,
+	// 200 to come.
+	if err := os.WriteFile(part(1), make([]byte, 400), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	r2, err := q.admit("vm1", p, quotaOf, part(2), 0, 400)
+	if err != nil {
+		t.Fatalf("an upload that fits beside the one in progress (400 + 200 + 400 of 1000): %v", err)
+	}
+	r2()
+	if _, err := q.admit("vm1", p, quotaOf, part(3), 0, 401); !errors.Is(err, ErrQuota) {
+		t.Fatalf("an upload over the quota beside the one in progress: %v", err)
+	}
+}
+
+// Quota refusals for group names that never come to exist are remembered
+// for at most maxQuotaOnlyHealth groups, the newest kept; a cleared refusal
+// leaves no entry.
+func TestQuotaHealthBounded(t *testing.T) {
+	t.Parallel()
+	e := newSrvEnv(t, nil)
+	refused := &QuotaError{Primary: "p-1", Name: "tenant", What: "held", Used: 1, Need: 1, Limit: 1}
+	for i := 0; i < maxQuotaOnlyHealth+50; i++ {
+		e.srv.noteQuota(fmt.Sprintf("g%d", i), refused)
+	}
+	if n := len(e.srv.health); n != maxQuotaOnlyHealth {
+		t.Fatalf("%d health entries after %d refused groups, want %d", n, maxQuotaOnlyHealth+50, maxQuotaOnlyHealth)
+	}
+	last := fmt.Sprintf("g%d", maxQuotaOnlyHealth+49)
+	if e.srv.health[last] == nil || e.srv.health["g0"] != nil {
+		t.Fatal("the newest refusal was dropped, or the oldest kept")
+	}
+	e.srv.noteQuota(last, nil)
+	if e.srv.health[last] != nil {
+		t.Fatal("a cleared quota refusal left its health entry")
+	}
+}
+
+// The status shows a primary's usage from a walk at most usageAge old; an
+// older one is walked again.
+func TestQuotaUsageShownAtMostUsageAge(t *testing.T) {
+	t.Parallel()
+	e := newSrvEnv(t, nil)
+	hc, id := e.pair("tenant-a")
+	a := newTImage(0x64, "a.img")
+	p, next := e.cycle(a)
+	if code, we := e.ship(hc, "vmA", p, next); code != http.StatusOK {
+		t.Fatalf("ship: %d %+v", code, we)
+	}
+	held := func() int64 {
+		t.Helper()
+		us, err := e.srv.Usage()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, u := range us {
+			if u.ID == id {
+				return u.Usage.Held
+			}
+		}
+		t.Fatalf("no usage of %s: %+v", id, us)
+		return 0
+	}
+	h0 := held()
+	if err := os.WriteFile(filepath.Join(e.rep.dir, "groups", "vmA", "extra"), make([]byte, 1<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if h := held(); h != h0 {
+		t.Fatalf("usage walked again within usageAge: %d, then %d", h0, h)
+	}
+	e.srv.quota.usageAge = 0
+	if h := held(); h < h0+1<<20 {
+		t.Fatalf("usage after usageAge: %d, want at least %d", h, h0+1<<20)
 	}
 }

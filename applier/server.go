@@ -97,7 +97,11 @@ func (s *Server) reply(w http.ResponseWriter, r *http.Request, v any, err error)
 			w.Header().Set("Connection", "close")
 		}
 		w.WriteHeader(he.status)
-		we := wire.Error{Error: err.Error(), Code: he.code}
+		msg := he.Error() // classify's wording (a full store)
+		if errors.As(err, new(*httpErr)) {
+			msg = err.Error() // with the context around the refusal
+		}
+		we := wire.Error{Error: msg, Code: he.code}
 		var me *MissingChunksError
 		if errors.As(err, &me) {
 			we.Missing = me.Missing
@@ -114,7 +118,7 @@ func classify(err error) *httpErr {
 	case errors.As(err, &he):
 		return he
 	case errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT):
-		return storeFull(err).(*httpErr)
+		return fail(http.StatusInsufficientStorage, "store_full", "replica store full: %v (the replica admin must free space on the replica store or lower the retention; the primary keeps its cycles and retries)", err)
 	case errors.Is(err, pki.ErrUnpaired):
 		return &httpErr{http.StatusUnauthorized, pki.Code(err), err}
 	case pki.Code(err) == "bad_request", pki.Code(err) == "bad_name":
@@ -330,7 +334,7 @@ func (s *Server) upload(w http.ResponseWriter, r *http.Request, p pki.Primary) {
 		return
 	}
 	// Quota before anything of the upload reaches the disk.
-	release, err := s.admitUpload(group, p, off, total)
+	release, err := s.admitUpload(group, p, path, off, total)
 	s.noteQuota(group, err)
 	if err != nil {
 		s.reply(w, r, nil, err)
@@ -342,7 +346,15 @@ func (s *Server) upload(w http.ResponseWriter, r *http.Request, p pki.Primary) {
 		return
 	}
 	if off == 0 {
-		var err error
+		// The name claimed for the upload, recorded before its first byte:
+		// a partial upload is then as much the claimant's as a complete
+		// one (uploadClaims), so nobody else appends to, reads or discards
+		// it.
+		err := fsutil.WriteFileAtomic(path+".part.name", []byte(name), 0o600)
+		if err != nil {
+			s.reply(w, r, nil, err)
+			return
+		}
 		if hash != "" {
 			err = fsutil.WriteFileAtomic(path+".part.hash", []byte(hash), 0o600)
 		} else if err = os.Remove(path + ".part.hash"); errors.Is(err, os.ErrNotExist) {
@@ -365,11 +377,12 @@ func (s *Server) upload(w http.ResponseWriter, r *http.Request, p pki.Primary) {
 	closeErr := f.Close()
 	if copyErr != nil || closeErr != nil {
 		// What reached the disk is fsynced; the primary resumes from there.
-		if err := errors.Join(copyErr, closeErr); errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
-			s.reply(w, r, nil, storeFull(err))
-			return
+		// A full store is 507 (classify); anything else broke the body off.
+		err := fmt.Errorf("upload interrupted at byte %d: %w", off+n, errors.Join(copyErr, closeErr))
+		if classify(err).status == http.StatusInternalServerError {
+			err = fail(http.StatusBadRequest, "bad_request", "%v", err)
 		}
-		s.reply(w, r, nil, fail(http.StatusBadRequest, "bad_request", "upload interrupted at byte %d: %v", off+n, errors.Join(copyErr, closeErr)))
+		s.reply(w, r, nil, err)
 		return
 	}
 	if off+n < total {
@@ -421,6 +434,7 @@ func (s *Server) finishUpload(group, path, name string, ref wire.CycleRef, p pki
 	bad := func(err error) error {
 		os.Remove(part) // unverifiable: the primary sends it again from byte 0
 		os.Remove(part + ".hash")
+		os.Remove(part + ".name")
 		return err
 	}
 	f, err := os.Open(part)
@@ -454,6 +468,7 @@ func (s *Server) finishUpload(group, path, name string, ref wire.CycleRef, p pki
 		return err
 	}
 	os.Remove(part + ".hash")
+	os.Remove(part + ".name")
 	return fsutil.SyncDir(filepath.Dir(path))
 }
 
@@ -487,16 +502,12 @@ func (s *Server) commit(w http.ResponseWriter, r *http.Request, p pki.Primary) {
 		s.reply(w, r, wire.CommitReply{Skipped: true, Point: "latest"}, nil)
 		return
 	}
-	if err := s.claimGroup(group, p); err != nil {
-		s.reply(w, r, nil, err)
-		return
-	}
 	ret := Retention{Points: req.Policy.Points, Every: req.Policy.PointEvery, AnyPointWindow: req.Policy.AnyPointWindow}
 	if err := s.rep.EnsureGroup(group, ret); err != nil {
 		s.reply(w, r, nil, err)
 		return
 	}
-	res, err := s.rep.ApplyVerifiedAs(r.Context(), group, paths, s.sources(p), s.admit(p, group))
+	res, err := s.rep.ApplyVerifiedAs(r.Context(), group, paths, s.sources(p), s.admitCommit(p, group))
 	s.noteCommit(group, req.Policy.Interval, err)
 	if s.OnApply != nil {
 		s.OnApply(group, res, err)
@@ -550,10 +561,11 @@ func commitReply(res ApplyResult) wire.CommitReply {
 }
 
 type groupHealth struct {
-	interval time.Duration
-	lastErr  string
-	errTime  time.Time
-	quotaErr string // the last upload was refused for the owner's quota
+	interval  time.Duration
+	lastErr   string
+	errTime   time.Time
+	quotaErr  string    // the last upload was refused for the owner's quota
+	quotaTime time.Time // when
 }
 
 func (s *Server) noteCommit(group string, interval time.Duration, err error) {
@@ -627,7 +639,7 @@ func (s *Server) Health() ([]GroupHealth, error) {
 			gh.Reasons = append(gh.Reasons, "last commit refused: "+h.lastErr)
 		}
 		if h != nil && h.quotaErr != "" {
-			gh.Health = "Critical"
+			gh.Health = maxHealth(gh.Health, "Critical")
 			gh.Reasons = append(gh.Reasons, "last upload refused: "+h.quotaErr)
 		}
 		if sh, rs, _ := s.rep.ScrubHealth(g.Group); len(rs) > 0 { // scrub.go

@@ -28,11 +28,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
-	"syscall"
 
 	"github.com/google/uuid"
 
@@ -63,14 +63,12 @@ func (g *group) heldNames() map[string]string {
 // HeldNames maps the id of every image group holds to its recorded name
 // (empty if the group does not exist).
 func (r *Replica) HeldNames(group string) (map[string]string, error) {
-	if err := checkName("group", group); err != nil {
-		return nil, err
-	}
-	r.mu.Lock()
-	g := r.groups[group]
-	r.mu.Unlock()
-	if g == nil {
+	g, err := r.group(group)
+	if errors.Is(err, ErrNoGroup) {
 		return map[string]string{}, nil
+	}
+	if err != nil {
+		return nil, err
 	}
 	return g.heldNames(), nil
 }
@@ -100,7 +98,8 @@ type imageClaim struct {
 	id, name string
 	// inbox: name is what the replica recorded for the id before this
 	// request (the header of a complete upload of the cycle in the inbox,
-	// the group's earlier seed announcement). For an id the group does not
+	// the name recorded when a partial one began, the group's earlier seed
+	// announcement). For an id the group does not
 	// hold it must be allowed (another primary's pending upload or seed
 	// announcement is neither read, discarded nor replaced); for a held id
 	// the recorded name decides.
@@ -216,6 +215,18 @@ func (s *Server) admit(p pki.Primary, group string) AdmitFunc {
 	}
 }
 
+// admitCommit is admit, and then (admitted) records p as the group's owner
+// if it has none: a refused commit records nothing.
+func (s *Server) admitCommit(p pki.Primary, group string) AdmitFunc {
+	admit := s.admit(p, group)
+	return func(held map[string]string, hdrs []format.Header) error {
+		if err := admit(held, hdrs); err != nil {
+			return err
+		}
+		return s.claimGroup(group, p)
+	}
+}
+
 // visible returns the images of imgs that p may see.
 func visible(p pki.Primary, group string, imgs []wire.ImageState) []wire.ImageState {
 	out := make([]wire.ImageState, 0, len(imgs))
@@ -227,10 +238,15 @@ func visible(p pki.Primary, group string, imgs []wire.ImageState) []wire.ImageSt
 	return out
 }
 
-// inboxName returns the image name in the header of the complete upload at
-// path ("" if there is none, or it is unreadable: the apply verifies it).
+// inboxName returns the image name of the upload at path: the name in the
+// header of the complete upload, else the name recorded when the partial
+// upload began ("" if there is neither, or the header is unreadable: the
+// apply verifies it).
 func inboxName(path, id string) string {
 	f, err := os.Open(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return partName(path)
+	}
 	if err != nil {
 		return ""
 	}
@@ -264,8 +280,8 @@ func needName(r *http.Request) (string, error) {
 }
 
 // uploadClaims: the image of an upload URL, with the name given (required
-// unless optional) and the name in the header of a complete upload of the
-// cycle already in the inbox.
+// unless optional) and the name of the upload of the cycle already in the
+// inbox (complete or partial, see inboxName).
 func uploadClaims(optional bool) claimsFunc {
 	return func(s *Server, r *http.Request, _ pki.Primary, group string) ([]imageClaim, bool, error) {
 		_, path, ref, err := s.uploadFile(r)
@@ -372,12 +388,4 @@ func bodyClaims(ims []wire.ImageState) ([]imageClaim, error) {
 		out[i] = imageClaim{id: im.ID, name: im.Name}
 	}
 	return out, nil
-}
-
-// storeFull maps "no space left" on the replica store to 507.
-func storeFull(err error) error {
-	if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
-		return fail(http.StatusInsufficientStorage, "store_full", "replica store full: %v (the replica admin must free space on the replica store or lower the retention; the primary keeps its cycles and retries)", err)
-	}
-	return err
 }

@@ -197,6 +197,15 @@ func TestAuthorizationPerEndpoint(t *testing.T) {
 	if r := B.put("vm2", id, nd.gen, nd.seq, "d.img", pd); r.status != http.StatusOK {
 		t.Fatalf("B's upload: %d %+v", r.status, r.we)
 	}
+	// and a partial upload of a new image (the first half of its cycle).
+	x := newTImage(0x54, "b.img")
+	px, nx := x.cycle(t, s.cyc, rng, gc, cut, cycOpt{nOps: 8})
+	ix := x.idString()
+	cycX, _ := os.ReadFile(px)
+	half := len(cycX) / 2
+	if r := B.do("PUT", fmt.Sprintf("/groups/vm1/uploads/%s/%d/%d?offset=0&total=%d&name=b.img", ix, nx.gen, nx.seq, len(cycX)), cycX[:half]); r.status != http.StatusOK {
+		t.Fatalf("B's partial upload: %d %+v", r.status, r.we)
+	}
 	seedB, _ := json.Marshal(wire.SeedExpect{Images: []wire.ImageState{{ID: ib, Name: "b.img", Generation: b.gen, Seq: b.seq}}})
 	if r := B.do("POST", "/groups/vm1/seed", seedB); r.status != http.StatusOK {
 		t.Fatalf("B's seed announcement: %d %+v", r.status, r.we)
@@ -267,16 +276,20 @@ func TestAuthorizationPerEndpoint(t *testing.T) {
 		// A's primary: it retires the old image (TestRecreatedImageRetires); under
 		// another tenant's name it is refused by the allow-list.
 		{"upload/new id taking another tenant's name", "PUT", up("vm1", "11111111-2222-4333-8444-555555555555", 1, 0, putQ+"b.img"), cyc, 403, "forbidden"},
+		{"upload/appends to another's partial upload", "PUT", up("vm1", ix, nx.gen, nx.seq, fmt.Sprintf("?offset=%d&total=%d&name=a.img", half, len(cycX))), cycX[half:], 403, "forbidden"},
 		{"upload/bad name", "PUT", up("vm1", "11111111-2222-4333-8444-555555555555", 1, 0, putQ+"-x%0Ay.img"), cyc, 400, "bad_request"},
 		{"upload/name too long", "PUT", up("vm1", "11111111-2222-4333-8444-555555555555", 1, 0, putQ+strings.Repeat("x", 256)), cyc, 400, "bad_request"},
 		// upload state
 		{"state/foreign group", "GET", up("vm2", id, nd.gen, nd.seq, ""), nil, 403, "forbidden"},
 		{"state/foreign image id", "GET", up("vm1", ib, nb.gen, nb.seq, ""), nil, 403, "forbidden"},
+		{"state/another's partial upload", "GET", up("vm1", ix, nx.gen, nx.seq, ""), nil, 403, "forbidden"},
+		{"state/another's partial upload, allowed name", "GET", up("vm1", ix, nx.gen, nx.seq, "?name=a.img"), nil, 403, "forbidden"},
 		{"state/renamed image", "GET", up("vm1", ia, a.gen, a.seq+1, "?name=c.img"), nil, 409, "renamed"},
 		{"state/allowed name, held other name", "GET", up("vm1", ib, nb.gen, nb.seq, "?name=a.img"), nil, 403, "forbidden"},
 		// discard
 		{"discard/foreign group", "DELETE", up("vm2", id, nd.gen, nd.seq, "?name=d.img"), nil, 403, "forbidden"},
 		{"discard/foreign image id", "DELETE", up("vm1", ib, nb.gen, nb.seq, "?name=b.img"), nil, 403, "forbidden"},
+		{"discard/another's partial upload", "DELETE", up("vm1", ix, nx.gen, nx.seq, "?name=a.img"), nil, 403, "forbidden"},
 		{"discard/renamed image", "DELETE", up("vm1", ia, a.gen+1, 0, "?name=c.img"), nil, 409, "renamed"},
 		{"discard/allowed name, held other name", "DELETE", up("vm1", ib, nb.gen, nb.seq, "?name=a.img"), nil, 403, "forbidden"},
 		// held and regions
@@ -316,6 +329,11 @@ func TestAuthorizationPerEndpoint(t *testing.T) {
 	}
 	if failovers != 0 {
 		t.Errorf("%d refused failover requests reached the failover handler", failovers)
+	}
+
+	// B's partial upload goes on where it stopped.
+	if r := B.do("PUT", fmt.Sprintf("/groups/vm1/uploads/%s/%d/%d?offset=%d&total=%d&name=b.img", ix, nx.gen, nx.seq, half, len(cycX)), cycX[half:]); r.status != http.StatusOK {
+		t.Fatalf("B's partial upload, continued: %d %+v", r.status, r.we)
 	}
 
 	// A sees only its own image of the shared group.

@@ -113,7 +113,7 @@ func (s *Server) discard(w http.ResponseWriter, r *http.Request, p pki.Primary) 
 		s.reply(w, r, st, err)
 		return
 	}
-	for _, f := range []string{path, path + ".part", path + ".part.hash"} {
+	for _, f := range []string{path, path + ".part", path + ".part.hash", path + ".part.name"} {
 		if err := os.Remove(f); err != nil && !errors.Is(err, os.ErrNotExist) {
 			s.reply(w, r, nil, err)
 			return
@@ -133,6 +133,16 @@ func validFileHash(s string) bool {
 	}
 	b, err := hex.DecodeString(s)
 	return err == nil && len(b) == 32
+}
+
+// partName returns the image name recorded for a partial upload ("" if
+// none).
+func partName(path string) string {
+	b, err := os.ReadFile(path + ".part.name")
+	if err != nil || checkImageName(string(b)) != nil {
+		return ""
+	}
+	return string(b)
 }
 
 // partHash returns the variant hash recorded for a partial upload.

@@ -12,6 +12,7 @@ import (
 	"github.com/standin/standin/applier"
 	"github.com/standin/standin/internal/daemon"
 	"github.com/standin/standin/internal/format"
+	"github.com/standin/standin/internal/units"
 	"github.com/standin/standin/tracker"
 )
 
@@ -125,8 +126,8 @@ func printCycles(cs []tracker.CycleInfo) {
 			kind = "base"
 		}
 		fmt.Fprintf(w, "%s\t%d\t%d\t%s\t%s\t%s\t%s\t%s\t%s\n", ci.Image, ci.Generation, ci.Seq, kind,
-			ci.Time.Local().Format(time.DateTime), humanBytes(int64(ci.DataBlocks)*format.BlockSize),
-			humanBytes(int64(ci.ZeroBlocks)*format.BlockSize), humanBytes(ci.Bytes), ci.Path)
+			ci.Time.Local().Format(time.DateTime), units.Bytes(int64(ci.DataBlocks)*format.BlockSize),
+			units.Bytes(int64(ci.ZeroBlocks)*format.BlockSize), units.Bytes(ci.Bytes), ci.Path)
 	}
 	w.Flush()
 }
@@ -198,11 +199,11 @@ func runInspect(c *cli.Context) error {
 			kind = "base"
 		}
 		fmt.Printf("file        %s (%s)\nimage       %s (id %s, generation %d)\ncycle       %d (%s)\ncut         %s (group %s)\nimage size  %s\nextents     %d: %s data, %s zero\n",
-			p, humanBytes(rep.Bytes), rep.Image, rep.ID, rep.Generation, rep.Seq, kind,
-			rep.Time.Local().Format(time.RFC3339Nano), rep.GroupCut, humanBytes(int64(rep.ImageSize)),
-			rep.NExtents, humanBytes(int64(rep.DataBlocks)*format.BlockSize), humanBytes(int64(rep.ZeroBlocks)*format.BlockSize))
+			p, units.Bytes(rep.Bytes), rep.Image, rep.ID, rep.Generation, rep.Seq, kind,
+			rep.Time.Local().Format(time.RFC3339Nano), rep.GroupCut, units.Bytes(int64(rep.ImageSize)),
+			rep.NExtents, units.Bytes(int64(rep.DataBlocks)*format.BlockSize), units.Bytes(int64(rep.ZeroBlocks)*format.BlockSize))
 		if rep.RefBlocks > 0 {
-			fmt.Printf("refs        %s held by the replica (sent as block hashes only; format version %d)\n", humanBytes(int64(rep.RefBlocks)*format.BlockSize), rep.Version)
+			fmt.Printf("refs        %s held by the replica (sent as block hashes only; format version %d)\n", units.Bytes(int64(rep.RefBlocks)*format.BlockSize), rep.Version)
 		}
 		for _, e := range rep.Extents {
 			fmt.Printf("  %-4s blocks %d..%d (%d) stored %d bytes at %d\n", e.Kind, e.Start, e.Start+uint64(e.Count)-1, e.Count, e.Len, e.Off)

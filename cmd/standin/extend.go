@@ -10,6 +10,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/standin/standin/internal/daemon"
+	"github.com/standin/standin/internal/units"
 	"github.com/standin/standin/shipper"
 )
 
@@ -100,7 +101,7 @@ func extendCommand() *cli.Command {
 							}
 						}
 						fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", f.Group, f.To, f.Interval, health, f.Lag, fwd,
-							humanBytes(f.LastBytes), humanBytes(f.BytesSent))
+							units.Bytes(f.LastBytes), units.Bytes(f.BytesSent))
 					}
 					return w.Flush()
 				},
@@ -142,7 +143,7 @@ func extendCommand() *cli.Command {
 							if r.Base {
 								kind = "base, thinned"
 							}
-							fmt.Printf("%s: forwarded point %s to %s as its point %s (%s, %s sent)\n", r.Group, r.Point, r.To, r.TargetPoint, kind, humanBytes(r.Bytes))
+							fmt.Printf("%s: forwarded point %s to %s as its point %s (%s, %s sent)\n", r.Group, r.Point, r.To, r.TargetPoint, kind, units.Bytes(r.Bytes))
 						}
 					}
 					return errors.Join(errs...)

@@ -11,6 +11,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/standin/standin/internal/daemon"
+	"github.com/standin/standin/internal/units"
 )
 
 func failoverCommand() *cli.Command {
@@ -122,7 +123,7 @@ func failoverTestAction(c *cli.Context) error {
 				fmt.Printf("%s: test failover %s of point %s (%s) mounted at %s in %.3f s\n", ft.Group, ft.ID, ft.Point, when, ft.Mount, ft.CreateSeconds)
 			}
 			for i, im := range ft.Images {
-				fmt.Printf("  %s (%s)\n", ft.Paths[i], humanBytes(im.Size))
+				fmt.Printf("  %s (%s)\n", ft.Paths[i], units.Bytes(im.Size))
 			}
 			if bc := ft.BootCheck; bc != nil {
 				if req.DryRun {
@@ -191,7 +192,7 @@ func failoverTestListAction(c *cli.Context) error {
 			state += " (" + ft.Reason + ")"
 		}
 		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", ft.ID, ft.Group, ft.Point, ft.PointTime.Local().Format(time.DateTime),
-			state, humanBytes(ft.Written), bc, ft.Mount)
+			state, units.Bytes(ft.Written), bc, ft.Mount)
 	}
 	if err := w.Flush(); err != nil {
 		return err

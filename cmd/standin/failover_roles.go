@@ -7,6 +7,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/standin/standin/internal/daemon"
+	"github.com/standin/standin/internal/units"
 )
 
 // Planned and unplanned failover and failback (docs/design.md, Failover).
@@ -140,7 +141,7 @@ func printFailover(out []daemon.FailoverResult) {
 		for _, s := range r.Steps {
 			line := fmt.Sprintf("  %-36s %8.3f s", s.Step, s.Seconds)
 			if s.Bytes > 0 {
-				line += "  " + humanBytes(s.Bytes)
+				line += "  " + units.Bytes(s.Bytes)
 			}
 			if s.Detail != "" {
 				line += "  " + s.Detail

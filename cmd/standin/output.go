@@ -59,19 +59,6 @@ func onUsageError(c *cli.Context, err error, isSub bool) error {
 	return exitcode.With(exitcode.Usage, fmt.Errorf("%v (see 'standin %s --help')", err, c.Command.FullName()))
 }
 
-func humanBytes(n int64) string {
-	const u = 1024
-	if n < u {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(u), 0
-	for m := n / u; m >= u; m /= u {
-		div *= u
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
-}
-
 func refusedErr(err error) error { return exitcode.With(exitcode.Refused, err) }
 func corruptErr(err error) error { return exitcode.With(exitcode.Corrupt, err) }
 

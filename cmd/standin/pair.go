@@ -10,6 +10,7 @@ import (
 
 	"github.com/standin/standin/internal/daemon"
 	"github.com/standin/standin/internal/pki"
+	"github.com/standin/standin/internal/units"
 	"github.com/standin/standin/shipper"
 )
 
@@ -145,20 +146,17 @@ func pairCommand() *cli.Command {
 					if err != nil {
 						return err
 					}
-					if !c.IsSet("inflight") {
-						for _, p := range auth.Primaries() {
-							if p.ID == c.Args().First() || p.Name == c.Args().First() {
-								q.Inflight = p.Quota.Inflight
-							}
-						}
+					change, inflight := pki.QuotaChange{Held: &q.Held}, "unchanged"
+					if c.IsSet("inflight") {
+						change.Inflight, inflight = &q.Inflight, quotaString(q.Inflight)
 					}
-					if err := auth.SetQuota(c.Args().First(), q); err != nil {
+					if err := auth.ChangeQuota(c.Args().First(), change); err != nil {
 						if errors.Is(err, pki.ErrNoSuchPrimary) {
 							return usageErr("%v (see standin pair list)", err)
 						}
 						return err
 					}
-					fmt.Printf("quota of %s: held %s, in flight %s\n", c.Args().First(), quotaString(q.Held), quotaString(q.Inflight))
+					fmt.Printf("quota of %s: held %s, in flight %s\n", c.Args().First(), quotaString(q.Held), inflight)
 					return nil
 				},
 			},
@@ -200,5 +198,5 @@ func quotaString(n int64) string {
 	if n <= 0 {
 		return "unlimited"
 	}
-	return humanBytes(n)
+	return units.Bytes(n)
 }

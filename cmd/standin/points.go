@@ -10,6 +10,7 @@ import (
 
 	"github.com/standin/standin/applier"
 	"github.com/standin/standin/internal/daemon"
+	"github.com/standin/standin/internal/units"
 )
 
 func pointsCommand() *cli.Command {
@@ -38,7 +39,7 @@ func pointsCommand() *cli.Command {
 						if p.AppConsistent {
 							cons = "app"
 						}
-						fmt.Fprintf(w, "%s\t%s\t%d\t%s\t%s\t%s\n", p.ID, p.Time.Local().Format(time.DateTime), p.Cycle, p.Kind, humanBytes(p.Bytes), cons)
+						fmt.Fprintf(w, "%s\t%s\t%d\t%s\t%s\t%s\n", p.ID, p.Time.Local().Format(time.DateTime), p.Cycle, p.Kind, units.Bytes(p.Bytes), cons)
 					}
 					return w.Flush()
 				},

@@ -10,6 +10,7 @@ import (
 
 	"github.com/standin/standin/internal/daemon"
 	"github.com/standin/standin/internal/exitcode"
+	"github.com/standin/standin/internal/units"
 	"github.com/standin/standin/shipper"
 )
 
@@ -200,7 +201,7 @@ func printGroups(gs []shipper.GroupStatus) {
 			health += " (" + g.Resync + ")"
 		}
 		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", g.Group, g.Replica, strings.Join(g.Images, ","), g.Interval,
-			health, g.Lag, g.LastPoint, humanBytes(g.BytesSent), humanBytes(g.PendingBytes), appColumn(g))
+			health, g.Lag, g.LastPoint, units.Bytes(g.BytesSent), units.Bytes(g.PendingBytes), appColumn(g))
 	}
 	w.Flush()
 }

@@ -24,6 +24,7 @@ import (
 	"github.com/standin/standin/internal/daemon"
 	"github.com/standin/standin/internal/exitcode"
 	"github.com/standin/standin/internal/fsutil"
+	"github.com/standin/standin/internal/units"
 )
 
 func init() {
@@ -287,9 +288,9 @@ func runSeedExport(c *cli.Context) error {
 	}
 	fmt.Printf("seed of %s written to %s\n", strings.Join(sum.Groups, ", "), strings.Join(sum.To, ", "))
 	fmt.Printf("  images     %d, cut at %s\n", sum.Images, sum.CutTime.Local().Format(time.DateTime))
-	fmt.Printf("  allocated  %s\n", humanBytes(sum.Allocated))
-	fmt.Printf("  unique     %s (after dedup)\n", humanBytes(sum.Unique))
-	fmt.Printf("  seed       %s (compressed, with parity and index)\n", humanBytes(sum.SeedBytes))
+	fmt.Printf("  allocated  %s\n", units.Bytes(sum.Allocated))
+	fmt.Printf("  unique     %s (after dedup)\n", units.Bytes(sum.Unique))
+	fmt.Printf("  seed       %s (compressed, with parity and index)\n", units.Bytes(sum.SeedBytes))
 	fmt.Printf("  ratio      %.2f× (allocated / seed)\n", sum.Ratio)
 	fmt.Printf("  time       %s (%.0f MB/s)", time.Duration(sum.Seconds*float64(time.Second)).Round(100*time.Millisecond), float64(sum.Allocated)/1e6/max(sum.Seconds, 1e-3))
 	if sum.ResumedPacks > 0 {
@@ -369,7 +370,7 @@ func printVerify(rep dedup.Report) {
 	}
 	switch {
 	case rep.OK():
-		fmt.Printf("seed OK: %d shards (%s) and both index copies intact\n", rep.Shards, humanBytes(rep.Bytes))
+		fmt.Printf("seed OK: %d shards (%s) and both index copies intact\n", rep.Shards, units.Bytes(rep.Bytes))
 	case rep.Repairable:
 		fmt.Printf("seed damaged but repairable: %d of %d shards bad, %d of 2 index copies intact; import repairs it from parity\n", rep.DamagedShards, rep.Shards, rep.IndexCopies)
 	default:
@@ -446,7 +447,7 @@ func runSeedImport(c *cli.Context) error {
 	if sum.DryRun {
 		return printImportPlan(sum)
 	}
-	fmt.Printf("seed imported: %d image(s), %s written in %s (%.0f MB/s)\n", len(sum.Images), humanBytes(sum.Written),
+	fmt.Printf("seed imported: %d image(s), %s written in %s (%.0f MB/s)\n", len(sum.Images), units.Bytes(sum.Written),
 		time.Duration(sum.Seconds*float64(time.Second)).Round(100*time.Millisecond), float64(sum.Written)/1e6/max(sum.Seconds, 1e-3))
 	for g, p := range sum.Points {
 		fmt.Printf("  group %s: recovery point %s at the seed's cut; replication continues with the primary's next cycle\n", g, p)
@@ -459,7 +460,7 @@ func printImportPlan(sum *daemon.SeedImportSummary) error {
 	fmt.Fprintln(w, "GROUP\tIMAGE\tID\tGEN\tCUT\tCUT TIME\tSIZE\tALLOCATED")
 	for _, im := range sum.Images {
 		fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%d\t%s\t%s\t%s\n", im.Group, im.Name, im.ID, im.Generation, im.Seq,
-			im.CutTime.Local().Format(time.DateTime), humanBytes(im.Size), humanBytes(im.Allocated))
+			im.CutTime.Local().Format(time.DateTime), units.Bytes(im.Size), units.Bytes(im.Allocated))
 	}
 	w.Flush()
 	refused := false
@@ -540,7 +541,7 @@ func (v *progressView) update(p dedup.Progress) {
 	if p.BytesTotal > 0 {
 		pct = 100 * float64(p.BytesRead) / float64(p.BytesTotal)
 	}
-	fmt.Fprintf(os.Stderr, "%s: %s of %s (%.0f%%), %.0f MB/s, ETA %s%s\n", v.what, humanBytes(p.BytesRead), humanBytes(p.BytesTotal), pct, rate/1e6, eta, v.ratio())
+	fmt.Fprintf(os.Stderr, "%s: %s of %s (%.0f%%), %.0f MB/s, ETA %s%s\n", v.what, units.Bytes(p.BytesRead), units.Bytes(p.BytesTotal), pct, rate/1e6, eta, v.ratio())
 	v.shown = true
 }
 

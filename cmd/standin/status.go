@@ -9,6 +9,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/standin/standin/internal/daemon"
+	"github.com/standin/standin/internal/units"
 )
 
 func statusCommand() *cli.Command {
@@ -69,7 +70,7 @@ func printPrimaryStatus(st daemon.StatusReply) {
 		if len(im.Reasons) > 0 {
 			health += ": " + strings.Join(im.Reasons, "; ")
 		}
-		fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%s\t%s\n", im.Name, humanBytes(im.Size), humanBytes(int64(im.DirtyBytes)), im.NextSeq, last, health)
+		fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%s\t%s\n", im.Name, units.Bytes(im.Size), units.Bytes(int64(im.DirtyBytes)), im.NextSeq, last, health)
 	}
 	w.Flush()
 	if len(st.Groups) > 0 {
@@ -95,7 +96,7 @@ func printReplicaStatus(st daemon.ReplicaStatus) {
 		if len(g.Reasons) > 0 {
 			health += ": " + strings.Join(g.Reasons, "; ")
 		}
-		fmt.Fprintf(w, "%s\t%s\t%d\t%s\t%s\t%s\n", g.Group, strings.Join(names, ","), g.Points, latest, humanBytes(g.UndoBytes), health)
+		fmt.Fprintf(w, "%s\t%s\t%d\t%s\t%s\t%s\n", g.Group, strings.Join(names, ","), g.Points, latest, units.Bytes(g.UndoBytes), health)
 	}
 	w.Flush()
 	if len(st.Usage) > 0 {
@@ -107,7 +108,7 @@ func printReplicaStatus(st daemon.ReplicaStatus) {
 			if u.Over != "" {
 				quota += ": OVER QUOTA, " + u.Over
 			}
-			fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\n", u.Name, strings.Join(u.Groups, ","), humanBytes(u.Usage.Held), humanBytes(u.Usage.Inflight), quota)
+			fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\n", u.Name, strings.Join(u.Groups, ","), units.Bytes(u.Usage.Held), units.Bytes(u.Usage.Inflight), quota)
 		}
 		w.Flush()
 	}

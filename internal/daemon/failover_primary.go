@@ -235,8 +235,12 @@ func (pf *primaryFailover) request(g shipper.Group, kind string, imgs []wire.Fai
 // uses to replicate back. The new primary keeps one certificate per replica,
 // so the token allows every group that may come back from that host: the
 // group failing over, the groups this primary replicates to it, and those
-// that failed over to it earlier (failover/reverse.json).
-func (pf *primaryFailover) token(ctx context.Context, replicaStore, addr string, g shipper.Group) (string, error) {
+// that failed over to it earlier (failover/reverse.json). peer is the name
+// the new primary pairs under (its host name, wire.FailoverReply.Host): the
+// pairing replaces this store's earlier primary of that name, and the token
+// pairs under that name only. Without it (an older peer) the token is an
+// ordinary one, which replaces nobody.
+func (pf *primaryFailover) token(ctx context.Context, replicaStore, addr string, g shipper.Group, peer string) (string, error) {
 	groups := map[string]bool{g.Name: true}
 	for _, x := range pf.sh.Groups() {
 		if x.Replica == g.Replica {
@@ -257,7 +261,7 @@ func (pf *primaryFailover) token(ctx context.Context, replicaStore, addr string,
 		pats = append(pats, grp+"/*")
 	}
 	var tok map[string]string
-	err = NewClient(replicaStore).Call(ctx, "/pair/token", TokenRequest{Pattern: strings.Join(pats, ","), TTL: time.Hour, Addr: addr, Replace: true}, &tok)
+	err = NewClient(replicaStore).Call(ctx, "/pair/token", TokenRequest{Pattern: strings.Join(pats, ","), TTL: time.Hour, Addr: addr, Replaces: peer}, &tok)
 	if err != nil {
 		return "", fmt.Errorf("this host's replica store %s (the reverse direction's target): %w", replicaStore, err)
 	}
@@ -321,12 +325,14 @@ func (pf *primaryFailover) planned(ctx context.Context, name string, req Failove
 	}
 	// While the VM still runs: the replica copies its latest point, so the
 	// promotion after the final cycle only brings that copy forward.
+	var peer string // the replica's host name, for the token
 	step(res, "prepare on replica (VM still running)", func(s *FailoverStep) error {
 		fr := pf.request(g, "prepare", nil)
 		for _, im := range ims {
 			fr.Images = append(fr.Images, wire.FailoverImage{ID: im.ID().String(), Name: im.Name()})
 		}
 		rep, err := shipper.RequestFailover(ctx, pf.st.Dir(), g.Replica, name, fr)
+		peer = rep.Host
 		if err != nil {
 			// Not needed for correctness: the promotion then copies in full.
 			s.Detail = "not prepared (" + err.Error() + "); the promotion copies the whole image"
@@ -406,7 +412,7 @@ func (pf *primaryFailover) planned(ctx context.Context, name string, req Failove
 	for i, im := range ims {
 		imgs[i].Seq = im.NextSeq() - 1 // the final cut
 	}
-	tok, err := pf.token(ctx, req.ReplicaStore, req.ReplicaAddr, g)
+	tok, err := pf.token(ctx, req.ReplicaStore, req.ReplicaAddr, g, peer)
 	if err != nil {
 		return unfence(err)
 	}
@@ -550,7 +556,7 @@ func (pf *primaryFailover) reverse(ctx context.Context, name string, req Failove
 	}); err != nil {
 		return err
 	}
-	tok, err := pf.token(ctx, req.ReplicaStore, req.ReplicaAddr, g)
+	tok, err := pf.token(ctx, req.ReplicaStore, req.ReplicaAddr, g, plan.Host)
 	if err != nil {
 		return err
 	}

@@ -277,7 +277,10 @@ func (rf *replicaFailover) unplannedGroup(ctx context.Context, group string, req
 
 // handle serves a failover request of the group's (old) primary.
 func (rf *replicaFailover) handle(ctx context.Context, group string, p pki.Primary, req wire.FailoverRequest) (wire.FailoverReply, error) {
-	var rep wire.FailoverReply
+	// host is the name this host pairs back under (JoinSpec below); the old
+	// primary ties its replacing token to it.
+	host, _ := os.Hostname()
+	rep := wire.FailoverReply{Host: host}
 	if req.Kind == "cancel" { // also when this host's mount daemon is down
 		if rf.primaryStore == "" {
 			return rep, nil
@@ -303,7 +306,6 @@ func (rf *replicaFailover) handle(ctx context.Context, group string, p pki.Prima
 	if !req.DryRun && (req.Token == "" || addr == "") && (req.Kind == "planned" || req.Kind == "reverse") {
 		return rep, applier.Refuse("a failover request needs a pairing token for the old primary's replica store")
 	}
-	host, _ := os.Hostname()
 	grp := &shipper.Group{Name: group, Replica: addr, Interval: req.Interval, Points: req.Points, PointEvery: req.PointEvery,
 		AnyPointWindow: req.AnyPointWindow, Bandwidth: req.Bandwidth, Compress: req.Compress, Initial: "network"}
 	if grp.Interval <= 0 {

@@ -214,10 +214,11 @@ type TokenRequest struct {
 	Pattern string        `json:"pattern"`
 	TTL     time.Duration `json:"ttl"`
 	Addr    string        `json:"addr"`
-	// Replace: the pairing replaces (revokes) a primary of the same name
-	// (a failover pairs the peer host again; pki.NewReplacingToken).
-	Replace bool      `json:"replace,omitempty"`
-	Quota   pki.Quota `json:"quota,omitzero"`
+	// Replaces: the name of the primary the pairing replaces (revokes); only
+	// a pairing under this name is accepted (a failover pairs the peer host
+	// again; pki.TokenOptions.Replaces).
+	Replaces string    `json:"replaces,omitempty"`
+	Quota    pki.Quota `json:"quota,omitzero"`
 }
 
 // ReplicaStatus is the replica daemon's GET /status.
@@ -257,13 +258,7 @@ func replicaControl(rep *applier.Replica, srv *applier.Server, auth *pki.Authori
 		if req.Addr == "" {
 			req.Addr = listen
 		}
-		newToken := func(addr, pattern string, ttl time.Duration) (string, error) {
-			return auth.NewTokenQuota(addr, pattern, ttl, req.Quota)
-		}
-		if req.Replace {
-			newToken = auth.NewReplacingToken
-		}
-		tok, err := newToken(req.Addr, req.Pattern, req.TTL)
+		tok, err := auth.NewTokenWith(req.Addr, pki.TokenOptions{Pattern: req.Pattern, TTL: req.TTL, Quota: req.Quota, Replaces: req.Replaces})
 		if err != nil {
 			reply(w, http.StatusInternalServerError, apiError{Error: err.Error(), Code: "failure"})
 			return

@@ -26,6 +26,7 @@ var (
 		"(use 1 to 64 letters, digits and . _ - @: standin pair join --name NAME)")
 	ErrNameTaken = errors.New("pki: a primary that is not revoked already has this name; names identify primaries for revocation " +
 		"(choose another name, or revoke the other one first: standin pair revoke --store RSTORE ID)")
+	ErrTokenName     = errors.New("pki: this pairing token re-pairs a primary of another name (a failover's token: the other host joins under its own name)")
 	ErrAmbiguousName = errors.New("pki: several primaries have this name (revoke by ID; standin pair list --store RSTORE shows the IDs)")
 	ErrNoSuchPrimary = errors.New("pki: no such primary (list them with standin pair list --store RSTORE)")
 	ErrEnterprise    = errors.New("pki: the replica uses enterprise certificates, so it issues no tokens " +
@@ -69,6 +70,7 @@ var codes = []struct {
 	{ErrNoSuchPrimary, "not_found", exitcode.NotFound},
 	{ErrBadPrimaryName, "bad_name", exitcode.Usage},
 	{ErrNameTaken, "name_taken", exitcode.Refused},
+	{ErrTokenName, "token_name", exitcode.Refused},
 	{ErrAmbiguousName, "ambiguous", exitcode.Usage},
 	{ErrEnterprise, "refused", exitcode.Refused},
 }

@@ -56,9 +56,10 @@ type tokenRecord struct {
 	Expires time.Time  `json:"expires"`
 	UsedAt  *time.Time `json:"used_at,omitempty"`
 	UsedBy  string     `json:"used_by,omitempty"`
-	// Replaces: the pairing revokes a primary of the same name (NewReplacingToken).
-	Replaces bool  `json:"replaces,omitempty"`
-	Quota    Quota `json:"quota,omitzero"` // given to the primary that joins with it
+	// Replaces: the name of the primary the pairing replaces (revokes);
+	// only a pairing under this name is accepted (TokenOptions.Replaces).
+	Replaces string `json:"replaces_name,omitempty"`
+	Quota    Quota  `json:"quota,omitzero"` // given to the primary that joins with it
 }
 
 type tokensState struct {
@@ -76,32 +77,42 @@ const keepTokens = 30 * 24 * time.Hour
 
 // ---- tokens -----------------------------------------------------------------
 
-// NewToken issues a one-time pairing token valid for ttl (DefaultTTL if
-// ttl <= 0) that lets the joining primary send the images matching pattern
-// ("" or "*" = all; otherwise comma-separated path.Match globs over
-// "GROUP/IMAGE", e.g. "db/*,web/root"). addr is the replica address the
-// primary dials (host:port) and is put into the token as given; its host is
-// added to the server certificate if missing. Only the SHA-256 of the secret is
-// stored.
+// TokenOptions describe what a pairing token grants.
+type TokenOptions struct {
+	// Pattern: the images the joining primary may send ("" or "*" = all;
+	// otherwise comma-separated path.Match globs over "GROUP/IMAGE", e.g.
+	// "db/*,web/root").
+	Pattern string
+	// TTL: how long the token is valid (DefaultTTL if <= 0).
+	TTL time.Duration
+	// Quota: given to the primary that joins with it (zero = unlimited, or
+	// the replaced primary's quota with Replaces).
+	Quota Quota
+	// Replaces: the token re-pairs the primary of this name (a failover
+	// pairs the peer host again under its name): only a pairing under this
+	// name is accepted, and it revokes the primary of the name, whose
+	// certificate it replaces, and keeps the name (a pairing with an
+	// ordinary token under a name in use gets NAME-2, NAME-3, …).
+	Replaces string
+}
+
+// NewToken issues a one-time pairing token valid for ttl that lets the
+// joining primary send the images matching pattern (see TokenOptions).
 func (a *Authority) NewToken(addr, pattern string, ttl time.Duration) (string, error) {
-	return a.newToken(addr, pattern, ttl, false, Quota{})
+	return a.NewTokenWith(addr, TokenOptions{Pattern: pattern, TTL: ttl})
 }
 
-// NewReplacingToken is NewToken for re-pairing a primary that this host
-// paired before (a failover pairs the peer host again under its name): the
-// pairing revokes the primary of the same name, whose certificate the
-// joining primary replaces, and takes over its name (a pairing with an
-// ordinary token under a name in use gets the name NAME-2, NAME-3, …).
-func (a *Authority) NewReplacingToken(addr, pattern string, ttl time.Duration) (string, error) {
-	return a.newToken(addr, pattern, ttl, true, Quota{})
-}
-
-// NewTokenQuota is NewToken for a primary that gets quota q on this replica.
-func (a *Authority) NewTokenQuota(addr, pattern string, ttl time.Duration, q Quota) (string, error) {
-	return a.newToken(addr, pattern, ttl, false, q)
-}
-
-func (a *Authority) newToken(addr, pattern string, ttl time.Duration, replaces bool, q Quota) (string, error) {
+// NewTokenWith issues a one-time pairing token with options o. addr is the
+// replica address the primary dials (host:port) and is put into the token as
+// given; its host is added to the server certificate if missing. Only the
+// SHA-256 of the secret is stored.
+func (a *Authority) NewTokenWith(addr string, o TokenOptions) (string, error) {
+	pattern, ttl, q := o.Pattern, o.TTL, o.Quota
+	if o.Replaces != "" {
+		if err := checkPrimaryName(o.Replaces); err != nil {
+			return "", err
+		}
+	}
 	if err := q.check(); err != nil {
 		return "", err
 	}
@@ -154,7 +165,7 @@ func (a *Authority) newToken(addr, pattern string, ttl time.Duration, replaces b
 	})
 	st.Tokens = append(st.Tokens, tokenRecord{
 		Hash: hex.EncodeToString(sum[:]), Addr: addr, Pattern: pattern,
-		Created: now.UTC(), Expires: expires, Replaces: replaces, Quota: q,
+		Created: now.UTC(), Expires: expires, Replaces: o.Replaces, Quota: q,
 	})
 	if err := a.writeTokens(st); err != nil {
 		return "", err
@@ -262,7 +273,7 @@ func writeState(path string, st any) error {
 // CSR (ECDSA P-256 only); marks the token used durably; signs a client
 // certificate (CN = new primary ID "p-…", client-auth only, 5 years); records
 // the primary in primaries.json, under a name no other primary that is not
-// revoked has (NAME-2, NAME-3, … if NAME is taken; see NewReplacingToken); and
+// revoked has (NAME-2, NAME-3, … if NAME is taken; see TokenOptions.Replaces); and
 // returns the certificate and CA PEM. A token is consumed only by a request
 // that passes every check, so a bad CSR or name can be retried with the same
 // token.
@@ -308,9 +319,14 @@ func (a *Authority) Join(secret []byte, csrPEM []byte, primaryName string) (cert
 	if !now.Before(tok.Expires) {
 		return nil, nil, Primary{}, fmt.Errorf("%w (expired %s)", ErrTokenExpired, tok.Expires.Format(time.RFC3339))
 	}
-	if ps, err := a.readPrimaries(); err != nil {
+	if tok.Replaces != "" && primaryName != tok.Replaces {
+		return nil, nil, Primary{}, fmt.Errorf("%w: this token re-pairs the primary %q, not %q", ErrTokenName, tok.Replaces, primaryName)
+	}
+	ps, err := a.readPrimaries()
+	if err != nil {
 		return nil, nil, Primary{}, err
-	} else if !tok.Replaces {
+	}
+	if tok.Replaces == "" {
 		// Names identify primaries (pair list, revoke): a host that pairs
 		// again under a name in use (a second address, a new extension)
 		// becomes NAME-2, NAME-3, …
@@ -340,11 +356,7 @@ func (a *Authority) Join(secret []byte, csrPEM []byte, primaryName string) (cert
 	if err := a.writeTokens(st); err != nil {
 		return nil, nil, Primary{}, err
 	}
-	ps, err := a.readPrimaries()
-	if err != nil {
-		return nil, nil, Primary{}, err
-	}
-	if tok.Replaces {
+	if tok.Replaces != "" {
 		for i := range ps.Primaries {
 			if ps.Primaries[i].Name == primaryName {
 				if !ps.Primaries[i].Revoked && p.Quota == (Quota{}) {

@@ -977,14 +977,23 @@ func mustPairToken(t *testing.T, tok, name string) creds {
 
 // TestReplacingToken: a failover pairs the peer host again under its name;
 // that pairing revokes the earlier primary of the name instead of being
-// refused.
+// refused, and the token pairs under that name only.
 func TestReplacingToken(t *testing.T) {
 	a := open(t, t.TempDir())
 	s := serve(t, a)
 	old := mustPair(t, s, "vm1/*", "host1")
-	tok, err := a.NewReplacingToken(s.addr, "vm1/*", 0)
+	other := mustPair(t, s, "vm2/*", "host2")
+	tok, err := a.NewTokenWith(s.addr, TokenOptions{Pattern: "vm1/*", Replaces: "host1"})
 	if err != nil {
 		t.Fatal(err)
+	}
+	// The token re-pairs host1 only: joining under another primary's name
+	// neither revokes it nor uses up the token.
+	if _, err := pair(tok, "host2"); !errors.Is(err, ErrTokenName) {
+		t.Fatalf("a replacing token used under another name: %v", err)
+	}
+	if p, err := whoami(mtls(t, other), s.addr); err != nil || p.Name != "host2" {
+		t.Fatalf("host2 after the refused pairing: %+v %v", p, err)
 	}
 	c := mustPairToken(t, tok, "host1")
 	if _, err := whoami(mtls(t, old), s.addr); !errors.Is(err, ErrRevoked) {

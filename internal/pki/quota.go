@@ -24,13 +24,38 @@ func (q Quota) check() error {
 // SetQuota sets the quota of the primary with this ID, or else of every
 // primary with this name. It is durable and applies from the next request.
 func (a *Authority) SetQuota(idOrName string, q Quota) error {
+	return a.ChangeQuota(idOrName, QuotaChange{Held: &q.Held, Inflight: &q.Inflight})
+}
+
+// QuotaChange is a change of a quota: a nil field keeps the current value.
+type QuotaChange struct {
+	Held, Inflight *int64
+}
+
+// ChangeQuota is SetQuota for the fields c gives; each primary changed keeps
+// its own value of the others.
+func (a *Authority) ChangeQuota(idOrName string, c QuotaChange) error {
+	var q Quota
+	if c.Held != nil {
+		q.Held = *c.Held
+	}
+	if c.Inflight != nil {
+		q.Inflight = *c.Inflight
+	}
 	if err := q.check(); err != nil {
 		return err
 	}
 	byName := func([]Primary) (func(Primary) bool, error) {
 		return func(p Primary) bool { return p.Name == idOrName }, nil
 	}
-	return a.updatePrimaries(idOrName, byName, func(p *Primary) { p.Quota = q })
+	return a.updatePrimaries(idOrName, byName, func(p *Primary) {
+		if c.Held != nil {
+			p.Quota.Held = *c.Held
+		}
+		if c.Inflight != nil {
+			p.Quota.Inflight = *c.Inflight
+		}
+	})
 }
 
 // Primary returns the primary with this ID (revoked ones included).

@@ -70,6 +70,9 @@ type FailoverReply struct {
 	Promoted time.Time       `json:"promoted"`
 	Message  string          `json:"message,omitempty"`
 	Plan     []string        `json:"plan,omitempty"` // dry run: what would happen
+	// Host: the host name of the replica that answers, the name it pairs
+	// back under (the old primary's replacing token is tied to it).
+	Host string `json:"host,omitempty"`
 }
 
 // RootHex spells a root for FailoverImage.Root.
