@@ -569,7 +569,8 @@ func (r *Replica) retain(g *group) (dropped []string, reclaimed int64, err error
 			return dropped, reclaimed, err
 		}
 	}
-	return dropped, reclaimed, nil
+	n, err := r.dropRetired(g, kept)
+	return dropped, reclaimed + n, err
 }
 
 func floorDiv(a, b int64) int64 {

@@ -14,12 +14,22 @@ package applier
 // The mark lives in the new image's state.json, written before the commit
 // record (step 4 of the apply): a rolled-back apply deletes the new image's
 // directory and with it the mark; a rolled-forward one keeps it.
+//
+// Once retention keeps no point that lists a retired image, retain deletes
+// it (dropRetired): its directory goes, the ids it superseded itself move to
+// the image that replaced it first, so every retired id stays marked and its
+// late cycles stay refused.
 
 import (
+	"errors"
 	"fmt"
+	"io/fs"
 	"maps"
+	"os"
 	"path/filepath"
 	"slices"
+
+	"github.com/standin/standin/internal/fsutil"
 )
 
 // retiredBy maps every retired image id to the id of the present image that
@@ -66,6 +76,62 @@ func (g *group) checkNotRetired(path, id string) error {
 		return fmt.Errorf("%s: %w: image %s was deleted and re-created on the primary (the replica now holds image %s of the same name); its old cycles are not applied", path, ErrForeign, id, by)
 	}
 	return nil
+}
+
+// dropRetired deletes the retired images that no point of kept lists: no
+// point can read them any more. Crash-safe in this order: the replacing
+// image's state takes over the ids the retired one superseded (durable), then
+// the retired image's state.json goes (an open removes an image directory
+// without one), then its directory. Called with g.wmu held.
+func (r *Replica) dropRetired(g *group, kept []pointRec) (reclaimed int64, err error) {
+	g.mu.RLock()
+	retired := g.retiredBy()
+	g.mu.RUnlock()
+	for _, id := range slices.Sorted(maps.Keys(retired)) {
+		im, by := g.images[id], g.images[retired[id]]
+		if im == nil || by == nil || slices.ContainsFunc(kept, func(p pointRec) bool { _, ok := p.Seqs[id]; return ok }) {
+			continue
+		}
+		if len(im.st.Supersedes) > 0 {
+			st := by.st
+			st.Supersedes = slices.Clone(st.Supersedes)
+			for _, old := range im.st.Supersedes {
+				if old != by.id && !slices.Contains(st.Supersedes, old) {
+					st.Supersedes = append(st.Supersedes, old)
+				}
+			}
+			if err := fsutil.WriteJSON(filepath.Join(by.dir, "state.json"), st); err != nil {
+				return reclaimed, err
+			}
+			g.mu.Lock()
+			by.st = st
+			g.mu.Unlock()
+		}
+		r.o.Logger.Info("deleting retired image: no kept point lists it", "group", g.name, "image", id, "replaced_by", by.id)
+		g.mu.Lock()
+		delete(g.images, id)
+		g.mu.Unlock()
+		im.close()
+		if n, _, err := duTree(im.dir); err == nil {
+			reclaimed += n
+		}
+		if err := os.Remove(filepath.Join(im.dir, "state.json")); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return reclaimed, err
+		}
+		if err := fsutil.SyncDir(im.dir); err != nil {
+			return reclaimed, err
+		}
+		if err := r.hook("retired-state-removed"); err != nil {
+			return reclaimed, err
+		}
+		if err := os.RemoveAll(im.dir); err != nil {
+			return reclaimed, err
+		}
+		if err := fsutil.SyncDir(filepath.Dir(im.dir)); err != nil {
+			return reclaimed, err
+		}
+	}
+	return reclaimed, nil
 }
 
 // retiredName is the points-mount file name of a retired image whose base
