@@ -144,9 +144,8 @@ func retiredName(b, id string) string {
 	return n
 }
 
-// PointImage is one image of a recovery point, with a file name unique in the
-// point (the base of its image name, or its id when that is not a valid store
-// name or is shared by another image of the point).
+// PointImage is one image of a recovery point, with its file name: the
+// name the points mount shows it under (fileNames), unique in the group.
 type PointImage struct {
 	ID   string `json:"id"`
 	Name string `json:"name"`
@@ -162,20 +161,10 @@ func (r *Replica) PointImages(groupName, point string) ([]PointImage, error) {
 		return nil, err
 	}
 	defer g.mu.RUnlock()
+	names := g.fileNames()
 	var out []PointImage
-	count := map[string]int{}
 	for _, x := range g.imagesAt(p.N, p.Seqs) {
-		b := filepath.Base(x.im.st.Name)
-		if !storeNameOK(b) {
-			b = x.id
-		}
-		count[b]++
-		out = append(out, PointImage{ID: x.id, Name: x.im.st.Name, File: b, Size: int64(x.size)})
-	}
-	for i := range out {
-		if count[out[i].File] > 1 {
-			out[i].File = out[i].ID
-		}
+		out = append(out, PointImage{ID: x.id, Name: x.im.st.Name, File: names[x.id], Size: int64(x.size)})
 	}
 	return out, nil
 }
