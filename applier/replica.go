@@ -251,6 +251,7 @@ func OpenReplica(dir string, o ReplicaOptions) (*Replica, error) {
 		o.Logger.Error("chunk index unavailable: dedup-aware replication off", "err", err)
 	}
 	r.chunks = ci
+	r.loadScrub()
 	ents, err := os.ReadDir(filepath.Join(dir, "groups"))
 	if err != nil {
 		r.Close()

@@ -28,6 +28,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -39,14 +40,87 @@ import (
 	"github.com/standin/standin/internal/fsutil"
 )
 
-// scrubState holds the last scrub findings and the running prepared-copy
-// verification.
+// scrubState holds the last scrub findings (persisted in scrub.json, so
+// they survive a restart) and the running prepared-copy verification.
 type scrubState struct {
-	mu       sync.Mutex
-	findings map[string][]ScrubFinding // group → findings of its last scrub
-	last     map[string]time.Time      // group → end of its last complete scrub
+	mu  sync.Mutex
+	rec scrubFile
 	// interrupt cancels the running VerifyPrepared (a promotion is waiting).
 	interrupt context.CancelFunc
+}
+
+// scrubFile is STORE/scrub.json: when the scrubs ran and what they found.
+type scrubFile struct {
+	// Since: when the periodic scrub first saw the store (its first run is
+	// due an interval later).
+	Since time.Time `json:"since,omitzero"`
+	// Last: end of the last complete scrub.
+	Last   time.Time                 `json:"last,omitzero"`
+	Groups map[string]scrubGroupFile `json:"groups,omitempty"`
+}
+
+type scrubGroupFile struct {
+	Last     time.Time      `json:"last"` // end of its last scrub
+	Findings []ScrubFinding `json:"findings,omitempty"`
+}
+
+const scrubFileName = "scrub.json"
+
+// loadScrub reads scrub.json at open; a damaged one is reported and
+// replaced by the next scrub.
+func (r *Replica) loadScrub() {
+	var rec scrubFile
+	if err := fsutil.ReadJSON(filepath.Join(r.dir, scrubFileName), &rec); err != nil {
+		if !errors.Is(err, os.ErrNotExist) {
+			r.o.Logger.Error("scrub record unreadable: earlier findings and the scrub schedule are lost (the next scrub rewrites it)", "err", err)
+		}
+		return
+	}
+	r.scrub.rec = rec
+}
+
+// saveScrub writes scrub.json durably. Called with r.scrub.mu held.
+func (r *Replica) saveScrub() error {
+	return fsutil.WriteJSON(filepath.Join(r.dir, scrubFileName), r.scrub.rec)
+}
+
+// ScrubDue returns when the next periodic scrub (every interval) is due: an
+// interval after the end of the last complete scrub, whenever that was
+// (also before a restart). A store never scrubbed is due an interval after
+// the first call.
+func (r *Replica) ScrubDue(interval time.Duration) (time.Time, error) {
+	r.scrub.mu.Lock()
+	defer r.scrub.mu.Unlock()
+	rec := &r.scrub.rec
+	if rec.Last.IsZero() && rec.Since.IsZero() {
+		rec.Since = time.Now()
+		if err := r.saveScrub(); err != nil {
+			return rec.Since.Add(interval), err
+		}
+	}
+	base := rec.Last
+	if base.IsZero() {
+		base = rec.Since
+	}
+	return base.Add(interval), nil
+}
+
+// LastScrub returns the end of the last complete scrub (zero: none yet).
+func (r *Replica) LastScrub() time.Time {
+	r.scrub.mu.Lock()
+	defer r.scrub.mu.Unlock()
+	return r.scrub.rec.Last
+}
+
+// ScrubFindings returns the findings of every group's last scrub.
+func (r *Replica) ScrubFindings() []ScrubFinding {
+	r.scrub.mu.Lock()
+	defer r.scrub.mu.Unlock()
+	var out []ScrubFinding
+	for _, n := range slices.Sorted(maps.Keys(r.scrub.rec.Groups)) {
+		out = append(out, r.scrub.rec.Groups[n].Findings...)
+	}
+	return out
 }
 
 // ScrubFinding is one damage the scrub found.
@@ -133,13 +207,28 @@ func (r *Replica) Scrub(ctx context.Context, o ScrubOptions) (ScrubReport, error
 		rep.Groups++
 		rep.Findings = append(rep.Findings, fs...)
 		r.scrub.mu.Lock()
-		if r.scrub.findings == nil {
-			r.scrub.findings, r.scrub.last = map[string][]ScrubFinding{}, map[string]time.Time{}
+		if r.scrub.rec.Groups == nil {
+			r.scrub.rec.Groups = map[string]scrubGroupFile{}
 		}
-		r.scrub.findings[name], r.scrub.last[name] = fs, time.Now()
+		r.scrub.rec.Groups[name] = scrubGroupFile{Last: time.Now(), Findings: fs}
+		err = r.saveScrub()
 		r.scrub.mu.Unlock()
+		if err != nil {
+			return rep, fmt.Errorf("recording the scrub findings: %w", err)
+		}
 	}
 	rep.Bytes, rep.Seconds = p.n, time.Since(start).Seconds()
+	r.scrub.mu.Lock()
+	defer r.scrub.mu.Unlock()
+	for n := range r.scrub.rec.Groups {
+		if !slices.Contains(names, n) {
+			delete(r.scrub.rec.Groups, n) // the group is gone
+		}
+	}
+	r.scrub.rec.Last = time.Now()
+	if err := r.saveScrub(); err != nil {
+		return rep, fmt.Errorf("recording the scrub: %w", err)
+	}
 	return rep, nil
 }
 
@@ -242,16 +331,18 @@ func (r *Replica) scrubGroup(ctx context.Context, name, preparedDir string, p *p
 }
 
 // ScrubHealth returns the health and reasons of group's last scrub findings
-// (health "Normal" and no reasons when it found nothing or never ran).
+// (health "Normal" and no reasons when it found nothing or never ran) and
+// when that scrub of the group ended (zero: never).
 func (r *Replica) ScrubHealth(group string) (health string, reasons []string, last time.Time) {
 	r.scrub.mu.Lock()
 	defer r.scrub.mu.Unlock()
 	health = "Normal"
-	for _, f := range r.scrub.findings[group] {
+	gr := r.scrub.rec.Groups[group]
+	for _, f := range gr.Findings {
 		health = maxHealth(health, f.Severity)
 		reasons = append(reasons, "scrub: "+f.Message)
 	}
-	return health, reasons, r.scrub.last[group]
+	return health, reasons, gr.Last
 }
 
 // PreparedReport is the outcome of VerifyPrepared.

@@ -217,3 +217,48 @@ func TestPromotionInterruptsPreparedVerify(t *testing.T) {
 		t.Errorf("interrupted verification: %v", err)
 	}
 }
+
+// TestScrubFindingsSurviveRestart: a Critical finding stays in the group's
+// health after a reopen (scrub.json) until a later scrub finds the group
+// clean; the schedule counts from the last complete scrub, also across a
+// reopen.
+func TestScrubFindingsSurviveRestart(t *testing.T) {
+	t.Parallel()
+	s, a, _, _ := foStore(t, ReplicaOptions{}, 25)
+	due0, err := s.rep.ScrubDue(time.Hour)
+	if err != nil || time.Until(due0) < 59*time.Minute {
+		t.Fatalf("never-scrubbed store due %v (%v), want an interval from now", due0, err)
+	}
+	img := filepath.Join(s.dir, "groups", s.group, "images", a.idString(), "latest.img")
+	off := flipFirstData(t, img)
+	if fs := scrubFindings(t, s.rep, ""); len(fs) == 0 {
+		t.Fatal("no finding")
+	}
+	last := s.rep.LastScrub()
+	s.reopen(s.o)
+	if h, rs, at := s.rep.ScrubHealth(s.group); h != "Critical" || len(rs) == 0 || at.IsZero() {
+		t.Fatalf("after reopen: health %s %v at %v, want the Critical finding", h, rs, at)
+	}
+	if len(s.rep.ScrubFindings()) == 0 {
+		t.Fatal("after reopen: ScrubFindings empty")
+	}
+	if due, _ := s.rep.ScrubDue(time.Hour); !s.rep.LastScrub().Equal(last) || !due.Equal(last.Add(time.Hour)) {
+		t.Fatalf("after reopen: last scrub %v (was %v), due %v", s.rep.LastScrub(), last, due)
+	}
+	if gs, _ := s.rep.Status(); gs[0].Scrubbed.IsZero() {
+		t.Fatal("status shows no scrub time")
+	}
+	// Repaired (flipped back): the next scrub clears it, also after a reopen.
+	f, _ := os.OpenFile(img, os.O_RDWR, 0)
+	var c [1]byte
+	f.ReadAt(c[:], off)
+	f.WriteAt([]byte{c[0] ^ 0x10}, off)
+	f.Close()
+	if fs := scrubFindings(t, s.rep, ""); len(fs) != 0 {
+		t.Fatalf("findings after repair: %+v", fs)
+	}
+	s.reopen(s.o)
+	if h, _, _ := s.rep.ScrubHealth(s.group); h != "Normal" {
+		t.Fatalf("after a clean scrub and reopen: health %s", h)
+	}
+}
