@@ -45,8 +45,16 @@ import (
 type scrubState struct {
 	mu  sync.Mutex
 	rec scrubFile
-	// interrupt cancels the running VerifyPrepared (a promotion is waiting).
-	interrupt context.CancelFunc
+	// prepGen counts the changes of the prepared copy in each directory
+	// (preparedChanging); verifying: the running VerifyPrepared calls.
+	prepGen   map[string]uint64
+	verifying map[uint64]verifying
+	nextVer   uint64
+}
+
+type verifying struct {
+	dir    string
+	cancel context.CancelFunc
 }
 
 // scrubFile is STORE/scrub.json: when the scrubs ran and what they found.
@@ -355,7 +363,7 @@ type PreparedReport struct {
 	Dropped  bool           `json:"dropped,omitempty"`
 }
 
-var errPreparedChanged = errors.New("the prepared copy's verification was interrupted by a promotion (verify again)")
+var errPreparedChanged = errors.New("the prepared copy changed while it was verified (promoted, dropped or refreshed): no verdict (verify again)")
 
 // ErrNotPrepared: there is no prepared promotion copy to verify.
 var ErrNotPrepared = errNotPrepared
@@ -366,9 +374,12 @@ var ErrNotPrepared = errNotPrepared
 // pin are removed, so the next preparation or promotion copies anew. pace
 // (nil = unthrottled) is called with the bytes about to be read.
 //
-// It holds the prepared copies' lock while it reads (a warm standby refresh
-// waits), but a promotion does not wait: it interrupts the verification,
-// which then returns errPreparedChanged (no verdict).
+// It reads without holding the prepared copies' lock, so neither a
+// promotion nor a preparation (planned failover, warm standby refresh)
+// waits for it (preparedChanging): a promotion or drop of the copy stops
+// it, and a finding made while the copy was refreshed gives no verdict
+// (errPreparedChanged); a finding is acted on only if the copy did not
+// change while it was read.
 func (r *Replica) VerifyPrepared(ctx context.Context, groupName, dstDir string, pace func(context.Context, int64) error, drop bool) (PreparedReport, error) {
 	rep := PreparedReport{Group: groupName}
 	g, err := r.group(groupName)
@@ -378,25 +389,41 @@ func (r *Replica) VerifyPrepared(ctx context.Context, groupName, dstDir string, 
 	vctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	r.prepMu.Lock()
-	defer r.prepMu.Unlock()
+	var rec preparedRec
+	rerr := fsutil.ReadJSON(filepath.Join(dstDir, preparedFile), &rec)
+	dir := filepath.Clean(dstDir)
 	r.scrub.mu.Lock()
-	r.scrub.interrupt = cancel
+	gen := r.scrub.prepGen[dir]
+	key := r.scrub.nextVer
+	r.scrub.nextVer++
+	if r.scrub.verifying == nil {
+		r.scrub.verifying = map[uint64]verifying{}
+	}
+	r.scrub.verifying[key] = verifying{dir, cancel}
 	r.scrub.mu.Unlock()
+	r.prepMu.Unlock()
 	defer func() {
 		r.scrub.mu.Lock()
-		r.scrub.interrupt = nil
+		delete(r.scrub.verifying, key)
 		r.scrub.mu.Unlock()
 	}()
-	var rec preparedRec
-	if err := fsutil.ReadJSON(filepath.Join(dstDir, preparedFile), &rec); err != nil {
+	if rerr != nil {
 		return rep, fmt.Errorf("group %s: %w in %s", groupName, errNotPrepared, dstDir)
 	}
 	rep.Point = pointID(rec.Point)
 	verr := verifyPreparedFiles(vctx, rec, dstDir, pace, &rep)
-	if vctx.Err() != nil {
-		if ctx.Err() != nil {
-			return rep, ctx.Err()
-		}
+	if ctx.Err() != nil {
+		return rep, ctx.Err()
+	}
+	r.prepMu.Lock()
+	defer r.prepMu.Unlock()
+	r.scrub.mu.Lock()
+	changed := r.scrub.prepGen[dir] != gen
+	r.scrub.mu.Unlock()
+	if vctx.Err() != nil || (changed && verr != nil) {
+		// Stopped, or a finding that may come from a block read while a
+		// refresh rewrote it: no verdict. (A clean read stays one: each
+		// block matched its hash when it was read.)
 		return rep, errPreparedChanged
 	}
 	if errors.Is(verr, ErrMismatch) && drop {
@@ -407,14 +434,27 @@ func (r *Replica) VerifyPrepared(ctx context.Context, groupName, dstDir string, 
 	return rep, verr
 }
 
-// interruptVerify stops a running VerifyPrepared (a promotion must not wait
-// for it). Called before taking prepMu.
-func (r *Replica) interruptVerify() {
+// preparedChanging is called, with r.prepMu held, before the prepared copy
+// in dstDir changes. stop (the copy is promoted or dropped): a running
+// VerifyPrepared of it stops, without a verdict; else (a refresh rewrites
+// changed blocks in place) it goes on, and a finding it then makes gives no
+// verdict either.
+func (r *Replica) preparedChanging(dstDir string, stop bool) {
+	dir := filepath.Clean(dstDir)
 	r.scrub.mu.Lock()
-	if r.scrub.interrupt != nil {
-		r.scrub.interrupt()
+	defer r.scrub.mu.Unlock()
+	if r.scrub.prepGen == nil {
+		r.scrub.prepGen = map[string]uint64{}
 	}
-	r.scrub.mu.Unlock()
+	r.scrub.prepGen[dir]++
+	if !stop {
+		return
+	}
+	for _, v := range r.scrub.verifying {
+		if v.dir == dir {
+			v.cancel()
+		}
+	}
 }
 
 // verifyPreparedFiles checks the files of rec in dstDir.
@@ -502,6 +542,7 @@ func (r *Replica) PreparePromoteChecked(ctx context.Context, groupName, dstDir s
 			return point, refreshed, blocks, err
 		}
 		r.prepMu.Lock()
+		r.preparedChanging(dstDir, true) // a damaged copy is dropped below
 		var rec preparedRec
 		rep := PreparedReport{Group: groupName}
 		verr := fsutil.ReadJSON(filepath.Join(dstDir, preparedFile), &rec)

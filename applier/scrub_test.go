@@ -262,3 +262,49 @@ func TestScrubFindingsSurviveRestart(t *testing.T) {
 		t.Fatalf("after a clean scrub and reopen: health %s", h)
 	}
 }
+
+// TestPrepareNotBlockedByPreparedVerify: a warm standby refresh (a
+// preparation after a new point) does not wait for a slow verification of
+// the prepared copy; the verification ends with a verdict or none, never a
+// false finding, and the refreshed copy stays.
+func TestPrepareNotBlockedByPreparedVerify(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	s, a, b, rng := foStore(t, ReplicaOptions{}, 26)
+	dst := t.TempDir()
+	if _, _, err := s.rep.PreparePromote(ctx, s.group, dst); err != nil {
+		t.Fatal(err)
+	}
+	foApply(t, s, rng, 4, a, b, cycOpt{nOps: 24}, cycOpt{nOps: 24})
+	started := make(chan struct{})
+	done := make(chan error, 1)
+	var calls int
+	go func() {
+		_, err := s.rep.VerifyPrepared(ctx, s.group, dst, func(ctx context.Context, _ int64) error {
+			if calls++; calls == 1 {
+				close(started)
+				select { // a slow scrub
+				case <-time.After(4 * time.Second):
+				case <-ctx.Done():
+				}
+			}
+			return ctx.Err()
+		}, true)
+		done <- err
+	}()
+	<-started
+	t0 := time.Now()
+	pt, refreshed, err := s.rep.PreparePromote(ctx, s.group, dst)
+	if err != nil || !refreshed {
+		t.Fatalf("refresh: %s %v %v", pt, refreshed, err)
+	}
+	if d := time.Since(t0); d > 2*time.Second {
+		t.Errorf("the refresh waited %s for the verification", d)
+	}
+	if err := <-done; err != nil && !errors.Is(err, errPreparedChanged) {
+		t.Errorf("verification during a refresh: %v", err)
+	}
+	if _, err := s.rep.VerifyPrepared(ctx, s.group, dst, nil, false); err != nil {
+		t.Errorf("the refreshed copy: %v", err)
+	}
+}
