@@ -24,7 +24,9 @@ package applier
 // finds the group clean.
 
 import (
+	"bytes"
 	"context"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -35,6 +37,8 @@ import (
 	"sort"
 	"sync"
 	"time"
+
+	"github.com/zeebo/blake3"
 
 	"github.com/standin/standin/internal/format"
 	"github.com/standin/standin/internal/fsutil"
@@ -303,19 +307,13 @@ func (r *Replica) scrubGroup(ctx context.Context, name, preparedDir string, p *p
 	}
 	// Undo logs: every byte against the file hash.
 	for _, l := range logs {
-		f, err := os.Open(l.path)
-		if err != nil {
+		err := checkUndoFile(ctx, l.path, p.pace)
+		if errors.Is(err, os.ErrNotExist) {
 			continue // merged or expired meanwhile
 		}
-		st, err := f.Stat()
-		if err == nil {
-			if err = p.pace(ctx, st.Size()); err != nil {
-				f.Close()
-				return out, err
-			}
-			_, err = parseUndo(f, l.from, l.to)
+		if err != nil && ctx.Err() != nil {
+			return out, ctx.Err()
 		}
-		f.Close()
 		if err != nil {
 			if _, serr := os.Stat(l.path); serr != nil {
 				continue // gone meanwhile
@@ -336,6 +334,51 @@ func (r *Replica) scrubGroup(ctx context.Context, name, preparedDir string, p *p
 		}
 	}
 	return out, nil
+}
+
+// checkUndoFile re-reads the undo log at path and checks it against the
+// file hash in its footer (its entry table is in memory, checked at load),
+// paced per chunk read.
+func checkUndoFile(ctx context.Context, path string, pace func(context.Context, int64) error) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	size := st.Size()
+	if size < undoHeaderSize+undoFooterSize {
+		return fmt.Errorf("%w: %d bytes, too short", errUndoCorrupt, size)
+	}
+	var ft [undoFooterSize]byte
+	if err := readFullAt(f, ft[:], size-undoFooterSize); err != nil {
+		return err
+	}
+	le := binary.LittleEndian
+	end := uint64(size - undoFooterSize)
+	if string(ft[56:]) != undoEndMagic || le.Uint64(ft[0:])+le.Uint64(ft[8:])*undoEntrySize != end {
+		return fmt.Errorf("%w: footer damaged", errUndoCorrupt)
+	}
+	h := blake3.New()
+	buf := make([]byte, 1<<20)
+	for off := int64(0); off < int64(end); {
+		n := min(int64(len(buf)), int64(end)-off)
+		if err := pace(ctx, n); err != nil {
+			return err
+		}
+		if err := readFullAt(f, buf[:n], off); err != nil {
+			return err
+		}
+		h.Write(buf[:n])
+		off += n
+	}
+	if !bytes.Equal(h.Sum(nil), ft[24:56]) {
+		return fmt.Errorf("%w: file hash mismatch", errUndoCorrupt)
+	}
+	return nil
 }
 
 // ScrubHealth returns the health and reasons of group's last scrub findings

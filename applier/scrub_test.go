@@ -308,3 +308,39 @@ func TestPrepareNotBlockedByPreparedVerify(t *testing.T) {
 		t.Errorf("the refreshed copy: %v", err)
 	}
 }
+
+// TestCheckUndoFilePaced: the scrub's undo log check reads the file once,
+// paced per chunk (never more than 1 MiB charged at once), and finds a
+// flipped bit by the file hash.
+func TestCheckUndoFilePaced(t *testing.T) {
+	t.Parallel()
+	s, a, _, _ := foStore(t, ReplicaOptions{}, 27)
+	undos, _ := filepath.Glob(filepath.Join(s.dir, "groups", s.group, "images", a.idString(), "undo", "*.undo"))
+	if len(undos) == 0 {
+		t.Fatal("no undo log")
+	}
+	u := undos[len(undos)-1]
+	st, _ := os.Stat(u)
+	var paced int64
+	pace := func(_ context.Context, n int64) error {
+		if n > 1<<20 {
+			t.Errorf("paced %d bytes at once", n)
+		}
+		paced += n
+		return nil
+	}
+	if err := checkUndoFile(context.Background(), u, pace); err != nil {
+		t.Fatal(err)
+	}
+	if paced != st.Size()-undoFooterSize {
+		t.Errorf("paced %d bytes, read %d", paced, st.Size()-undoFooterSize)
+	}
+	f, _ := os.OpenFile(u, os.O_RDWR, 0)
+	var c [1]byte
+	f.ReadAt(c[:], 40)
+	f.WriteAt([]byte{c[0] ^ 1}, 40)
+	f.Close()
+	if err := checkUndoFile(context.Background(), u, pace); !errors.Is(err, errUndoCorrupt) {
+		t.Errorf("flipped bit: %v", err)
+	}
+}
