@@ -176,3 +176,55 @@ func TestRetiredImageDeleted(t *testing.T) {
 	refused(nb, 10)
 	s.check(true, true)
 }
+
+// TestRetiredImageDeleteCrash: a crash after a retired image's state.json
+// is gone (its directory still there) leaves a store whose open removes the
+// directory; the points and the refusal of the old id are unchanged.
+func TestRetiredImageDeleteCrash(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	clock := foStart.Add(time.Hour)
+	crash := errors.New("crash")
+	armed := false
+	o := ReplicaOptions{Now: func() time.Time { return clock }, testHook: func(st string) error {
+		if armed && st == "retired-state-removed" {
+			return crash
+		}
+		return nil
+	}}
+	s := newTStore(t, o, Retention{AnyPointWindow: 2 * time.Hour, Points: 1, Every: time.Minute})
+	rng := rand.New(rand.NewPCG(6, 77))
+	a, b := newTImage(0x31, "a.img"), newTImage(0x32, "b.img")
+	a, b = foApply(t, s, rng, 0, a, b, cycOpt{nOps: 8}, cycOpt{nOps: 8})
+	old := b
+	nb := newTImage(0x52, "b.img")
+	a, nb = foApply(t, s, rng, 1, a, nb, cycOpt{nOps: 8}, cycOpt{})
+	clock = foStart.Add(10 * time.Hour)
+	armed = true
+	pa, na := a.cycle(t, s.cyc, rng, [16]byte{2, 0xf0}, foStart.Add(20*time.Minute), cycOpt{nOps: 8})
+	pb, nnb := nb.cycle(t, s.cyc, rng, [16]byte{2, 0xf0}, foStart.Add(20*time.Minute), cycOpt{nOps: 8})
+	res, err := s.rep.ApplyGroup(ctx, s.group, []string{pa, pb})
+	if !errors.Is(err, crash) {
+		t.Fatalf("apply with a crash in retention: %v", err)
+	}
+	s.record(res.Point, na, nnb)
+	idir := filepath.Join(s.dir, "groups", s.group, "images", old.idString())
+	if _, err := os.Stat(filepath.Join(idir, "latest.img")); err != nil {
+		t.Fatalf("crash point not reached: %v", err)
+	}
+	armed = false
+	s.reopen(o)
+	if _, err := os.Stat(idir); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("after the reopen the retired image's directory is still there: %v", err)
+	}
+	for id := range s.points {
+		if id != res.Point {
+			delete(s.points, id) // expired
+		}
+	}
+	s.check(true, true)
+	p, _ := old.cycle(t, s.cyc, rng, [16]byte{3, 0xf0}, foStart.Add(30*time.Minute), cycOpt{base: true, nOps: 4})
+	if _, err := s.rep.ApplyGroup(ctx, s.group, []string{p}); !errors.Is(err, ErrForeign) {
+		t.Fatalf("base cycle of the deleted retired image: %v, want ErrForeign", err)
+	}
+}
