@@ -128,16 +128,9 @@ func ApplyFiles(target string, paths []string) ([]Result, error) {
 	}
 	// A size the target's filesystem cannot hold would fail after the state
 	// says "applying": refuse it before.
-	var biggest uint64
-	for i, c := range cs {
-		if plan[i] {
-			biggest = max(biggest, c.r.Header().ImageSize)
-		}
-	}
-	if biggest > 0 {
-		if err := sparseSizeOK(filepath.Dir(target), biggest); err != nil {
-			return nil, fmt.Errorf("%s: %w", target, err)
-		}
+	dir := filepath.Dir(target)
+	if err := sizeCacheOf(dir).check(dir, largestImage(cs, func(i int) bool { return plan[i] })); err != nil {
+		return nil, fmt.Errorf("%s: %w", target, err)
 	}
 	var results []Result
 	for i, c := range cs {

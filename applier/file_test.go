@@ -187,3 +187,19 @@ func TestInterruptedApplyCompletes(t *testing.T) {
 }
 
 func writeStateForTest(target string, st State) error { return fsutil.WriteJSON(StatePath(target), st) }
+
+// TestApplyFilesSizeChecked: the plain-file apply checks that the target's
+// filesystem can hold the image once per larger size (the same cache as the
+// replica's), not with a new temporary file on every call.
+func TestApplyFilesSizeChecked(t *testing.T) {
+	dir := t.TempDir()
+	target := filepath.Join(dir, "disk.img")
+	id := [16]byte{0x44, 1}
+	c0 := writeCycle(t, t.TempDir(), id, 1, 0, 3<<20, blocks{0: 1})
+	if _, err := ApplyFiles(target, []string{c0}); err != nil {
+		t.Fatal(err)
+	}
+	if got := sizeCacheOf(dir).ok.Load(); got < 3<<20 {
+		t.Fatalf("size cache of the target's filesystem holds %d, want ≥ %d", got, 3<<20)
+	}
+}

@@ -30,6 +30,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -352,38 +353,37 @@ func (r *Replica) PointFiles(groupName string) ([]PointFile, error) {
 	return out, nil
 }
 
-// fileNames gives every image of the group a file name: the base name of its
-// image name when that is a valid store name and unique in the group, else
-// its id. Called with g.mu held.
+// fileNames gives every image of the group a file name, unique in the
+// group: the base name of its image name when that is a valid store name
+// and no current image shares it; for a retired image whose base name a
+// current image (or another retired one) uses, NAME.retired-ID8; else its
+// id. A base name that could be taken for one of those ("latest", an id, a
+// name with ".retired-") is never used as it is. Called with g.mu held.
 func (g *group) fileNames() map[string]string {
-	count := map[string]int{}
-	base := map[string]string{}
 	retired := g.retiredBy()
+	base := make(map[string]string, len(g.images))
+	cur, ret := map[string]int{}, map[string]int{}
 	for id, im := range g.images {
 		b := filepath.Base(im.st.Name)
-		if !storeNameOK(b) || b == "latest" {
+		if !storeNameOK(b) || b == "latest" || imageIDOK(b) || strings.Contains(b, ".retired-") {
 			b = id
 		}
 		base[id] = b
-		if retired[id] == "" {
-			count[b]++
+		switch {
+		case b == id:
+		case retired[id] == "":
+			cur[b]++
+		default:
+			ret[b]++
 		}
 	}
 	for id, b := range base {
 		switch {
-		case retired[id] != "" && count[b] > 0:
-			base[id] = retiredName(b, id) // the current image of that name keeps it
-		case count[b] > 1:
+		case b == id:
+		case retired[id] == "" && cur[b] > 1:
 			base[id] = id
-		}
-	}
-	seen := map[string]int{}
-	for _, b := range base {
-		seen[b]++
-	}
-	for id, b := range base {
-		if seen[b] > 1 {
-			base[id] = id
+		case retired[id] != "" && (cur[b] > 0 || ret[b] > 1):
+			base[id] = retiredName(b, id)
 		}
 	}
 	return base

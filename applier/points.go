@@ -330,7 +330,7 @@ func (pr *pointReader) read(b0 uint64, buf, hb []byte) error {
 
 // Export writes one image at a point to dst as a sparse raw file (zero blocks
 // are holes). dst is replaced atomically.
-func (r *Replica) Export(ctx context.Context, groupName, point, imageName, dst string) (err error) {
+func (r *Replica) Export(ctx context.Context, groupName, point, imageName, dst string) error {
 	// Pinned while it is read: retention (a cycle applied meanwhile) keeps it.
 	pin, err := r.PinPoint(groupName, point)
 	if err != nil {
@@ -342,23 +342,31 @@ func (r *Replica) Export(ctx context.Context, groupName, point, imageName, dst s
 		return err
 	}
 	defer pr.Close()
-	f, err := os.CreateTemp(filepath.Dir(dst), "."+filepath.Base(dst)+".tmp-*")
-	if err != nil {
-		return err
-	}
-	defer func() {
-		if err != nil {
-			f.Close()
-			os.Remove(f.Name())
+	return fsutil.WriteAtomicOpts(dst, fsutil.AtomicOptions{Perm: 0o600}, func(w io.Writer) error {
+		f, ok := w.(sparseFile)
+		if !ok {
+			return fmt.Errorf("export to %s: the temporary file cannot be written sparsely", dst)
 		}
-	}()
+		return exportSparse(ctx, pr, f)
+	})
+}
+
+// sparseFile is what exportSparse writes to (the temporary *os.File).
+type sparseFile interface {
+	io.WriterAt
+	Truncate(int64) error
+}
+
+// exportSparse copies pr to f (of pr's size) block by block, leaving zero
+// blocks as holes.
+func exportSparse(ctx context.Context, pr PointReader, f sparseFile) error {
 	size := pr.Size()
-	if err = f.Truncate(size); err != nil {
+	if err := f.Truncate(size); err != nil {
 		return err
 	}
 	buf := make([]byte, 1<<20)
 	for off := int64(0); off < size; off += int64(len(buf)) {
-		if err = ctx.Err(); err != nil {
+		if err := ctx.Err(); err != nil {
 			return err
 		}
 		n, rerr := pr.ReadAt(buf, off)
@@ -370,24 +378,12 @@ func (r *Replica) Export(ctx context.Context, groupName, point, imageName, dst s
 			if isZero(blk) {
 				continue
 			}
-			if _, err = f.WriteAt(blk, off+int64(b)); err != nil {
+			if _, err := f.WriteAt(blk, off+int64(b)); err != nil {
 				return err
 			}
 		}
 	}
-	if err = f.Chmod(0o600); err != nil {
-		return err
-	}
-	if err = f.Sync(); err != nil {
-		return err
-	}
-	if err = f.Close(); err != nil {
-		return err
-	}
-	if err = os.Rename(f.Name(), dst); err != nil {
-		return err
-	}
-	return fsutil.SyncDir(filepath.Dir(dst))
+	return nil
 }
 
 // VerifyReport is the result of VerifyPoint.
@@ -569,7 +565,8 @@ func (r *Replica) retain(g *group) (dropped []string, reclaimed int64, err error
 			return dropped, reclaimed, err
 		}
 	}
-	return dropped, reclaimed, nil
+	n, err := r.dropRetired(g, kept)
+	return dropped, reclaimed + n, err
 }
 
 func floorDiv(a, b int64) int64 {

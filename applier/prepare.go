@@ -76,6 +76,7 @@ func (r *Replica) preparePromote(ctx context.Context, groupName, dstDir string, 
 	}
 	r.prepMu.Lock()
 	defer r.prepMu.Unlock()
+	r.preparedChanging(dstDir, false)
 	if err := os.MkdirAll(dstDir, 0o700); err != nil {
 		return "", err
 	}
@@ -220,9 +221,9 @@ func (r *Replica) CancelPrepared(groupName, dstDir string) error {
 	if err != nil {
 		return err
 	}
-	r.interruptVerify()
 	r.prepMu.Lock()
 	defer r.prepMu.Unlock()
+	r.preparedChanging(dstDir, true)
 	r.dropPrepared(g, dstDir)
 	return nil
 }
@@ -245,9 +246,9 @@ func (r *Replica) dropPrepared(g *group, dstDir string) {
 // there is none that fits (the caller copies the whole point). prs are the
 // point's readers in st.Images order.
 func (r *Replica) fromPrepared(ctx context.Context, g *group, st FailoverState, prs []*pointReader, dstDir string) ([]PromotedImage, bool) {
-	r.interruptVerify() // a scrub's verification of the copy does not delay the promotion
-	r.prepMu.Lock()
+	r.prepMu.Lock() // a scrub's verification of the copy holds no lock while it reads
 	defer r.prepMu.Unlock()
+	r.preparedChanging(dstDir, true)
 	var rec preparedRec
 	if err := fsutil.ReadJSON(filepath.Join(dstDir, preparedFile), &rec); err != nil {
 		return nil, false

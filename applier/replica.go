@@ -13,7 +13,6 @@ import (
 	"slices"
 	"sort"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/google/uuid"
@@ -46,8 +45,8 @@ type Replica struct {
 
 	prepMu sync.Mutex // prepared promotion copies (prepare.go)
 
-	scrub  scrubState    // scrub.go
-	sizeOK atomic.Uint64 // largest image size the store's filesystem was seen to hold (validate.go)
+	scrub  scrubState // scrub.go
+	sizeOK sizeCache  // largest image size the store's filesystem was seen to hold (validate.go)
 }
 
 // ReplicaOptions configure a Replica.
@@ -251,6 +250,7 @@ func OpenReplica(dir string, o ReplicaOptions) (*Replica, error) {
 		o.Logger.Error("chunk index unavailable: dedup-aware replication off", "err", err)
 	}
 	r.chunks = ci
+	r.loadScrub()
 	ents, err := os.ReadDir(filepath.Join(dir, "groups"))
 	if err != nil {
 		r.Close()

@@ -14,12 +14,22 @@ package applier
 // The mark lives in the new image's state.json, written before the commit
 // record (step 4 of the apply): a rolled-back apply deletes the new image's
 // directory and with it the mark; a rolled-forward one keeps it.
+//
+// Once retention keeps no point that lists a retired image, retain deletes
+// it (dropRetired): its directory goes, the ids it superseded itself move to
+// the image that replaced it first, so every retired id stays marked and its
+// late cycles stay refused.
 
 import (
+	"errors"
 	"fmt"
+	"io/fs"
 	"maps"
+	"os"
 	"path/filepath"
 	"slices"
+
+	"github.com/standin/standin/internal/fsutil"
 )
 
 // retiredBy maps every retired image id to the id of the present image that
@@ -68,6 +78,62 @@ func (g *group) checkNotRetired(path, id string) error {
 	return nil
 }
 
+// dropRetired deletes the retired images that no point of kept lists: no
+// point can read them any more. Crash-safe in this order: the replacing
+// image's state takes over the ids the retired one superseded (durable), then
+// the retired image's state.json goes (an open removes an image directory
+// without one), then its directory. Called with g.wmu held.
+func (r *Replica) dropRetired(g *group, kept []pointRec) (reclaimed int64, err error) {
+	g.mu.RLock()
+	retired := g.retiredBy()
+	g.mu.RUnlock()
+	for _, id := range slices.Sorted(maps.Keys(retired)) {
+		im, by := g.images[id], g.images[retired[id]]
+		if im == nil || by == nil || slices.ContainsFunc(kept, func(p pointRec) bool { _, ok := p.Seqs[id]; return ok }) {
+			continue
+		}
+		if len(im.st.Supersedes) > 0 {
+			st := by.st
+			st.Supersedes = slices.Clone(st.Supersedes)
+			for _, old := range im.st.Supersedes {
+				if old != by.id && !slices.Contains(st.Supersedes, old) {
+					st.Supersedes = append(st.Supersedes, old)
+				}
+			}
+			if err := fsutil.WriteJSON(filepath.Join(by.dir, "state.json"), st); err != nil {
+				return reclaimed, err
+			}
+			g.mu.Lock()
+			by.st = st
+			g.mu.Unlock()
+		}
+		r.o.Logger.Info("deleting retired image: no kept point lists it", "group", g.name, "image", id, "replaced_by", by.id)
+		g.mu.Lock()
+		delete(g.images, id)
+		g.mu.Unlock()
+		im.close()
+		if n, _, err := duTree(im.dir); err == nil {
+			reclaimed += n
+		}
+		if err := os.Remove(filepath.Join(im.dir, "state.json")); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return reclaimed, err
+		}
+		if err := fsutil.SyncDir(im.dir); err != nil {
+			return reclaimed, err
+		}
+		if err := r.hook("retired-state-removed"); err != nil {
+			return reclaimed, err
+		}
+		if err := os.RemoveAll(im.dir); err != nil {
+			return reclaimed, err
+		}
+		if err := fsutil.SyncDir(filepath.Dir(im.dir)); err != nil {
+			return reclaimed, err
+		}
+	}
+	return reclaimed, nil
+}
+
 // retiredName is the points-mount file name of a retired image whose base
 // name b a current image uses.
 func retiredName(b, id string) string {
@@ -78,9 +144,8 @@ func retiredName(b, id string) string {
 	return n
 }
 
-// PointImage is one image of a recovery point, with a file name unique in the
-// point (the base of its image name, or its id when that is not a valid store
-// name or is shared by another image of the point).
+// PointImage is one image of a recovery point, with its file name: the
+// name the points mount shows it under (fileNames), unique in the group.
 type PointImage struct {
 	ID   string `json:"id"`
 	Name string `json:"name"`
@@ -96,20 +161,10 @@ func (r *Replica) PointImages(groupName, point string) ([]PointImage, error) {
 		return nil, err
 	}
 	defer g.mu.RUnlock()
+	names := g.fileNames()
 	var out []PointImage
-	count := map[string]int{}
 	for _, x := range g.imagesAt(p.N, p.Seqs) {
-		b := filepath.Base(x.im.st.Name)
-		if !storeNameOK(b) {
-			b = x.id
-		}
-		count[b]++
-		out = append(out, PointImage{ID: x.id, Name: x.im.st.Name, File: b, Size: int64(x.size)})
-	}
-	for i := range out {
-		if count[out[i].File] > 1 {
-			out[i].File = out[i].ID
-		}
+		out = append(out, PointImage{ID: x.id, Name: x.im.st.Name, File: names[x.id], Size: int64(x.size)})
 	}
 	return out, nil
 }

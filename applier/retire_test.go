@@ -3,6 +3,9 @@ package applier
 import (
 	"context"
 	"errors"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
 	"slices"
 	"testing"
 	"time"
@@ -56,6 +59,18 @@ func TestRecreatedImageRetires(t *testing.T) {
 			t.Errorf("point 4 b.img is image %s, want the old %s", pi.ID, old.idString())
 		}
 	}
+	// PointImages names files like the points mount does.
+	pfs0, err := s.rep.PointFiles(s.group)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, pi := range pis {
+		for _, pf := range pfs0 {
+			if pf.Point == "4" && pf.ImageID == pi.ID && pf.File != pi.File {
+				t.Errorf("point 4 image %s: PointImages names it %q, the points mount %q", pi.ID, pi.File, pf.File)
+			}
+		}
+	}
 	gi, err := s.rep.GroupImages(s.group)
 	if err != nil {
 		t.Fatal(err)
@@ -107,5 +122,109 @@ func TestRecreatedImageRetires(t *testing.T) {
 	slices.Sort(ids)
 	if want := []string{a.idString(), nb.idString()}; !slices.Equal(ids, want) {
 		t.Fatalf("promoted %v, want %v", ids, want)
+	}
+}
+
+// TestRetiredImageDeleted: once retention keeps no point that lists a
+// retired image, its directory is deleted (it no longer counts anywhere),
+// and a late cycle of it is still refused — also after a reopen and after
+// the image that replaced it is itself replaced and deleted.
+func TestRetiredImageDeleted(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	clock := foStart.Add(time.Hour)
+	o := ReplicaOptions{Now: func() time.Time { return clock }}
+	s := newTStore(t, o, Retention{AnyPointWindow: 2 * time.Hour, Points: 1, Every: time.Minute})
+	rng := rand.New(rand.NewPCG(5, 77))
+	a, b := newTImage(0x31, "a.img"), newTImage(0x32, "b.img")
+	for i := 0; i < 3; i++ {
+		a, b = foApply(t, s, rng, i, a, b, cycOpt{nOps: 8}, cycOpt{nOps: 8})
+	}
+	old := b
+	nb := newTImage(0x52, "b.img")
+	a, nb = foApply(t, s, rng, 3, a, nb, cycOpt{nOps: 8}, cycOpt{})
+	idir := func(ti *tImage) string { return filepath.Join(s.dir, "groups", s.group, "images", ti.idString()) }
+	if _, err := os.Stat(idir(old)); err != nil {
+		t.Fatalf("retired image deleted while older points list it: %v", err)
+	}
+	refused := func(ti *tImage, i int) {
+		t.Helper()
+		p, _ := ti.cycle(t, s.cyc, rng, [16]byte{byte(i), 0xf0}, foStart.Add(time.Duration(i)*10*time.Minute), cycOpt{base: true, nOps: 4})
+		if _, err := s.rep.ApplyGroup(ctx, s.group, []string{p}); !errors.Is(err, ErrForeign) {
+			t.Fatalf("base cycle of retired image %s: %v, want ErrForeign", ti.idString(), err)
+		}
+	}
+	clock = foStart.Add(10 * time.Hour) // only the latest point is kept from now on
+	a, nb = foApply(t, s, rng, 4, a, nb, cycOpt{nOps: 8}, cycOpt{nOps: 8})
+	if _, err := os.Stat(idir(old)); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("retired image listed by no kept point still on disk: %v", err)
+	}
+	s.check(false, true)
+	refused(old, 5)
+	s.reopen(o)
+	refused(old, 6)
+	// The re-created image is re-created again: it retires and goes too, and
+	// both earlier ids stay refused.
+	nb2 := newTImage(0x62, "b.img")
+	a, nb2 = foApply(t, s, rng, 7, a, nb2, cycOpt{nOps: 8}, cycOpt{})
+	a, nb2 = foApply(t, s, rng, 8, a, nb2, cycOpt{nOps: 8}, cycOpt{nOps: 8})
+	if _, err := os.Stat(idir(nb)); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("second retired image still on disk: %v", err)
+	}
+	s.reopen(o)
+	refused(old, 9)
+	refused(nb, 10)
+	s.check(true, true)
+}
+
+// TestRetiredImageDeleteCrash: a crash after a retired image's state.json
+// is gone (its directory still there) leaves a store whose open removes the
+// directory; the points and the refusal of the old id are unchanged.
+func TestRetiredImageDeleteCrash(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	clock := foStart.Add(time.Hour)
+	crash := errors.New("crash")
+	armed := false
+	o := ReplicaOptions{Now: func() time.Time { return clock }, testHook: func(st string) error {
+		if armed && st == "retired-state-removed" {
+			return crash
+		}
+		return nil
+	}}
+	s := newTStore(t, o, Retention{AnyPointWindow: 2 * time.Hour, Points: 1, Every: time.Minute})
+	rng := rand.New(rand.NewPCG(6, 77))
+	a, b := newTImage(0x31, "a.img"), newTImage(0x32, "b.img")
+	a, b = foApply(t, s, rng, 0, a, b, cycOpt{nOps: 8}, cycOpt{nOps: 8})
+	old := b
+	nb := newTImage(0x52, "b.img")
+	a, nb = foApply(t, s, rng, 1, a, nb, cycOpt{nOps: 8}, cycOpt{})
+	clock = foStart.Add(10 * time.Hour)
+	armed = true
+	pa, na := a.cycle(t, s.cyc, rng, [16]byte{2, 0xf0}, foStart.Add(20*time.Minute), cycOpt{nOps: 8})
+	pb, nnb := nb.cycle(t, s.cyc, rng, [16]byte{2, 0xf0}, foStart.Add(20*time.Minute), cycOpt{nOps: 8})
+	res, err := s.rep.ApplyGroup(ctx, s.group, []string{pa, pb})
+	if !errors.Is(err, crash) {
+		t.Fatalf("apply with a crash in retention: %v", err)
+	}
+	s.record(res.Point, na, nnb)
+	idir := filepath.Join(s.dir, "groups", s.group, "images", old.idString())
+	if _, err := os.Stat(filepath.Join(idir, "latest.img")); err != nil {
+		t.Fatalf("crash point not reached: %v", err)
+	}
+	armed = false
+	s.reopen(o)
+	if _, err := os.Stat(idir); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("after the reopen the retired image's directory is still there: %v", err)
+	}
+	for id := range s.points {
+		if id != res.Point {
+			delete(s.points, id) // expired
+		}
+	}
+	s.check(true, true)
+	p, _ := old.cycle(t, s.cyc, rng, [16]byte{3, 0xf0}, foStart.Add(30*time.Minute), cycOpt{base: true, nOps: 4})
+	if _, err := s.rep.ApplyGroup(ctx, s.group, []string{p}); !errors.Is(err, ErrForeign) {
+		t.Fatalf("base cycle of the deleted retired image: %v, want ErrForeign", err)
 	}
 }

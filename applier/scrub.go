@@ -24,10 +24,13 @@ package applier
 // finds the group clean.
 
 import (
+	"bytes"
 	"context"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -35,18 +38,101 @@ import (
 	"sync"
 	"time"
 
+	"github.com/zeebo/blake3"
+
 	"github.com/standin/standin/internal/format"
 	"github.com/standin/standin/internal/fsutil"
 )
 
-// scrubState holds the last scrub findings and the running prepared-copy
-// verification.
+// scrubState holds the last scrub findings (persisted in scrub.json, so
+// they survive a restart) and the running prepared-copy verification.
 type scrubState struct {
-	mu       sync.Mutex
-	findings map[string][]ScrubFinding // group → findings of its last scrub
-	last     map[string]time.Time      // group → end of its last complete scrub
-	// interrupt cancels the running VerifyPrepared (a promotion is waiting).
-	interrupt context.CancelFunc
+	mu  sync.Mutex
+	rec scrubFile
+	// prepGen counts the changes of the prepared copy in each directory
+	// (preparedChanging); verifying: the running VerifyPrepared calls.
+	prepGen   map[string]uint64
+	verifying map[uint64]verifying
+	nextVer   uint64
+}
+
+type verifying struct {
+	dir    string
+	cancel context.CancelFunc
+}
+
+// scrubFile is STORE/scrub.json: when the scrubs ran and what they found.
+type scrubFile struct {
+	// Since: when the periodic scrub first saw the store (its first run is
+	// due an interval later).
+	Since time.Time `json:"since,omitzero"`
+	// Last: end of the last complete scrub.
+	Last   time.Time                 `json:"last,omitzero"`
+	Groups map[string]scrubGroupFile `json:"groups,omitempty"`
+}
+
+type scrubGroupFile struct {
+	Last     time.Time      `json:"last"` // end of its last scrub
+	Findings []ScrubFinding `json:"findings,omitempty"`
+}
+
+const scrubFileName = "scrub.json"
+
+// loadScrub reads scrub.json at open; a damaged one is reported and
+// replaced by the next scrub.
+func (r *Replica) loadScrub() {
+	var rec scrubFile
+	if err := fsutil.ReadJSON(filepath.Join(r.dir, scrubFileName), &rec); err != nil {
+		if !errors.Is(err, os.ErrNotExist) {
+			r.o.Logger.Error("scrub record unreadable: earlier findings and the scrub schedule are lost (the next scrub rewrites it)", "err", err)
+		}
+		return
+	}
+	r.scrub.rec = rec
+}
+
+// saveScrub writes scrub.json durably. Called with r.scrub.mu held.
+func (r *Replica) saveScrub() error {
+	return fsutil.WriteJSON(filepath.Join(r.dir, scrubFileName), r.scrub.rec)
+}
+
+// ScrubDue returns when the next periodic scrub (every interval) is due: an
+// interval after the end of the last complete scrub, whenever that was
+// (also before a restart). A store never scrubbed is due an interval after
+// the first call.
+func (r *Replica) ScrubDue(interval time.Duration) (time.Time, error) {
+	r.scrub.mu.Lock()
+	defer r.scrub.mu.Unlock()
+	rec := &r.scrub.rec
+	if rec.Last.IsZero() && rec.Since.IsZero() {
+		rec.Since = time.Now()
+		if err := r.saveScrub(); err != nil {
+			return rec.Since.Add(interval), err
+		}
+	}
+	base := rec.Last
+	if base.IsZero() {
+		base = rec.Since
+	}
+	return base.Add(interval), nil
+}
+
+// LastScrub returns the end of the last complete scrub (zero: none yet).
+func (r *Replica) LastScrub() time.Time {
+	r.scrub.mu.Lock()
+	defer r.scrub.mu.Unlock()
+	return r.scrub.rec.Last
+}
+
+// ScrubFindings returns the findings of every group's last scrub.
+func (r *Replica) ScrubFindings() []ScrubFinding {
+	r.scrub.mu.Lock()
+	defer r.scrub.mu.Unlock()
+	var out []ScrubFinding
+	for _, n := range slices.Sorted(maps.Keys(r.scrub.rec.Groups)) {
+		out = append(out, r.scrub.rec.Groups[n].Findings...)
+	}
+	return out
 }
 
 // ScrubFinding is one damage the scrub found.
@@ -133,13 +219,28 @@ func (r *Replica) Scrub(ctx context.Context, o ScrubOptions) (ScrubReport, error
 		rep.Groups++
 		rep.Findings = append(rep.Findings, fs...)
 		r.scrub.mu.Lock()
-		if r.scrub.findings == nil {
-			r.scrub.findings, r.scrub.last = map[string][]ScrubFinding{}, map[string]time.Time{}
+		if r.scrub.rec.Groups == nil {
+			r.scrub.rec.Groups = map[string]scrubGroupFile{}
 		}
-		r.scrub.findings[name], r.scrub.last[name] = fs, time.Now()
+		r.scrub.rec.Groups[name] = scrubGroupFile{Last: time.Now(), Findings: fs}
+		err = r.saveScrub()
 		r.scrub.mu.Unlock()
+		if err != nil {
+			return rep, fmt.Errorf("recording the scrub findings: %w", err)
+		}
 	}
 	rep.Bytes, rep.Seconds = p.n, time.Since(start).Seconds()
+	r.scrub.mu.Lock()
+	defer r.scrub.mu.Unlock()
+	for n := range r.scrub.rec.Groups {
+		if !slices.Contains(names, n) {
+			delete(r.scrub.rec.Groups, n) // the group is gone
+		}
+	}
+	r.scrub.rec.Last = time.Now()
+	if err := r.saveScrub(); err != nil {
+		return rep, fmt.Errorf("recording the scrub: %w", err)
+	}
 	return rep, nil
 }
 
@@ -206,19 +307,13 @@ func (r *Replica) scrubGroup(ctx context.Context, name, preparedDir string, p *p
 	}
 	// Undo logs: every byte against the file hash.
 	for _, l := range logs {
-		f, err := os.Open(l.path)
-		if err != nil {
+		err := checkUndoFile(ctx, l.path, p.pace)
+		if errors.Is(err, os.ErrNotExist) {
 			continue // merged or expired meanwhile
 		}
-		st, err := f.Stat()
-		if err == nil {
-			if err = p.pace(ctx, st.Size()); err != nil {
-				f.Close()
-				return out, err
-			}
-			_, err = parseUndo(f, l.from, l.to)
+		if err != nil && ctx.Err() != nil {
+			return out, ctx.Err()
 		}
-		f.Close()
 		if err != nil {
 			if _, serr := os.Stat(l.path); serr != nil {
 				continue // gone meanwhile
@@ -241,17 +336,64 @@ func (r *Replica) scrubGroup(ctx context.Context, name, preparedDir string, p *p
 	return out, nil
 }
 
+// checkUndoFile re-reads the undo log at path and checks it against the
+// file hash in its footer (its entry table is in memory, checked at load),
+// paced per chunk read.
+func checkUndoFile(ctx context.Context, path string, pace func(context.Context, int64) error) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	size := st.Size()
+	if size < undoHeaderSize+undoFooterSize {
+		return fmt.Errorf("%w: %d bytes, too short", errUndoCorrupt, size)
+	}
+	var ft [undoFooterSize]byte
+	if err := readFullAt(f, ft[:], size-undoFooterSize); err != nil {
+		return err
+	}
+	le := binary.LittleEndian
+	end := uint64(size - undoFooterSize)
+	if string(ft[56:]) != undoEndMagic || le.Uint64(ft[0:])+le.Uint64(ft[8:])*undoEntrySize != end {
+		return fmt.Errorf("%w: footer damaged", errUndoCorrupt)
+	}
+	h := blake3.New()
+	buf := make([]byte, 1<<20)
+	for off := int64(0); off < int64(end); {
+		n := min(int64(len(buf)), int64(end)-off)
+		if err := pace(ctx, n); err != nil {
+			return err
+		}
+		if err := readFullAt(f, buf[:n], off); err != nil {
+			return err
+		}
+		h.Write(buf[:n])
+		off += n
+	}
+	if !bytes.Equal(h.Sum(nil), ft[24:56]) {
+		return fmt.Errorf("%w: file hash mismatch", errUndoCorrupt)
+	}
+	return nil
+}
+
 // ScrubHealth returns the health and reasons of group's last scrub findings
-// (health "Normal" and no reasons when it found nothing or never ran).
+// (health "Normal" and no reasons when it found nothing or never ran) and
+// when that scrub of the group ended (zero: never).
 func (r *Replica) ScrubHealth(group string) (health string, reasons []string, last time.Time) {
 	r.scrub.mu.Lock()
 	defer r.scrub.mu.Unlock()
 	health = "Normal"
-	for _, f := range r.scrub.findings[group] {
+	gr := r.scrub.rec.Groups[group]
+	for _, f := range gr.Findings {
 		health = maxHealth(health, f.Severity)
 		reasons = append(reasons, "scrub: "+f.Message)
 	}
-	return health, reasons, r.scrub.last[group]
+	return health, reasons, gr.Last
 }
 
 // PreparedReport is the outcome of VerifyPrepared.
@@ -264,7 +406,7 @@ type PreparedReport struct {
 	Dropped  bool           `json:"dropped,omitempty"`
 }
 
-var errPreparedChanged = errors.New("the prepared copy's verification was interrupted by a promotion (verify again)")
+var errPreparedChanged = errors.New("the prepared copy changed while it was verified (promoted, dropped or refreshed): no verdict (verify again)")
 
 // ErrNotPrepared: there is no prepared promotion copy to verify.
 var ErrNotPrepared = errNotPrepared
@@ -275,9 +417,12 @@ var ErrNotPrepared = errNotPrepared
 // pin are removed, so the next preparation or promotion copies anew. pace
 // (nil = unthrottled) is called with the bytes about to be read.
 //
-// It holds the prepared copies' lock while it reads (a warm standby refresh
-// waits), but a promotion does not wait: it interrupts the verification,
-// which then returns errPreparedChanged (no verdict).
+// It reads without holding the prepared copies' lock, so neither a
+// promotion nor a preparation (planned failover, warm standby refresh)
+// waits for it (preparedChanging): a promotion or drop of the copy stops
+// it, and a finding made while the copy was refreshed gives no verdict
+// (errPreparedChanged); a finding is acted on only if the copy did not
+// change while it was read.
 func (r *Replica) VerifyPrepared(ctx context.Context, groupName, dstDir string, pace func(context.Context, int64) error, drop bool) (PreparedReport, error) {
 	rep := PreparedReport{Group: groupName}
 	g, err := r.group(groupName)
@@ -287,25 +432,41 @@ func (r *Replica) VerifyPrepared(ctx context.Context, groupName, dstDir string, 
 	vctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	r.prepMu.Lock()
-	defer r.prepMu.Unlock()
+	var rec preparedRec
+	rerr := fsutil.ReadJSON(filepath.Join(dstDir, preparedFile), &rec)
+	dir := filepath.Clean(dstDir)
 	r.scrub.mu.Lock()
-	r.scrub.interrupt = cancel
+	gen := r.scrub.prepGen[dir]
+	key := r.scrub.nextVer
+	r.scrub.nextVer++
+	if r.scrub.verifying == nil {
+		r.scrub.verifying = map[uint64]verifying{}
+	}
+	r.scrub.verifying[key] = verifying{dir, cancel}
 	r.scrub.mu.Unlock()
+	r.prepMu.Unlock()
 	defer func() {
 		r.scrub.mu.Lock()
-		r.scrub.interrupt = nil
+		delete(r.scrub.verifying, key)
 		r.scrub.mu.Unlock()
 	}()
-	var rec preparedRec
-	if err := fsutil.ReadJSON(filepath.Join(dstDir, preparedFile), &rec); err != nil {
+	if rerr != nil {
 		return rep, fmt.Errorf("group %s: %w in %s", groupName, errNotPrepared, dstDir)
 	}
 	rep.Point = pointID(rec.Point)
 	verr := verifyPreparedFiles(vctx, rec, dstDir, pace, &rep)
-	if vctx.Err() != nil {
-		if ctx.Err() != nil {
-			return rep, ctx.Err()
-		}
+	if ctx.Err() != nil {
+		return rep, ctx.Err()
+	}
+	r.prepMu.Lock()
+	defer r.prepMu.Unlock()
+	r.scrub.mu.Lock()
+	changed := r.scrub.prepGen[dir] != gen
+	r.scrub.mu.Unlock()
+	if vctx.Err() != nil || (changed && verr != nil) {
+		// Stopped, or a finding that may come from a block read while a
+		// refresh rewrote it: no verdict. (A clean read stays one: each
+		// block matched its hash when it was read.)
 		return rep, errPreparedChanged
 	}
 	if errors.Is(verr, ErrMismatch) && drop {
@@ -316,14 +477,27 @@ func (r *Replica) VerifyPrepared(ctx context.Context, groupName, dstDir string, 
 	return rep, verr
 }
 
-// interruptVerify stops a running VerifyPrepared (a promotion must not wait
-// for it). Called before taking prepMu.
-func (r *Replica) interruptVerify() {
+// preparedChanging is called, with r.prepMu held, before the prepared copy
+// in dstDir changes. stop (the copy is promoted or dropped): a running
+// VerifyPrepared of it stops, without a verdict; else (a refresh rewrites
+// changed blocks in place) it goes on, and a finding it then makes gives no
+// verdict either.
+func (r *Replica) preparedChanging(dstDir string, stop bool) {
+	dir := filepath.Clean(dstDir)
 	r.scrub.mu.Lock()
-	if r.scrub.interrupt != nil {
-		r.scrub.interrupt()
+	defer r.scrub.mu.Unlock()
+	if r.scrub.prepGen == nil {
+		r.scrub.prepGen = map[string]uint64{}
 	}
-	r.scrub.mu.Unlock()
+	r.scrub.prepGen[dir]++
+	if !stop {
+		return
+	}
+	for _, v := range r.scrub.verifying {
+		if v.dir == dir {
+			v.cancel()
+		}
+	}
 }
 
 // verifyPreparedFiles checks the files of rec in dstDir.
@@ -411,6 +585,7 @@ func (r *Replica) PreparePromoteChecked(ctx context.Context, groupName, dstDir s
 			return point, refreshed, blocks, err
 		}
 		r.prepMu.Lock()
+		r.preparedChanging(dstDir, true) // a damaged copy is dropped below
 		var rec preparedRec
 		rep := PreparedReport{Group: groupName}
 		verr := fsutil.ReadJSON(filepath.Join(dstDir, preparedFile), &rec)

@@ -217,3 +217,130 @@ func TestPromotionInterruptsPreparedVerify(t *testing.T) {
 		t.Errorf("interrupted verification: %v", err)
 	}
 }
+
+// TestScrubFindingsSurviveRestart: a Critical finding stays in the group's
+// health after a reopen (scrub.json) until a later scrub finds the group
+// clean; the schedule counts from the last complete scrub, also across a
+// reopen.
+func TestScrubFindingsSurviveRestart(t *testing.T) {
+	t.Parallel()
+	s, a, _, _ := foStore(t, ReplicaOptions{}, 25)
+	due0, err := s.rep.ScrubDue(time.Hour)
+	if err != nil || time.Until(due0) < 59*time.Minute {
+		t.Fatalf("never-scrubbed store due %v (%v), want an interval from now", due0, err)
+	}
+	img := filepath.Join(s.dir, "groups", s.group, "images", a.idString(), "latest.img")
+	off := flipFirstData(t, img)
+	if fs := scrubFindings(t, s.rep, ""); len(fs) == 0 {
+		t.Fatal("no finding")
+	}
+	last := s.rep.LastScrub()
+	s.reopen(s.o)
+	if h, rs, at := s.rep.ScrubHealth(s.group); h != "Critical" || len(rs) == 0 || at.IsZero() {
+		t.Fatalf("after reopen: health %s %v at %v, want the Critical finding", h, rs, at)
+	}
+	if len(s.rep.ScrubFindings()) == 0 {
+		t.Fatal("after reopen: ScrubFindings empty")
+	}
+	if due, _ := s.rep.ScrubDue(time.Hour); !s.rep.LastScrub().Equal(last) || !due.Equal(last.Add(time.Hour)) {
+		t.Fatalf("after reopen: last scrub %v (was %v), due %v", s.rep.LastScrub(), last, due)
+	}
+	if gs, _ := s.rep.Status(); gs[0].Scrubbed.IsZero() {
+		t.Fatal("status shows no scrub time")
+	}
+	// Repaired (flipped back): the next scrub clears it, also after a reopen.
+	f, _ := os.OpenFile(img, os.O_RDWR, 0)
+	var c [1]byte
+	f.ReadAt(c[:], off)
+	f.WriteAt([]byte{c[0] ^ 0x10}, off)
+	f.Close()
+	if fs := scrubFindings(t, s.rep, ""); len(fs) != 0 {
+		t.Fatalf("findings after repair: %+v", fs)
+	}
+	s.reopen(s.o)
+	if h, _, _ := s.rep.ScrubHealth(s.group); h != "Normal" {
+		t.Fatalf("after a clean scrub and reopen: health %s", h)
+	}
+}
+
+// TestPrepareNotBlockedByPreparedVerify: a warm standby refresh (a
+// preparation after a new point) does not wait for a slow verification of
+// the prepared copy; the verification ends with a verdict or none, never a
+// false finding, and the refreshed copy stays.
+func TestPrepareNotBlockedByPreparedVerify(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	s, a, b, rng := foStore(t, ReplicaOptions{}, 26)
+	dst := t.TempDir()
+	if _, _, err := s.rep.PreparePromote(ctx, s.group, dst); err != nil {
+		t.Fatal(err)
+	}
+	foApply(t, s, rng, 4, a, b, cycOpt{nOps: 24}, cycOpt{nOps: 24})
+	started := make(chan struct{})
+	done := make(chan error, 1)
+	var calls int
+	go func() {
+		_, err := s.rep.VerifyPrepared(ctx, s.group, dst, func(ctx context.Context, _ int64) error {
+			if calls++; calls == 1 {
+				close(started)
+				select { // a slow scrub
+				case <-time.After(4 * time.Second):
+				case <-ctx.Done():
+				}
+			}
+			return ctx.Err()
+		}, true)
+		done <- err
+	}()
+	<-started
+	t0 := time.Now()
+	pt, refreshed, err := s.rep.PreparePromote(ctx, s.group, dst)
+	if err != nil || !refreshed {
+		t.Fatalf("refresh: %s %v %v", pt, refreshed, err)
+	}
+	if d := time.Since(t0); d > 2*time.Second {
+		t.Errorf("the refresh waited %s for the verification", d)
+	}
+	if err := <-done; err != nil && !errors.Is(err, errPreparedChanged) {
+		t.Errorf("verification during a refresh: %v", err)
+	}
+	if _, err := s.rep.VerifyPrepared(ctx, s.group, dst, nil, false); err != nil {
+		t.Errorf("the refreshed copy: %v", err)
+	}
+}
+
+// TestCheckUndoFilePaced: the scrub's undo log check reads the file once,
+// paced per chunk (never more than 1 MiB charged at once), and finds a
+// flipped bit by the file hash.
+func TestCheckUndoFilePaced(t *testing.T) {
+	t.Parallel()
+	s, a, _, _ := foStore(t, ReplicaOptions{}, 27)
+	undos, _ := filepath.Glob(filepath.Join(s.dir, "groups", s.group, "images", a.idString(), "undo", "*.undo"))
+	if len(undos) == 0 {
+		t.Fatal("no undo log")
+	}
+	u := undos[len(undos)-1]
+	st, _ := os.Stat(u)
+	var paced int64
+	pace := func(_ context.Context, n int64) error {
+		if n > 1<<20 {
+			t.Errorf("paced %d bytes at once", n)
+		}
+		paced += n
+		return nil
+	}
+	if err := checkUndoFile(context.Background(), u, pace); err != nil {
+		t.Fatal(err)
+	}
+	if paced != st.Size()-undoFooterSize {
+		t.Errorf("paced %d bytes, read %d", paced, st.Size()-undoFooterSize)
+	}
+	f, _ := os.OpenFile(u, os.O_RDWR, 0)
+	var c [1]byte
+	f.ReadAt(c[:], 40)
+	f.WriteAt([]byte{c[0] ^ 1}, 40)
+	f.Close()
+	if err := checkUndoFile(context.Background(), u, pace); !errors.Is(err, errUndoCorrupt) {
+		t.Errorf("flipped bit: %v", err)
+	}
+}

@@ -3,6 +3,7 @@ package applier
 import (
 	"fmt"
 	"slices"
+	"time"
 
 	"github.com/standin/standin/internal/wire"
 )
@@ -20,6 +21,9 @@ type GroupStatus struct {
 	// FailedOver is set while the group is failed over to this host
 	// (GROUP/failover.json, see Promote): it takes no replication.
 	FailedOver *FailoverState `json:"failed_over,omitempty"`
+	// Scrubbed is when the group's last scrub ended (zero: never; its
+	// findings show in the group's health).
+	Scrubbed time.Time `json:"scrubbed,omitzero"`
 }
 
 // ImageStatus is the replica's state of one image.
@@ -52,6 +56,7 @@ func (r *Replica) Status() ([]GroupStatus, error) {
 			return nil, err
 		}
 		gs := GroupStatus{Group: n, Points: len(ps)}
+		_, _, gs.Scrubbed = r.ScrubHealth(n)
 		if len(ps) > 0 {
 			gs.Latest = &ps[len(ps)-1]
 		}

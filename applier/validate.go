@@ -5,8 +5,11 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"sync"
+	"sync/atomic"
 
 	"github.com/google/uuid"
+	"golang.org/x/sys/unix"
 
 	"github.com/standin/standin/internal/format"
 )
@@ -28,7 +31,6 @@ var ErrUnholdable = errors.New("cycle cannot be held by this replica")
 // can hold (a sparse file of that size is created and removed), every extent
 // within the image, and the image name.
 func (r *Replica) checkHoldable(g *group, cs []*openedCycle) error {
-	var biggest uint64
 	for _, c := range cs {
 		h := c.r.Header()
 		id := uuid.UUID(h.ImageID).String()
@@ -45,26 +47,55 @@ func (r *Replica) checkHoldable(g *group, cs []*openedCycle) error {
 				return fmt.Errorf("%s: %w: extent %d (blocks %d..%d) beyond the image's %d blocks", c.path, format.ErrCorrupt, i, e.Start, e.End(), nb)
 			}
 		}
-		biggest = max(biggest, h.ImageSize)
 	}
-	return r.checkFileSize(g.dir, biggest)
+	return r.sizeOK.check(g.dir, largestImage(cs, nil))
 }
 
-// checkFileSize makes sure the filesystem of dir can hold a (sparse) file of
-// size bytes: the largest size that passed is remembered.
-func (r *Replica) checkFileSize(dir string, size uint64) error {
-	if size <= r.sizeOK.Load() {
+// largestImage is the largest image size of the cycles cs (only those
+// with apply(i), if apply is not nil).
+func largestImage(cs []*openedCycle, apply func(i int) bool) uint64 {
+	var biggest uint64
+	for i, c := range cs {
+		if apply == nil || apply(i) {
+			biggest = max(biggest, c.r.Header().ImageSize)
+		}
+	}
+	return biggest
+}
+
+// sizeCache remembers the largest (sparse) file size a filesystem was seen
+// to hold, so the check creates a file only for a larger size.
+type sizeCache struct{ ok atomic.Uint64 }
+
+// check makes sure the filesystem of dir can hold a (sparse) file of size
+// bytes (0: nothing to check).
+func (c *sizeCache) check(dir string, size uint64) error {
+	if size <= c.ok.Load() {
 		return nil
 	}
 	if err := sparseSizeOK(dir, size); err != nil {
 		return err
 	}
 	for {
-		cur := r.sizeOK.Load()
-		if size <= cur || r.sizeOK.CompareAndSwap(cur, size) {
+		cur := c.ok.Load()
+		if size <= cur || c.ok.CompareAndSwap(cur, size) {
 			return nil
 		}
 	}
+}
+
+// fileSizes are the size caches of ApplyFiles, one per filesystem (device).
+var fileSizes sync.Map // uint64 → *sizeCache
+
+// sizeCacheOf returns the size cache of dir's filesystem (a fresh one if
+// dir cannot be examined: the check then reports why).
+func sizeCacheOf(dir string) *sizeCache {
+	var st unix.Stat_t
+	if err := unix.Stat(dir, &st); err != nil {
+		return &sizeCache{}
+	}
+	c, _ := fileSizes.LoadOrStore(uint64(st.Dev), &sizeCache{})
+	return c.(*sizeCache)
 }
 
 // sparseSizeOK creates a sparse file of size bytes in dir and removes it.

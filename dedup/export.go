@@ -18,6 +18,8 @@ import (
 
 	"github.com/klauspost/compress/zstd"
 	"github.com/zeebo/blake3"
+
+	"github.com/standin/standin/internal/fsutil"
 )
 
 // ImageSource is one image at a crash-consistent cut.
@@ -298,7 +300,7 @@ func (e *exporter) setup() error {
 	if e.state == "" {
 		e.state = e.vols[0]
 	}
-	if err := mkdirMode(e.state, DirMode(e.mode())); err != nil {
+	if err := fsutil.MkdirNew(e.state, DirMode(e.mode())); err != nil {
 		return err
 	}
 	var allocated int64

@@ -344,15 +344,3 @@ func seedModeOf(dir string) os.FileMode {
 	}
 	return DefaultMode
 }
-
-// mkdirMode creates dir (and its parents) with mode perm if it does not
-// exist; an existing dir (named by the user) is left as it is.
-func mkdirMode(dir string, perm os.FileMode) error {
-	if _, err := os.Stat(dir); err == nil {
-		return nil
-	}
-	if err := os.MkdirAll(dir, perm); err != nil {
-		return err
-	}
-	return os.Chmod(dir, perm) // exactly perm, whatever the umask
-}

@@ -105,7 +105,7 @@ func (l *layout) volErr(v *volState, what string, err error) error {
 func (l *layout) startVolume(n int, dir string) error {
 	e := l.e
 	v := &volState{n: n, dir: dir}
-	if err := mkdirMode(dir, DirMode(e.mode())); err != nil {
+	if err := fsutil.MkdirNew(dir, DirMode(e.mode())); err != nil {
 		return l.volErr(v, "directories", err)
 	}
 	for _, d := range []string{filepath.Join(dir, "packs"), filepath.Join(dir, "parity"), filepath.Join(dir, "manifests")} {

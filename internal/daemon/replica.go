@@ -18,6 +18,7 @@ import (
 
 	"github.com/standin/standin/applier"
 	"github.com/standin/standin/fusefs"
+	"github.com/standin/standin/internal/fsutil"
 	"github.com/standin/standin/internal/netlimit"
 	"github.com/standin/standin/internal/pki"
 )
@@ -375,22 +376,19 @@ func ExportPoint(ctx context.Context, rep *applier.Replica, req ExportRequest) (
 	if err != nil {
 		return nil, err
 	}
-	if _, err := os.Stat(req.To); errors.Is(err, os.ErrNotExist) {
-		if err := os.MkdirAll(req.To, 0o700); err != nil {
-			return nil, err
-		}
-		if err := os.Chmod(req.To, 0o700); err != nil {
-			return nil, err
-		}
+	if err := fsutil.MkdirNew(req.To, 0o700); err != nil {
+		return nil, err
 	}
-	for _, im := range imgs {
-		if err := exists(filepath.Join(req.To, filepath.Base(im.Name))); err != nil {
+	dsts := make([]string, len(imgs))
+	for i, im := range imgs {
+		dsts[i] = filepath.Join(req.To, im.File)
+		if err := exists(dsts[i]); err != nil {
 			return nil, err
 		}
 	}
 	var out []string
-	for _, im := range imgs {
-		dst := filepath.Join(req.To, im.File)
+	for i, im := range imgs {
+		dst := dsts[i]
 		if err := rep.Export(ctx, req.Group, pin.Point(), im.ID, dst); err != nil {
 			return out, err
 		}

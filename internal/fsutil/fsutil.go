@@ -73,7 +73,8 @@ type AtomicOptions struct {
 // gets its mode, and is renamed to path. A symlink at path itself is
 // replaced (rename does not follow it), never written through. A crash
 // leaves either the old file or the new one (and at most a temporary file
-// named .BASE.tmp-*).
+// named .BASE.tmp-*). fill writes to the temporary *os.File (it may use
+// its WriteAt and Truncate).
 func WriteAtomicOpts(path string, o AtomicOptions, fill func(io.Writer) error) (err error) {
 	dir := filepath.Dir(path)
 	if o.NoReplace {
@@ -139,6 +140,21 @@ func renameNoReplace(oldpath, newpath string) error {
 		return &os.LinkError{Op: "rename", Old: oldpath, New: newpath, Err: err}
 	}
 	return nil
+}
+
+// MkdirNew creates dir (and its missing parents) with exactly mode perm,
+// whatever the umask, if it does not exist; an existing dir (one a user
+// named) is left as it is.
+func MkdirNew(dir string, perm os.FileMode) error {
+	if _, err := os.Stat(dir); err == nil {
+		return nil
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	if err := os.MkdirAll(dir, perm); err != nil {
+		return err
+	}
+	return os.Chmod(dir, perm)
 }
 
 // MkdirPrivate makes sure path is a directory (not a symlink to one) with
