@@ -161,10 +161,25 @@ func (r *Replica) PointImages(groupName, point string) ([]PointImage, error) {
 		return nil, err
 	}
 	defer g.mu.RUnlock()
-	names := g.fileNames()
+	// Files are named as the VM's disks were named at that point (an export
+	// of a point is what a restore of the VM needs); only names that collide
+	// within the point, or are not plain file names, become the image id.
+	// The points mount, which shows every point of a group side by side,
+	// names retired images apart (fileNames).
 	var out []PointImage
+	count := map[string]int{}
 	for _, x := range g.imagesAt(p.N, p.Seqs) {
-		out = append(out, PointImage{ID: x.id, Name: x.im.st.Name, File: names[x.id], Size: int64(x.size)})
+		b := filepath.Base(x.im.st.Name)
+		if !storeNameOK(b) {
+			b = x.id
+		}
+		count[b]++
+		out = append(out, PointImage{ID: x.id, Name: x.im.st.Name, File: b, Size: int64(x.size)})
+	}
+	for i := range out {
+		if count[out[i].File] > 1 {
+			out[i].File = out[i].ID
+		}
 	}
 	return out, nil
 }
