@@ -40,6 +40,29 @@ func (l *syncLog) take() []string {
 	return out
 }
 
+// openTracked makes a store with one image of size bytes, opens its backing
+// file for writes through write(), and, with base, cuts its base cycle.
+func openTracked(t *testing.T, size int64, base bool) (*Store, *Image, *os.File) {
+	t.Helper()
+	s, dir := newStore(t, Options{CheckpointInterval: time.Hour})
+	p := createImage(t, dir, "a.img", size)
+	im, err := s.Image("a.img")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(p, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	if base {
+		if _, err := s.Cut(context.Background(), nil); err != nil { // base cycle
+			t.Fatal(err)
+		}
+	}
+	return s, im, f
+}
+
 func indexOf(s []string, v string) int {
 	for i, x := range s {
 		if x == v {
@@ -56,20 +79,7 @@ func indexOf(s []string, v string) int {
 // with the old block, the replica with the new one and nothing dirty.
 func TestImageDurableBeforeDropped(t *testing.T) {
 	log := recordSyncs(t)
-	s, dir := newStore(t, Options{CheckpointInterval: time.Hour})
-	p := createImage(t, dir, "a.img", 64<<20)
-	im, err := s.Image("a.img")
-	if err != nil {
-		t.Fatal(err)
-	}
-	f, err := os.OpenFile(p, os.O_RDWR, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	if _, err := s.Cut(context.Background(), nil); err != nil { // base cycle
-		t.Fatal(err)
-	}
+	s, im, f := openTracked(t, 64<<20, true)
 	write(t, im, f, make([]byte, 8192), 20<<20)
 	log.take()
 
@@ -126,17 +136,7 @@ func TestImageDurableBeforeDropped(t *testing.T) {
 // durable dirty map; the image is synced first.
 func TestSeedCommitSyncsImage(t *testing.T) {
 	log := recordSyncs(t)
-	s, dir := newStore(t, Options{CheckpointInterval: time.Hour})
-	p := createImage(t, dir, "a.img", 16<<20)
-	im, err := s.Image("a.img")
-	if err != nil {
-		t.Fatal(err)
-	}
-	f, err := os.OpenFile(p, os.O_RDWR, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
+	s, im, f := openTracked(t, 16<<20, false)
 	write(t, im, f, make([]byte, 4096), 1<<20)
 	sd, err := s.SeedCut(nil)
 	if err != nil {
@@ -155,20 +155,7 @@ func TestSeedCommitSyncsImage(t *testing.T) {
 // syncing the image for dropped blocks, another (the periodic one) must not
 // write the dirty map without those blocks before an image sync completed.
 func TestConcurrentCheckpointWaitsForImageSync(t *testing.T) {
-	s, dir := newStore(t, Options{CheckpointInterval: time.Hour})
-	p := createImage(t, dir, "a.img", 16<<20)
-	im, err := s.Image("a.img")
-	if err != nil {
-		t.Fatal(err)
-	}
-	f, err := os.OpenFile(p, os.O_RDWR, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	if _, err := s.Cut(context.Background(), nil); err != nil { // base cycle
-		t.Fatal(err)
-	}
+	s, im, f := openTracked(t, 16<<20, true)
 	write(t, im, f, make([]byte, 4096), 1<<20)
 
 	var mu sync.Mutex
@@ -224,20 +211,7 @@ func TestConcurrentCheckpointWaitsForImageSync(t *testing.T) {
 // fails and every dirty block stays dirty (a size read as 0 must not clip
 // them away).
 func TestCutStatFailureKeepsDirty(t *testing.T) {
-	s, dir := newStore(t, Options{CheckpointInterval: time.Hour})
-	p := createImage(t, dir, "a.img", 16<<20)
-	im, err := s.Image("a.img")
-	if err != nil {
-		t.Fatal(err)
-	}
-	f, err := os.OpenFile(p, os.O_RDWR, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	if _, err := s.Cut(context.Background(), nil); err != nil { // base cycle
-		t.Fatal(err)
-	}
+	s, im, f := openTracked(t, 16<<20, true)
 	write(t, im, f, make([]byte, 8192), 1<<20)
 	want := blocksOf(im)
 
@@ -248,7 +222,7 @@ func TestCutStatFailureKeepsDirty(t *testing.T) {
 		}
 		return orig(fl)
 	}
-	_, err = s.Cut(context.Background(), nil)
+	_, err := s.Cut(context.Background(), nil)
 	statImage = orig
 	if err == nil {
 		t.Fatal("cut succeeded although the image's size could not be read")
@@ -270,20 +244,7 @@ func TestCutStatFailureKeepsDirty(t *testing.T) {
 // that succeeds proves nothing: writes are refused, and no checkpoint drops
 // the blocks from the dirty map on disk, from which a restart recovers.
 func TestImageSyncFailureSticky(t *testing.T) {
-	s, dir := newStore(t, Options{CheckpointInterval: time.Hour})
-	p := createImage(t, dir, "a.img", 16<<20)
-	im, err := s.Image("a.img")
-	if err != nil {
-		t.Fatal(err)
-	}
-	f, err := os.OpenFile(p, os.O_RDWR, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	if _, err := s.Cut(context.Background(), nil); err != nil { // base cycle
-		t.Fatal(err)
-	}
+	s, im, f := openTracked(t, 16<<20, true)
 	write(t, im, f, make([]byte, 8192), 1<<20)
 	if err := im.Checkpoint(); err != nil { // the blocks reach the dirty map on disk
 		t.Fatal(err)
