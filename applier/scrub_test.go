@@ -182,24 +182,7 @@ func TestPromotionInterruptsPreparedVerify(t *testing.T) {
 	if _, _, err := s.rep.PreparePromote(ctx, s.group, dst); err != nil {
 		t.Fatal(err)
 	}
-	started := make(chan struct{})
-	done := make(chan error, 1)
-	var once bool
-	go func() {
-		_, err := s.rep.VerifyPrepared(ctx, s.group, dst, func(ctx context.Context, _ int64) error {
-			if !once {
-				once = true
-				close(started)
-			}
-			select { // a very slow scrub
-			case <-time.After(5 * time.Second):
-			case <-ctx.Done():
-			}
-			return ctx.Err()
-		}, true)
-		done <- err
-	}()
-	<-started
+	done := stallVerify(ctx, s, dst, 5*time.Second)
 	t0 := time.Now()
 	out, err := s.rep.Promote(ctx, s.group, "", "unplanned", "", dst)
 	if err != nil {
@@ -276,23 +259,7 @@ func TestPrepareNotBlockedByPreparedVerify(t *testing.T) {
 		t.Fatal(err)
 	}
 	foApply(t, s, rng, 4, a, b, cycOpt{nOps: 24}, cycOpt{nOps: 24})
-	started := make(chan struct{})
-	done := make(chan error, 1)
-	var calls int
-	go func() {
-		_, err := s.rep.VerifyPrepared(ctx, s.group, dst, func(ctx context.Context, _ int64) error {
-			if calls++; calls == 1 {
-				close(started)
-				select { // a slow scrub
-				case <-time.After(4 * time.Second):
-				case <-ctx.Done():
-				}
-			}
-			return ctx.Err()
-		}, true)
-		done <- err
-	}()
-	<-started
+	done := stallVerify(ctx, s, dst, 4*time.Second)
 	t0 := time.Now()
 	pt, refreshed, err := s.rep.PreparePromote(ctx, s.group, dst)
 	if err != nil || !refreshed {
@@ -343,4 +310,28 @@ func TestCheckUndoFilePaced(t *testing.T) {
 	if err := checkUndoFile(context.Background(), u, pace); !errors.Is(err, errUndoCorrupt) {
 		t.Errorf("flipped bit: %v", err)
 	}
+}
+
+// stallVerify starts a verification of the prepared copy in dst whose pacer
+// stalls for up to stall at its first call (a slow, throttled scrub), and
+// returns once it is stalled; done gets its result.
+func stallVerify(ctx context.Context, s *tStore, dst string, stall time.Duration) (done chan error) {
+	started := make(chan struct{})
+	done = make(chan error, 1)
+	var calls int
+	go func() {
+		_, err := s.rep.VerifyPrepared(ctx, s.group, dst, func(ctx context.Context, _ int64) error {
+			if calls++; calls == 1 {
+				close(started)
+				select {
+				case <-time.After(stall):
+				case <-ctx.Done():
+				}
+			}
+			return ctx.Err()
+		}, true)
+		done <- err
+	}()
+	<-started
+	return done
 }
