@@ -63,14 +63,7 @@ func writeCycle(t *testing.T, dir string, rng *rand.Rand, id [16]byte, name stri
 func TestExportPointDuringApplies(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
-	rep, err := applier.OpenReplica(filepath.Join(dir, "r"), applier.ReplicaOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer rep.Close()
-	if err := rep.EnsureGroup("vm1", applier.Retention{}); err != nil {
-		t.Fatal(err)
-	}
+	rep := openGroupVM1(t, dir)
 	rng := rand.New(rand.NewPCG(3, 4))
 	ida, idb := [16]byte{1}, [16]byte{2}
 	ida[6], idb[6], ida[8], idb[8] = 0x40, 0x40, 0x80, 0x80
@@ -111,4 +104,18 @@ func TestExportPointDuringApplies(t *testing.T) {
 	}
 	close(stop)
 	wg.Wait()
+}
+
+// openGroupVM1 opens a replica store under dir with an empty group vm1.
+func openGroupVM1(t *testing.T, dir string) *applier.Replica {
+	t.Helper()
+	rep, err := applier.OpenReplica(filepath.Join(dir, "r"), applier.ReplicaOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rep.Close() })
+	if err := rep.EnsureGroup("vm1", applier.Retention{}); err != nil {
+		t.Fatal(err)
+	}
+	return rep
 }

@@ -10,8 +10,6 @@ import (
 	"time"
 
 	"github.com/google/uuid"
-
-	"github.com/standin/standin/applier"
 )
 
 // TestExportPointKeepsExistingFile: an image whose name is no valid file
@@ -20,14 +18,7 @@ import (
 func TestExportPointKeepsExistingFile(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
-	rep, err := applier.OpenReplica(filepath.Join(dir, "r"), applier.ReplicaOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer rep.Close()
-	if err := rep.EnsureGroup("vm1", applier.Retention{}); err != nil {
-		t.Fatal(err)
-	}
+	rep := openGroupVM1(t, dir)
 	id := [16]byte{7}
 	id[6], id[8] = 0x40, 0x80
 	p := writeCycle(t, t.TempDir(), rand.New(rand.NewPCG(1, 2)), id, "my disk.img", 0, [16]byte{1}, time.Now(), 256<<10)
